@@ -1,1 +1,684 @@
-//! stub
+//! A fake Braze REST server on loopback, so tests and the `demo` command drive the real HTTP
+//! client against Braze's rules (`BRAZE-API.md` §1–2) rather than against our own assumptions.
+//!
+//! Checked like Braze, in Braze's order, on `POST /users/track` (anything else is a 404):
+//! the `Authorization: Bearer` key (401); a body of at most 4 MiB (413) that is a JSON object
+//! with optional `attributes`/`events`/`purchases` arrays (400); at most 75 objects in total
+//! (400 `Max Input Length Exceeded`, nothing applied); then per object: exactly one primary
+//! identifier (or an `email`/`phone`), an `external_id` of at most 987 bytes, and events with a
+//! `name`, an RFC 3339 `time` and object `properties`. Failing objects become non-fatal `errors`
+//! in a 201 and the rest are applied; if all fail, it is a 400 and nothing is applied. Every
+//! answer but a 429 carries `X-RateLimit-*` headers from a per-minute counter.
+//!
+//! It can be told to fail with a status, rate-limit, or hang ([`Behaviour`]), and to reject
+//! chosen `external_id`s the way Braze rejects blocklisted users. It records every request and
+//! every accepted object, and replays accepted attributes to say what Braze holds for a user.
+//!
+//! Not modelled: purchase fields, attribute array operators (`add`/`remove` are stored as
+//! sent), `_update_existing_only`, future event times, and actually enforcing the rate limit.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::State as AxumState;
+use axum::http::header::{AUTHORIZATION, CONTENT_LENGTH, RETRY_AFTER};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{routing::post, Json, Router};
+use serde_json::{json, Map, Value};
+use time::{format_description::well_known::Rfc3339, OffsetDateTime};
+use tokio::{net::TcpListener, sync::watch};
+
+/// Braze's payload limit for every endpoint.
+const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+/// Read well past the limit so an oversized body gets its 413 instead of a reset connection.
+const READ_CAP: usize = 4 * MAX_BODY_BYTES;
+const RATE_LIMIT: u64 = 250_000;
+const ARRAYS: [&str; 3] = ["attributes", "events", "purchases"];
+const PRIMARY_IDS: [&str; 3] = ["external_id", "braze_id", "user_alias"];
+
+/// What the fake does before its normal checks. Each variant ends by itself at `until` and the
+/// fake accepts again, so a test scripts a whole outage with one call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Behaviour {
+    #[default]
+    Accept,
+    /// Every request gets `status` with Braze's `{"message"}` for it.
+    FailStatus { status: u16, until: Instant },
+    /// 429 with `Retry-After` and `X-Ratelimit-Retry-After` in whole seconds, rounded up.
+    RateLimited {
+        retry_after: Duration,
+        until: Instant,
+    },
+    /// Sleep `delay`, then answer normally. The request is processed even if the client gave
+    /// up meanwhile, as a server holding the bytes would: that is what makes a timeout ambiguous.
+    Hang { delay: Duration, until: Instant },
+}
+
+/// One request to `/users/track`, rejected ones included.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestLog {
+    /// Arrival, before any `Hang` delay, so tests can measure a client's backoff.
+    pub at: Instant,
+    pub status: u16,
+    /// Objects across the three arrays, counted even when the request was refused.
+    pub objects: usize,
+    /// The delay sent with a 429, as the client saw it (whole seconds).
+    pub retry_after: Option<Duration>,
+    pub body_bytes: usize,
+}
+
+/// Handle to a running fake. Clones share one server, which stops on [`FakeBraze::stop`] or
+/// when the last clone is dropped.
+#[derive(Clone)]
+pub struct FakeBraze {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    /// Only handles own the sender, so dropping the last one closes the channel, which the
+    /// server task takes as its stop signal.
+    stop: Arc<watch::Sender<bool>>,
+}
+
+struct Shared {
+    api_key: String,
+    /// A std mutex because it is never held across an `.await`: every critical section is a
+    /// few vector operations, and the `Hang` sleep runs with it released.
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    behaviour: Behaviour,
+    max_objects: usize,
+    rejected_ids: HashSet<String>,
+    /// (minute since the epoch, requests in it), for the rate-limit headers.
+    window: (u64, u64),
+    /// Arrival numbers keep the logs in arrival order when a hung request finishes last.
+    next_seq: u64,
+    requests: Vec<(u64, RequestLog)>,
+    /// (arrival, array name, object) for every accepted object.
+    accepted: Vec<(u64, &'static str, Value)>,
+}
+
+/// What [`decide`] chose: the answer and the objects to record as accepted.
+struct Reply {
+    status: StatusCode,
+    body: Value,
+    retry_after: Option<Duration>,
+    accepted: Vec<(&'static str, Value)>,
+}
+
+impl Reply {
+    fn fatal(status: StatusCode, message: &str) -> Reply {
+        let (body, accepted) = (json!({ "message": message }), Vec::new());
+        Reply {
+            status,
+            body,
+            retry_after: None,
+            accepted,
+        }
+    }
+}
+
+impl FakeBraze {
+    /// Binds 127.0.0.1:0 and serves in a spawned tokio task until dropped or stopped.
+    /// Fails if the port cannot be bound; panics outside a Tokio runtime.
+    pub async fn start(api_key: &str) -> std::io::Result<FakeBraze> {
+        FakeBraze::start_on(TcpListener::bind("127.0.0.1:0").await?, api_key).await
+    }
+
+    /// Serves on a listener the caller bound (a fixed port for `demo`, say).
+    /// Fails if the listener has no local address; panics outside a Tokio runtime.
+    pub async fn start_on(listener: TcpListener, api_key: &str) -> std::io::Result<FakeBraze> {
+        let addr = listener.local_addr()?;
+        let state = Mutex::new(State {
+            max_objects: 75,
+            ..State::default()
+        });
+        let shared = Arc::new(Shared {
+            api_key: api_key.to_owned(),
+            state,
+        });
+        let app = Router::new()
+            .route("/users/track", post(track).fallback(not_found))
+            .fallback(not_found)
+            .with_state(shared.clone());
+        let (stop, mut stopped) = watch::channel(false);
+        tokio::spawn(async move {
+            // An Err (every handle dropped) stops the server as well.
+            let signal = async move { drop(stopped.wait_for(|stop| *stop).await) };
+            let served = axum::serve(listener, app).with_graceful_shutdown(signal);
+            if let Err(error) = served.await {
+                tracing::warn!(%error, %addr, "fake Braze stopped serving");
+            }
+        });
+        Ok(FakeBraze {
+            shared,
+            addr,
+            stop: Arc::new(stop),
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set_behaviour(&self, b: Behaviour) {
+        self.shared.lock().behaviour = b;
+    }
+
+    /// Total across attributes, events and purchases; Braze's current default is 75.
+    pub fn set_max_objects(&self, n: usize) {
+        self.shared.lock().max_objects = n;
+    }
+
+    /// Objects with these `external_id`s get a `BLACKLISTED_EXTERNAL_USER_ID` error: Braze
+    /// refusing one record for reasons of its own while it accepts the rest of the request.
+    pub fn reject_ids(&self, ids: impl IntoIterator<Item = String>) {
+        self.shared.lock().rejected_ids.extend(ids);
+    }
+
+    /// Every request to `/users/track` in arrival order. A hung request shows up only once
+    /// answered, even if its client has given up.
+    pub fn requests(&self) -> Vec<RequestLog> {
+        let mut requests = self.shared.lock().requests.clone();
+        requests.sort_by_key(|(seq, _)| *seq);
+        requests.into_iter().map(|(_, log)| log).collect()
+    }
+
+    pub fn events(&self) -> Vec<Value> {
+        self.accepted("events")
+    }
+
+    pub fn attributes(&self) -> Vec<Value> {
+        self.accepted("attributes")
+    }
+
+    pub fn purchases(&self) -> Vec<Value> {
+        self.accepted("purchases")
+    }
+
+    /// The value Braze holds now for a user's custom attribute, applying accepted attribute
+    /// objects in arrival order; `None` if never set or last set to null. `user` is
+    /// "external_id:<id>" or "braze_id:<id>" (or "email:<e>", "phone:<p>",
+    /// "user_alias:<label>:<name>").
+    pub fn attribute_value(&self, user: &str, attribute: &str) -> Option<Value> {
+        if PRIMARY_IDS.contains(&attribute) || attribute.starts_with('_') {
+            return None;
+        }
+        let attributes = self.attributes();
+        let newest_first = attributes.iter().rev();
+        let mine = |o: &&Value| user_key(o).as_deref() == Some(user);
+        let latest = newest_first.filter(mine).find_map(|o| o.get(attribute))?;
+        Some(latest.clone()).filter(|v| !v.is_null())
+    }
+
+    /// Stops accepting connections; requests in flight are still answered.
+    pub fn stop(&self) {
+        self.stop.send_replace(true);
+    }
+
+    fn accepted(&self, array: &str) -> Vec<Value> {
+        let mut accepted = self.shared.lock().accepted.clone();
+        accepted.retain(|(_, a, _)| *a == array);
+        // A stable sort: one request's objects keep the order they were sent in.
+        accepted.sort_by_key(|(seq, _, _)| *seq);
+        accepted.into_iter().map(|(_, _, object)| object).collect()
+    }
+}
+
+impl Shared {
+    /// Panics only if the lock is poisoned, i.e. a thread panicked inside one of these short
+    /// critical sections: a bug in this file that should fail the test loudly.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("fake Braze state lock poisoned")
+    }
+
+    /// Numbers an arriving request and counts it in the minute window; returns the number and
+    /// the rate-limit headers for its answer.
+    fn arrive(&self) -> (u64, HeaderMap) {
+        let epoch = SystemTime::now().duration_since(UNIX_EPOCH);
+        // A clock before 1970 is not worth failing a test over.
+        let epoch = epoch.unwrap_or_default();
+        let minute = epoch.as_secs() / 60;
+        let mut state = self.lock();
+        state.next_seq += 1;
+        if state.window.0 != minute {
+            state.window = (minute, 0);
+        }
+        state.window.1 += 1;
+        let remaining = RATE_LIMIT.saturating_sub(state.window.1);
+        let headers = [
+            ("x-ratelimit-limit", RATE_LIMIT),
+            ("x-ratelimit-remaining", remaining),
+            ("x-ratelimit-reset", (minute + 1) * 60),
+        ];
+        let headers =
+            headers.map(|(name, v)| (HeaderName::from_static(name), HeaderValue::from(v)));
+        (state.next_seq, headers.into_iter().collect())
+    }
+}
+
+async fn not_found(AxumState(shared): AxumState<Arc<Shared>>) -> Response {
+    let (_, headers) = shared.arrive();
+    let body = Json(json!({"message": "Not Found"}));
+    (StatusCode::NOT_FOUND, headers, body).into_response()
+}
+
+async fn track(
+    AxumState(shared): AxumState<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let at = Instant::now();
+    let (seq, rate_headers) = shared.arrive();
+    let body = axum::body::to_bytes(body, READ_CAP).await.ok();
+    // Spawned so that a client timing out (dropping the connection) cannot cancel processing.
+    let task = tokio::spawn(answer(shared, headers, body, seq, at));
+    // A JoinError means `answer` panicked: a bug here, reported the way Braze reports its own.
+    let reply = task.await.unwrap_or_else(|_| {
+        Reply::fatal(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error")
+    });
+    let mut headers = rate_headers;
+    if reply.status == StatusCode::TOO_MANY_REQUESTS {
+        headers.clear(); // Braze leaves the X-RateLimit-* headers off its 429s.
+    }
+    if let Some(secs) = reply.retry_after.map(|d| HeaderValue::from(d.as_secs())) {
+        headers.insert(RETRY_AFTER, secs.clone());
+        headers.insert(HeaderName::from_static("x-ratelimit-retry-after"), secs);
+    }
+    (reply.status, headers, Json(reply.body)).into_response()
+}
+
+/// Decides, then records the request and what it applied under one lock.
+async fn answer(
+    shared: Arc<Shared>,
+    headers: HeaderMap,
+    body: Option<Bytes>,
+    seq: u64,
+    at: Instant,
+) -> Reply {
+    let content_length = || headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok();
+    let body_len = body.as_ref().map(Bytes::len);
+    let body_bytes = body_len.or_else(content_length).unwrap_or(0);
+    let parsed = body.and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+    let count = |a: &&str| parsed.as_ref()?.get(*a)?.as_array().map(Vec::len);
+    let objects = ARRAYS.iter().filter_map(count).sum();
+    let reply = decide(&shared, &headers, body_bytes, parsed, at).await;
+    let (status, retry_after) = (reply.status.as_u16(), reply.retry_after);
+    let log = RequestLog {
+        at,
+        status,
+        objects,
+        retry_after,
+        body_bytes,
+    };
+    let mut state = shared.lock();
+    state.requests.push((seq, log));
+    let accepted = reply.accepted.iter().map(|(a, o)| (seq, *a, o.clone()));
+    state.accepted.extend(accepted);
+    drop(state);
+    reply
+}
+
+/// Braze's checks in Braze's order; see the module doc.
+async fn decide(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body_bytes: usize,
+    parsed: Option<Value>,
+    at: Instant,
+) -> Reply {
+    let (behaviour, max_objects, rejected_ids) = {
+        let mut state = shared.lock();
+        let until = match state.behaviour {
+            Behaviour::Accept => at,
+            Behaviour::FailStatus { until, .. }
+            | Behaviour::RateLimited { until, .. }
+            | Behaviour::Hang { until, .. } => until,
+        };
+        if at >= until {
+            state.behaviour = Behaviour::Accept;
+        }
+        let rejected_ids = state.rejected_ids.clone();
+        (state.behaviour, state.max_objects, rejected_ids)
+    };
+    match behaviour {
+        Behaviour::Accept => {}
+        Behaviour::FailStatus { status, .. } => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let message = match status.as_u16() {
+                401 => "Invalid API Key",
+                403 => "Access Denied",
+                404 => "Not Found",
+                429 => "API rate limit reached",
+                503 => "Service Unavailable",
+                500..=599 => "Internal Server Error",
+                _ => "Bad Request",
+            };
+            return Reply::fatal(status, message);
+        }
+        Behaviour::RateLimited { retry_after, .. } => {
+            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            let retry_after = Some(Duration::from_secs(secs));
+            let reply = Reply::fatal(StatusCode::TOO_MANY_REQUESTS, "API rate limit reached");
+            return Reply {
+                retry_after,
+                ..reply
+            };
+        }
+        Behaviour::Hang { delay, .. } => tokio::time::sleep(delay).await,
+    }
+    let key = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if key.and_then(|k| k.strip_prefix("Bearer ")) != Some(shared.api_key.as_str()) {
+        return Reply::fatal(StatusCode::UNAUTHORIZED, "Invalid API Key");
+    }
+    if body_bytes > MAX_BODY_BYTES {
+        return Reply::fatal(StatusCode::PAYLOAD_TOO_LARGE, "Request Entity Too Large");
+    }
+    let Some(Value::Object(body)) = parsed else {
+        return Reply::fatal(StatusCode::BAD_REQUEST, "Body must be a JSON object");
+    };
+    let mut arrays = Vec::new();
+    for array in ARRAYS {
+        match body.get(array) {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(items)) => arrays.push((array, items)),
+            Some(_) => return Reply::fatal(StatusCode::BAD_REQUEST, "Bad Request"),
+        }
+    }
+    if arrays.iter().map(|(_, items)| items.len()).sum::<usize>() > max_objects {
+        return Reply::fatal(StatusCode::BAD_REQUEST, "Max Input Length Exceeded");
+    }
+    let (mut errors, mut accepted, mut success) = (Vec::new(), Vec::new(), Map::new());
+    success.insert("message".into(), "success".into());
+    for (array, items) in arrays {
+        let before = accepted.len();
+        for (index, object) in items.iter().enumerate() {
+            match check(array, object, &rejected_ids) {
+                Ok(()) => accepted.push((array, object.clone())),
+                Err(kind) => {
+                    errors.push(json!({"type": kind, "input_array": array, "index": index}))
+                }
+            }
+        }
+        let processed = accepted.len() - before;
+        success.insert(format!("{array}_processed"), processed.into());
+    }
+    let mut reply = Reply {
+        status: StatusCode::CREATED,
+        body: success.into(),
+        retry_after: None,
+        accepted,
+    };
+    if reply.accepted.is_empty() {
+        let message =
+            "Valid data must be provided in the 'attributes', 'events', or 'purchases' fields.";
+        reply = Reply::fatal(StatusCode::BAD_REQUEST, message);
+    }
+    if !errors.is_empty() {
+        reply.body["errors"] = errors.into();
+    }
+    reply
+}
+
+/// One object's checks; the error is Braze's `type` text for it.
+fn check(array: &str, object: &Value, rejected_ids: &HashSet<String>) -> Result<(), &'static str> {
+    let Some(object) = object.as_object() else {
+        return Err("object is not valid");
+    };
+    let given = |key: &str| object.get(key).is_some_and(|v| !v.is_null());
+    match PRIMARY_IDS.iter().filter(|k| given(k)).count() {
+        0 if !given("email") && !given("phone") => {
+            return Err("'external_id', 'braze_id', 'user_alias', 'email' or 'phone' is required")
+        }
+        0 | 1 => {}
+        _ => return Err("only one of 'external_id', 'braze_id' or 'user_alias' may be given"),
+    }
+    if let Some(id) = object.get("external_id").filter(|v| !v.is_null()) {
+        let id = id.as_str().ok_or("'external_id' is not valid")?;
+        if id.len() > 987 {
+            return Err("EXTERNAL_USER_ID_TOO_LARGE");
+        }
+        if rejected_ids.contains(id) {
+            return Err("BLACKLISTED_EXTERNAL_USER_ID");
+        }
+    }
+    if array == "events" {
+        let name = object.get("name").and_then(Value::as_str);
+        if name.is_none_or(str::is_empty) {
+            return Err("'name' is required");
+        }
+        let time = object.get("time").and_then(Value::as_str);
+        if time.is_none_or(|t| OffsetDateTime::parse(t, &Rfc3339).is_err()) {
+            return Err("'time' is not valid");
+        }
+        if object.get("properties").is_some_and(|p| !p.is_object()) {
+            return Err("'properties' is not valid");
+        }
+    }
+    Ok(())
+}
+
+/// Which profile an object addresses, in the form [`FakeBraze::attribute_value`] takes.
+fn user_key(object: &Value) -> Option<String> {
+    if let Some(alias) = object.get("user_alias").filter(|v| !v.is_null()) {
+        let part = |key: &str| alias.get(key).and_then(Value::as_str).unwrap_or_default();
+        let (label, name) = (part("alias_label"), part("alias_name"));
+        return Some(format!("user_alias:{label}:{name}"));
+    }
+    let mut ids = ["external_id", "braze_id", "email", "phone"].into_iter();
+    ids.find_map(|key| Some(format!("{key}:{}", object.get(key)?.as_str()?)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "test-key";
+    const LATER: Duration = Duration::from_secs(60);
+    const TIME: &str = "2024-05-01T10:00:00Z";
+
+    fn client(timeout: Duration) -> reqwest::Client {
+        // reqwest is built without a default crypto provider; an Err means one is installed.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let builder = reqwest::Client::builder().no_proxy().timeout(timeout);
+        builder.build().expect("reqwest client builds")
+    }
+
+    async fn fake() -> FakeBraze {
+        FakeBraze::start(KEY).await.expect("fake Braze starts")
+    }
+
+    async fn send(fake: &FakeBraze, key: &str, body: &Value) -> (u16, HeaderMap, Value) {
+        let url = format!("{}/users/track", fake.url());
+        let request = client(Duration::from_secs(5)).post(url).bearer_auth(key);
+        let response = request.json(body).send().await.expect("fake answers");
+        let (status, headers) = (response.status().as_u16(), response.headers().clone());
+        (status, headers, response.json().await.expect("JSON answer"))
+    }
+
+    fn message(text: &str) -> Value {
+        json!({ "message": text })
+    }
+
+    fn tier(id: &str, tier: &str) -> Value {
+        let tier = Some(tier).filter(|t| !t.is_empty()); // "" sends null, to unset
+        json!({"external_id": id, "tier": tier, "_update_existing_only": false})
+    }
+
+    fn tier_of(fake: &FakeBraze, user: &str) -> Option<Value> {
+        fake.attribute_value(user, "tier")
+    }
+
+    fn event(id: &str, time: &str) -> Value {
+        json!({"external_id": id, "name": "bought", "time": time, "properties": {"sku": 7}})
+    }
+
+    #[tokio::test]
+    async fn accepted_objects_are_recorded_and_attributes_apply_in_arrival_order() {
+        let fake = fake().await;
+        let bought = event("u1", TIME);
+        let body = json!({"attributes": [tier("u1", "gold")], "events": [bought]});
+        let (status, headers, answer) = send(&fake, KEY, &body).await;
+        let processed =
+            json!({"message": "success", "attributes_processed": 1, "events_processed": 1});
+        assert_eq!((status, answer), (201, processed));
+        assert_eq!(headers["x-ratelimit-limit"], "250000");
+        assert!(headers.contains_key("x-ratelimit-remaining"));
+        assert!(headers.contains_key("x-ratelimit-reset"));
+        assert_eq!(tier_of(&fake, "external_id:u1"), Some("gold".into()));
+        let flag = fake.attribute_value("external_id:u1", "_update_existing_only");
+        assert_eq!((flag, fake.events()), (None, vec![bought]));
+
+        let tin = json!({"braze_id": "b1", "tier": "tin"});
+        let unset = json!({"attributes": [tier("u1", ""), tin]});
+        assert_eq!(send(&fake, KEY, &unset).await.0, 201);
+        assert_eq!(tier_of(&fake, "external_id:u1"), None);
+        assert_eq!(tier_of(&fake, "braze_id:b1"), Some("tin".into()));
+        assert_eq!((fake.attributes().len(), fake.requests().len()), (3, 2));
+    }
+
+    #[tokio::test]
+    async fn a_wrong_api_key_is_a_401_that_is_logged_and_applies_nothing() {
+        let fake = fake().await;
+        let body = json!({"attributes": [tier("u1", "gold")]});
+        let (status, _, answer) = send(&fake, "\"test-key\"", &body).await;
+        assert_eq!((status, answer), (401, message("Invalid API Key")));
+        assert_eq!(fake.requests()[0].status, 401);
+        assert!(fake.attributes().is_empty());
+    }
+
+    #[tokio::test]
+    async fn more_than_75_objects_is_a_400_and_applies_nothing() {
+        let fake = fake().await;
+        let attributes: Vec<_> = (0..70).map(|i| tier(&format!("u{i}"), "gold")).collect();
+        let body = json!({"attributes": attributes, "events": vec![event("u1", TIME); 6]});
+        let (status, _, answer) = send(&fake, KEY, &body).await;
+        assert_eq!(
+            (status, answer),
+            (400, message("Max Input Length Exceeded"))
+        );
+        assert_eq!(fake.requests()[0].objects, 76);
+        assert!(fake.attributes().is_empty() && fake.events().is_empty());
+    }
+
+    #[tokio::test]
+    async fn bad_objects_are_non_fatal_errors_and_the_others_are_applied() {
+        let fake = fake().await;
+        fake.reject_ids(["blocked".to_string()]);
+        let two_ids = json!({"external_id": "u2", "braze_id": "b2", "tier": "x"});
+        let attributes = [tier("u1", "a"), two_ids, tier("u3", "c")];
+        let events = [
+            event("u1", "yesterday"),
+            event("blocked", TIME),
+            event("u4", TIME),
+        ];
+        let body = json!({"attributes": attributes, "events": events});
+        let (status, _, answer) = send(&fake, KEY, &body).await;
+        let two = "only one of 'external_id', 'braze_id' or 'user_alias' may be given";
+        let errors = json!([
+            {"type": two, "input_array": "attributes", "index": 1},
+            {"type": "'time' is not valid", "input_array": "events", "index": 0},
+            {"type": "BLACKLISTED_EXTERNAL_USER_ID", "input_array": "events", "index": 1},
+        ]);
+        let counts = (&answer["attributes_processed"], &answer["events_processed"]);
+        assert_eq!(
+            (status, counts, &answer["errors"]),
+            (201, (&2.into(), &1.into()), &errors)
+        );
+        let [a, _, c] = attributes;
+        assert_eq!(
+            (fake.attributes(), fake.events()),
+            (vec![a, c], vec![events[2].clone()])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_objects_all_fail_is_a_400_with_the_errors() {
+        let fake = fake().await;
+        let body = json!({"events": [{"external_id": "u1", "time": TIME}]});
+        let (status, _, answer) = send(&fake, KEY, &body).await;
+        assert_eq!(
+            (status, &answer["errors"][0]["type"]),
+            (400, &"'name' is required".into())
+        );
+        assert!(fake.events().is_empty());
+    }
+
+    #[tokio::test]
+    async fn rate_limited_answers_429_with_both_retry_headers_rounded_up() {
+        let fake = fake().await;
+        let retry_after = Duration::from_millis(1500);
+        let until = Instant::now() + LATER;
+        fake.set_behaviour(Behaviour::RateLimited { retry_after, until });
+        let (status, headers, answer) = send(&fake, KEY, &json!({})).await;
+        assert_eq!((status, answer), (429, message("API rate limit reached")));
+        assert_eq!(headers["retry-after"], "2");
+        assert_eq!(headers["x-ratelimit-retry-after"], "2");
+        assert!(!headers.contains_key("x-ratelimit-limit"));
+        assert_eq!(fake.requests()[0].retry_after, Some(Duration::from_secs(2)));
+    }
+
+    #[tokio::test]
+    async fn fail_status_expires_by_itself() {
+        let fake = fake().await;
+        let until = Instant::now() + Duration::from_millis(500);
+        fake.set_behaviour(Behaviour::FailStatus { status: 503, until });
+        let body = json!({"attributes": [tier("u1", "gold")]});
+        let (status, _, answer) = send(&fake, KEY, &body).await;
+        assert_eq!((status, answer), (503, message("Service Unavailable")));
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(send(&fake, KEY, &body).await.0, 201);
+        let statuses: Vec<_> = fake.requests().iter().map(|r| r.status).collect();
+        assert_eq!(statuses, [503, 201]);
+    }
+
+    #[tokio::test]
+    async fn a_hung_request_is_still_applied_after_the_client_gives_up() {
+        let fake = fake().await;
+        let delay = Duration::from_millis(300);
+        fake.set_behaviour(Behaviour::Hang {
+            delay,
+            until: Instant::now() + LATER,
+        });
+        let url = format!("{}/users/track", fake.url());
+        let body = json!({"attributes": [tier("u1", "gold")]});
+        let request = client(Duration::from_millis(100))
+            .post(url)
+            .bearer_auth(KEY);
+        let error = request
+            .json(&body)
+            .send()
+            .await
+            .expect_err("client times out");
+        assert!(error.is_timeout());
+        tokio::time::sleep(Duration::from_millis(800)).await; // the hang ends at 300 ms
+        assert_eq!(fake.requests()[0].status, 201);
+        assert_eq!(tier_of(&fake, "external_id:u1"), Some("gold".into()));
+    }
+
+    #[tokio::test]
+    async fn other_paths_and_methods_are_404_and_not_logged() {
+        let fake = fake().await;
+        let client = client(Duration::from_secs(5));
+        for path in ["/users/track", "/users/export/ids"] {
+            let response = client.get(format!("{}{path}", fake.url())).send().await;
+            assert_eq!(response.expect("fake answers").status().as_u16(), 404);
+        }
+        assert!(fake.requests().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_stopped_fake_refuses_connections() {
+        let fake = fake().await;
+        fake.stop();
+        tokio::time::sleep(Duration::from_millis(200)).await; // for the server task to notice
+        let url = format!("{}/users/track", fake.url());
+        let error = client(Duration::from_secs(5)).post(url).send().await;
+        assert!(error.expect_err("nothing listens").is_connect());
+    }
+}

@@ -1,3 +1,43 @@
 //! aiq-braze-sync: a durable buffer between ActionIQ and Braze's `/users/track`.
+//!
+//! # Data flow
+//!
+//! ```text
+//! HTTP ingest ──parse──▶ queue (sled, fdatasync'd) ──lease──▶ delivery workers ──▶ Braze
+//!   http.rs    ingest.rs   queue/                             delivery/            braze/
+//! ```
+//!
+//! A record is answered 2xx only once it is on disk. It leaves the queue only when Braze has
+//! taken it (removed) or refused it for itself (moved to the dead letters with the reason);
+//! anything else (a crash, an outage, a 429) leaves it queued, in order. For one user and one
+//! attribute the last value Braze receives is the last one accepted.
+//!
+//! # Modules
+//!
+//! - [`config`]: the TOML file and environment, validated into resolved decisions.
+//! - [`record`]: memberships and events as the program sees them.
+//! - [`ingest`]: parsing and validating request bodies, all or nothing, with the place of
+//!   every error.
+//! - [`queue`]: the only owner of sled: durable enqueue (group commit), leases, dead
+//!   letters, bounds, and giving disk space back. Its doc is the on-disk format.
+//! - [`braze`]: the `/users/track` wire format and HTTP client; every answer becomes a named
+//!   outcome.
+//! - [`delivery`]: the workers and the shared retry policy (backoff, `Retry-After`, rate
+//!   ceiling).
+//! - [`http`]: the ingest, health, metrics and admin endpoints.
+//! - [`daemon`]: start and stop in pipeline order.
+//! - [`cli`], [`commands`]: the command line.
+//! - [`fake_braze`]: a Braze stand-in on loopback that checks what Braze checks, for tests
+//!   and the demo.
+
+pub mod braze;
+pub mod cli;
+pub mod commands;
 pub mod config;
+pub mod daemon;
+pub mod delivery;
 pub mod fake_braze;
+pub mod http;
+pub mod ingest;
+pub mod queue;
+pub mod record;

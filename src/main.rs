@@ -1,1 +1,52 @@
-fn main() {}
+//! The binary: parse, set up logging, dispatch, print an error once.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use aiq_braze_sync::cli::{Cli, Command, QueueCommand};
+use aiq_braze_sync::commands;
+use aiq_braze_sync::config::Config;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            for line in e.to_string().lines() {
+                eprintln!("aiq-braze-sync: config {}: {line}", cli.config.display());
+            }
+            return ExitCode::from(commands::ExitCode::BadConfig as u8);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_max_level(config.log.level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("aiq-braze-sync: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run => commands::run(config).await,
+            Command::Queue {
+                command: QueueCommand::Stats { json },
+            } => commands::queue_stats(config, json).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("aiq-braze-sync: {e:#}");
+            ExitCode::from(commands::ExitCode::Failure as u8)
+        }
+    }
+}

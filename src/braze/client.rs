@@ -1,0 +1,319 @@
+//! The HTTP client for Braze: the only place that knows URLs, headers and status codes.
+//!
+//! Every answer is turned into a named `TrackOutcome`, so the delivery loop decides on our
+//! own types and never sees a `reqwest::Response`.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use reqwest::header::{HeaderMap, AUTHORIZATION, CONTENT_TYPE};
+use serde::Deserialize;
+
+use crate::config::{BrazeConfig, Secret};
+
+/// One per-object error from a 2xx answer: Braze refused that object and took the rest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectError {
+    pub input_array: String,
+    pub index: usize,
+    pub reason: String,
+}
+
+/// What Braze's rate-limit headers said, when it said anything.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RateInfo {
+    pub remaining: Option<u64>,
+    /// Time until the window resets.
+    pub reset_in: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum TrackOutcome {
+    /// 2xx: everything not named in `errors` is Braze's now.
+    Accepted {
+        errors: Vec<ObjectError>,
+        rate: RateInfo,
+    },
+    /// 400: Braze refused the whole request because of something in it; nothing was applied.
+    /// Split the batch to find the record at fault.
+    Refused { status: u16, message: String },
+    /// 413: the body is too big; split it.
+    TooLarge,
+    /// 401, 403, 404: the key, its permissions or the endpoint are wrong. No record is at
+    /// fault; delivery pauses until someone fixes it.
+    Misconfigured { status: u16, message: String },
+    /// Transient: 429, 5xx, 408, timeouts, connection and DNS failures. Try again later, no
+    /// sooner than `after` when Braze said so.
+    Retry {
+        reason: String,
+        after: Option<Duration>,
+    },
+}
+
+pub struct BrazeClient {
+    http: reqwest::Client,
+    track_url: String,
+    api_key: Secret,
+}
+
+#[derive(Deserialize)]
+struct Answer {
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default)]
+    errors: Vec<AnswerError>,
+}
+
+#[derive(Deserialize)]
+struct AnswerError {
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+    #[serde(default)]
+    input_array: Option<String>,
+    #[serde(default)]
+    index: Option<usize>,
+}
+
+/// Installs ring as rustls's provider once per process (reqwest is built without one so that
+/// aws-lc, slow to build, stays out of the tree).
+fn install_tls_provider() {
+    // Fails only if a provider is already installed, which is what we want anyway.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+impl BrazeClient {
+    pub fn new(config: &BrazeConfig) -> Result<BrazeClient, reqwest::Error> {
+        install_tls_provider();
+        let http = reqwest::Client::builder()
+            .timeout(config.request_timeout)
+            .connect_timeout(config.request_timeout.min(Duration::from_secs(10)))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("aiq-braze-sync/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(BrazeClient {
+            http,
+            track_url: format!("{}/users/track", config.endpoint),
+            api_key: config.api_key.clone(),
+        })
+    }
+
+    pub async fn track(&self, body: Vec<u8>) -> TrackOutcome {
+        let sent = self
+            .http
+            .post(&self.track_url)
+            .header(CONTENT_TYPE, "application/json")
+            .header(AUTHORIZATION, format!("Bearer {}", self.api_key.expose()))
+            .body(body)
+            .send()
+            .await;
+        let response = match sent {
+            Ok(r) => r,
+            Err(e) => {
+                return TrackOutcome::Retry {
+                    reason: describe_transport_error(&e),
+                    after: None,
+                }
+            }
+        };
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let text = match response.text().await {
+            Ok(t) => t,
+            Err(e) => {
+                // On a 2xx Braze has taken the request; resending would duplicate events, so
+                // only the per-object errors are unknown. Say so rather than guess.
+                if (200..300).contains(&status) {
+                    tracing::warn!(status, error = %describe_transport_error(&e),
+                        "Braze accepted a request but its answer was cut; per-object errors, if any, are unknown");
+                }
+                String::new()
+            }
+        };
+        classify(status, &headers, &text)
+    }
+}
+
+fn describe_transport_error(e: &reqwest::Error) -> String {
+    // reqwest's Display already omits headers; the URL carries no secret.
+    let kind = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connection failed"
+    } else {
+        "request failed"
+    };
+    let mut msg = format!("{kind}: {e}");
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    msg
+}
+
+/// Decides what an answer means. Pure, so every status is tested without a network.
+pub fn classify(status: u16, headers: &HeaderMap, body: &str) -> TrackOutcome {
+    let answer: Option<Answer> = serde_json::from_str(body).ok();
+    let message = answer
+        .as_ref()
+        .and_then(|a| a.message.clone())
+        .unwrap_or_else(|| body.chars().take(200).collect());
+    match status {
+        200..=299 => TrackOutcome::Accepted {
+            errors: answer
+                .map(|a| {
+                    a.errors
+                        .into_iter()
+                        .filter_map(|e| {
+                            Some(ObjectError {
+                                input_array: e.input_array?,
+                                index: e.index?,
+                                reason: e.kind.unwrap_or_else(|| "refused by Braze".into()),
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            rate: rate_info(headers),
+        },
+        400 => TrackOutcome::Refused { status, message },
+        413 => TrackOutcome::TooLarge,
+        401 | 403 | 404 => TrackOutcome::Misconfigured { status, message },
+        429 => TrackOutcome::Retry {
+            reason: format!("429 rate limited: {message}"),
+            after: retry_after(headers),
+        },
+        _ => TrackOutcome::Retry {
+            reason: format!("{status}: {message}"),
+            after: retry_after(headers),
+        },
+    }
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    // HeaderMap lookups ignore case, so HTTP/2's lower-case names match too.
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+}
+
+/// How long Braze asked us to wait: `X-Ratelimit-Retry-After` (seconds), `Retry-After`
+/// (seconds or an HTTP date), or failing those the rate window's reset.
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let seconds = |v: &str| v.parse::<f64>().ok().filter(|s| *s >= 0.0);
+    if let Some(s) = header(headers, "x-ratelimit-retry-after").and_then(seconds) {
+        return Some(Duration::from_secs_f64(s));
+    }
+    if let Some(v) = header(headers, "retry-after") {
+        if let Some(s) = seconds(v) {
+            return Some(Duration::from_secs_f64(s));
+        }
+        if let Ok(when) = httpdate::parse_http_date(v) {
+            return Some(
+                when.duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO),
+            );
+        }
+    }
+    rate_info(headers).reset_in.filter(|_| {
+        header(headers, "x-ratelimit-remaining").and_then(|v| v.parse::<u64>().ok()) == Some(0)
+    })
+}
+
+/// Reads `X-RateLimit-Remaining` and `X-RateLimit-Reset`. Reset is epoch seconds on most
+/// accounts and seconds remaining on MAU-priced ones; a value below a billion is the latter.
+pub fn rate_info(headers: &HeaderMap) -> RateInfo {
+    let remaining = header(headers, "x-ratelimit-remaining").and_then(|v| v.parse().ok());
+    let reset_in = header(headers, "x-ratelimit-reset")
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| {
+            if v >= 1e9 {
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0);
+                Duration::from_secs_f64((v - now).max(0.0))
+            } else {
+                Duration::from_secs_f64(v.max(0.0))
+            }
+        });
+    RateInfo {
+        remaining,
+        reset_in,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn a_201_with_errors_names_the_refused_objects() {
+        let body = r#"{"message":"success","errors":[{"type":"EMAIL_BAD_FORMAT","input_array":"attributes","index":3}]}"#;
+        let TrackOutcome::Accepted { errors, .. } = classify(201, &HeaderMap::new(), body) else {
+            panic!("not accepted")
+        };
+        assert_eq!(
+            errors,
+            vec![ObjectError {
+                input_array: "attributes".into(),
+                index: 3,
+                reason: "EMAIL_BAD_FORMAT".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn statuses_map_to_named_outcomes() {
+        let none = HeaderMap::new();
+        assert!(matches!(
+            classify(400, &none, "{}"),
+            TrackOutcome::Refused { .. }
+        ));
+        assert_eq!(classify(413, &none, ""), TrackOutcome::TooLarge);
+        for s in [401, 403, 404] {
+            assert!(matches!(
+                classify(s, &none, ""),
+                TrackOutcome::Misconfigured { .. }
+            ));
+        }
+        for s in [408, 429, 500, 502, 503, 504] {
+            assert!(matches!(classify(s, &none, ""), TrackOutcome::Retry { .. }));
+        }
+    }
+
+    #[test]
+    fn retry_after_is_read_from_either_header_in_any_case() {
+        let h = headers(&[("x-ratelimit-retry-after", "7")]);
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
+        let h = headers(&[("Retry-After", "3")]);
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
+        assert_eq!(retry_after(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn reset_is_understood_as_epoch_or_seconds_remaining() {
+        let h = headers(&[("x-ratelimit-reset", "30")]);
+        assert_eq!(rate_info(&h).reset_in, Some(Duration::from_secs(30)));
+        let soon = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 60;
+        let h = headers(&[
+            ("X-RateLimit-Reset", &soon.to_string()),
+            ("X-RateLimit-Remaining", "0"),
+        ]);
+        let wait = retry_after(&h).unwrap();
+        assert!(wait > Duration::from_secs(55) && wait <= Duration::from_secs(60));
+    }
+}

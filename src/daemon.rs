@@ -1,0 +1,180 @@
+//! The daemon's lifecycle: open the queue, start delivery and ingest, and stop them in
+//! pipeline order.
+//!
+//! `start` takes an already-bound listener (tests bind port 0). `Running::shutdown` stops
+//! ingest first (in-flight requests finish and get their answer, new ones get 503), then the
+//! workers between batches (a batch still in flight after the deadline is abandoned: its
+//! records were never removed, so they are sent again after the restart), then syncs the
+//! queue. The whole stop is bounded by `delivery.shutdown_timeout` plus the final sync.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::braze::BrazeClient;
+use crate::config::Config;
+use crate::delivery::gate::Gate;
+use crate::delivery::{Delivery, DeliveryCounters};
+use crate::http::{self, AppState};
+use crate::queue::{BatchLimits, Queue, QueueSettings, PID_FILE};
+
+/// How often the queue's disk size is measured and a rebuild considered.
+const MAINTENANCE_EVERY: Duration = Duration::from_secs(1);
+
+pub fn queue_settings(config: &Config) -> QueueSettings {
+    QueueSettings {
+        max_records: config.queue.max_records,
+        max_disk_bytes: config.queue.max_disk_bytes,
+        cache_bytes: config.queue.cache_bytes,
+        compact_min_bytes: config.queue.compact_min_bytes,
+    }
+}
+
+/// Opens the queue off the async threads (opening replays sled's log, which can take seconds).
+pub async fn open_queue(config: &Config) -> anyhow::Result<Arc<Queue>> {
+    let data_dir = config.data_dir.clone();
+    let settings = queue_settings(config);
+    tokio::task::spawn_blocking(move || Queue::open(&data_dir, settings))
+        .await
+        .context("queue open task failed")?
+        .with_context(|| format!("cannot open the queue in {}", config.data_dir.display()))
+}
+
+/// A started daemon. Drop it only through `shutdown`.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub queue: Arc<Queue>,
+    pub delivery: Arc<Delivery>,
+    state: Arc<AppState>,
+    stop_ingest: Option<oneshot::Sender<()>>,
+    server: JoinHandle<std::io::Result<()>>,
+    stop_workers: watch::Sender<bool>,
+    workers: Vec<JoinHandle<()>>,
+    maintenance: JoinHandle<()>,
+    shutdown_timeout: Duration,
+    pid_file: std::path::PathBuf,
+}
+
+pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Running> {
+    let queue = open_queue(config).await?;
+    let pid_file = config.data_dir.join(PID_FILE);
+    std::fs::write(&pid_file, format!("{}\n", std::process::id()))
+        .with_context(|| format!("cannot write {}", pid_file.display()))?;
+
+    let client =
+        BrazeClient::new(&config.braze).context("cannot build the HTTP client for Braze")?;
+    let delivery = Arc::new(Delivery {
+        queue: Arc::clone(&queue),
+        client,
+        gate: Gate::new(
+            config.delivery.backoff_initial,
+            config.delivery.backoff_max,
+            config.delivery.max_requests_per_second,
+        ),
+        limits: BatchLimits {
+            max_objects: config.braze.max_objects_per_request,
+            per_array: config.braze.per_array_limit,
+            max_bytes: config.braze.max_request_bytes,
+        },
+        counters: DeliveryCounters::default(),
+    });
+    let (stop_workers, stop_rx) = watch::channel(false);
+    let workers = delivery.spawn_workers(config.delivery.workers, stop_rx);
+
+    let maintenance = {
+        let queue = Arc::clone(&queue);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(MAINTENANCE_EVERY).await;
+                let q = Arc::clone(&queue);
+                match tokio::task::spawn_blocking(move || q.maintain()).await {
+                    Ok(Ok(Some(c))) => tracing::info!(
+                        from_bytes = c.from_bytes,
+                        to_bytes = c.to_bytes,
+                        live_keys = c.live_keys,
+                        pause_ms = c.pause.as_millis() as u64,
+                        "queue rebuilt after a drain; disk space given back"
+                    ),
+                    Ok(Ok(None)) => {}
+                    Ok(Err(e)) => tracing::error!(error = %e, "queue maintenance failed"),
+                    Err(e) => tracing::error!(error = %e, "queue maintenance task panicked"),
+                }
+            }
+        })
+    };
+
+    let state = Arc::new(AppState {
+        queue: Arc::clone(&queue),
+        delivery: Arc::clone(&delivery),
+        token: config.ingest.token.clone(),
+        stopping: Default::default(),
+    });
+    let addr = listener.local_addr()?;
+    let app = http::router(Arc::clone(&state), config.ingest.max_body_bytes);
+    let (stop_ingest, stop_ingest_rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = stop_ingest_rx.await;
+            })
+            .await
+    });
+    tracing::info!(%addr, workers = config.delivery.workers, pending = queue.pending(),
+        endpoint = %config.braze.endpoint, "aiq-braze-sync ready");
+    Ok(Running {
+        addr,
+        queue,
+        delivery,
+        state,
+        stop_ingest: Some(stop_ingest),
+        server,
+        stop_workers,
+        workers,
+        maintenance,
+        shutdown_timeout: config.delivery.shutdown_timeout,
+        pid_file,
+    })
+}
+
+impl Running {
+    /// Stops in pipeline order within the configured deadline; see the module doc.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
+        self.state.stopping.store(true, Ordering::Relaxed);
+        if let Some(tx) = self.stop_ingest.take() {
+            let _ = tx.send(());
+        }
+        match tokio::time::timeout_at(deadline, &mut self.server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "ingest server ended with an error"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "ingest server task failed"),
+            Err(_) => {
+                tracing::warn!("ingest requests still open at the deadline; abandoning them");
+                self.server.abort();
+            }
+        }
+        let _ = self.stop_workers.send(true);
+        for w in &mut self.workers {
+            if tokio::time::timeout_at(deadline, &mut *w).await.is_err() {
+                tracing::warn!(
+                    "a Braze request was still in flight at the deadline; its records stay queued"
+                );
+                w.abort();
+            }
+        }
+        self.maintenance.abort();
+        self.queue.sync().await.context("final queue sync failed")?;
+        let _ = std::fs::remove_file(&self.pid_file);
+        tracing::info!(
+            pending = self.queue.pending(),
+            "aiq-braze-sync stopped cleanly"
+        );
+        Ok(())
+    }
+}

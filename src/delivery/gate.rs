@@ -1,0 +1,297 @@
+//! The retry policy, shared by every worker: when the next request to Braze may go.
+//!
+//! One gate for all workers, because Braze's limits and outages are per account, not per
+//! worker: a 429 or a 503 seen by one worker holds them all back. While Braze is failing only
+//! one worker at a time probes it, so an outage costs one request per backoff step instead of
+//! one per worker. Backoff is the `backoff` crate's exponential with jitter, with its 15-minute
+//! give-up turned off: transient failures are retried for as long as they last.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use backoff::backoff::Backoff;
+use backoff::ExponentialBackoff;
+use serde::Serialize;
+use tokio::time::Instant;
+
+/// What delivery is doing, for `/readyz`, `queue stats` and the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Health {
+    Delivering,
+    /// Transient failures; retrying with backoff.
+    Retrying {
+        reason: String,
+        failures: u64,
+    },
+    /// Braze refuses our key or endpoint; nothing will work until someone fixes it.
+    Paused {
+        reason: String,
+        failures: u64,
+    },
+}
+
+struct State {
+    backoff: ExponentialBackoff,
+    not_before: Instant,
+    next_slot: Instant,
+    probe_in_flight: bool,
+    health: Health,
+    failures: u64,
+}
+
+pub struct Gate {
+    state: Mutex<State>,
+    min_interval: Option<Duration>,
+    backoff_max: Duration,
+}
+
+/// Permission to send one request. Report how it went with `Gate::success` / `failure`.
+#[must_use]
+pub struct Permit {
+    probe: bool,
+}
+
+pub enum Failure {
+    /// Transient; wait at least `after` if Braze said so.
+    Transient {
+        reason: String,
+        after: Option<Duration>,
+    },
+    /// Key, permission or endpoint problem: wait at the backoff ceiling between probes.
+    Misconfigured(String),
+}
+
+impl Gate {
+    pub fn new(initial: Duration, max: Duration, max_requests_per_second: Option<f64>) -> Gate {
+        let backoff = backoff::ExponentialBackoffBuilder::new()
+            .with_initial_interval(initial)
+            .with_max_interval(max)
+            .with_multiplier(2.0)
+            .with_randomization_factor(0.5)
+            // The crate's default gives up after 15 minutes; our guarantee is never to.
+            .with_max_elapsed_time(None)
+            .build();
+        let now = Instant::now();
+        Gate {
+            state: Mutex::new(State {
+                backoff,
+                not_before: now,
+                next_slot: now,
+                probe_in_flight: false,
+                health: Health::Delivering,
+                failures: 0,
+            }),
+            min_interval: max_requests_per_second.map(|r| Duration::from_secs_f64(1.0 / r)),
+            backoff_max: max,
+        }
+    }
+
+    pub fn health(&self) -> Health {
+        self.lock().health.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // Held only for arithmetic, never across an await.
+        self.state.lock().expect("delivery gate lock poisoned")
+    }
+
+    /// Waits until a request may be sent. Returns `None` if `stop` fires first.
+    pub async fn acquire(&self, stop: &mut tokio::sync::watch::Receiver<bool>) -> Option<Permit> {
+        loop {
+            if *stop.borrow() {
+                return None;
+            }
+            // Decide under the lock, wait outside it: a std guard must not live across an await.
+            let (wait, granted) = {
+                let mut s = self.lock();
+                let now = Instant::now();
+                if now < s.not_before {
+                    (s.not_before - now, None)
+                } else if s.health != Health::Delivering && s.probe_in_flight {
+                    // Someone is already asking Braze whether it is back.
+                    (Duration::from_millis(50), None)
+                } else {
+                    let probe = s.health != Health::Delivering;
+                    if probe {
+                        s.probe_in_flight = true;
+                    }
+                    let slot = s.next_slot.max(now);
+                    if let Some(interval) = self.min_interval {
+                        s.next_slot = slot + interval;
+                    }
+                    (slot - now, Some(Permit { probe }))
+                }
+            };
+            if let Some(permit) = granted {
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+                return Some(permit);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.changed() => {}
+            }
+        }
+    }
+
+    /// Hands back a permit that sent nothing (the queue was empty).
+    pub fn unused(&self, permit: Permit) {
+        if permit.probe {
+            self.lock().probe_in_flight = false;
+        }
+    }
+
+    /// Braze answered 2xx. `remaining` and `reset_in` from its headers pace the workers so
+    /// that the window's last requests are spread over what is left of it.
+    pub fn success(&self, permit: Permit, remaining: Option<u64>, reset_in: Option<Duration>) {
+        let mut s = self.lock();
+        if permit.probe {
+            s.probe_in_flight = false;
+        }
+        if s.health != Health::Delivering {
+            tracing::info!(
+                after_failures = s.failures,
+                "Braze accepts requests again; delivery resumed"
+            );
+            s.health = Health::Delivering;
+            s.failures = 0;
+        }
+        s.backoff.reset();
+        if let (Some(remaining), Some(reset_in)) = (remaining, reset_in) {
+            if remaining < 10 {
+                let spread = reset_in / (remaining as u32 + 1);
+                s.not_before = s.not_before.max(Instant::now() + spread);
+            }
+        }
+    }
+
+    /// The request failed; hold every worker back by the backoff (and at least as long as
+    /// Braze asked). Logs once per change of state, not once per attempt.
+    pub fn failure(&self, permit: Permit, failure: Failure) {
+        let mut s = self.lock();
+        if permit.probe {
+            s.probe_in_flight = false;
+        }
+        s.failures += 1;
+        let failures = s.failures;
+        let step = s.backoff.next_backoff().unwrap_or(self.backoff_max);
+        let (delay, health) = match failure {
+            Failure::Transient { reason, after } => {
+                // Braze's own word beats our guess: wait what it said, plus a little jitter
+                // so the workers do not all come back in the same millisecond.
+                let delay = after.map_or(step, |a| {
+                    a + Duration::from_millis(fastrand::u64(
+                        0..=(a.as_millis() as u64 / 10).min(1000),
+                    ))
+                });
+                (delay, Health::Retrying { reason, failures })
+            }
+            Failure::Misconfigured(reason) => {
+                (self.backoff_max, Health::Paused { reason, failures })
+            }
+        };
+        let changed = std::mem::discriminant(&health) != std::mem::discriminant(&s.health);
+        if changed {
+            match &health {
+                Health::Paused { reason, .. } => tracing::error!(%reason,
+                    "Braze refuses our key or endpoint; delivery paused, everything stays queued"),
+                Health::Retrying { reason, .. } => {
+                    tracing::warn!(%reason, retry_in_ms = delay.as_millis() as u64,
+                    "delivery to Braze failing; retrying with backoff")
+                }
+                Health::Delivering => {}
+            }
+        }
+        s.health = health;
+        s.not_before = s.not_before.max(Instant::now() + delay);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stop() -> (
+        tokio::sync::watch::Sender<bool>,
+        tokio::sync::watch::Receiver<bool>,
+    ) {
+        tokio::sync::watch::channel(false)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_after_holds_back_every_worker_at_least_that_long() {
+        let gate = Gate::new(Duration::from_millis(10), Duration::from_secs(60), None);
+        let (_tx, mut rx) = stop();
+        let p = gate.acquire(&mut rx).await.unwrap();
+        gate.failure(
+            p,
+            Failure::Transient {
+                reason: "429".into(),
+                after: Some(Duration::from_secs(5)),
+            },
+        );
+        let start = Instant::now();
+        let p = gate.acquire(&mut rx).await.unwrap();
+        assert!(start.elapsed() >= Duration::from_secs(5));
+        gate.success(p, None, None);
+        assert_eq!(gate.health(), Health::Delivering);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_grows_and_stays_under_the_ceiling_without_giving_up() {
+        let gate = Gate::new(Duration::from_millis(100), Duration::from_secs(2), None);
+        let (_tx, mut rx) = stop();
+        let mut waits = Vec::new();
+        for _ in 0..40 {
+            let start = Instant::now();
+            let p = gate.acquire(&mut rx).await.unwrap();
+            waits.push(start.elapsed());
+            gate.failure(
+                p,
+                Failure::Transient {
+                    reason: "503".into(),
+                    after: None,
+                },
+            );
+        }
+        // Jitter is ±50%, so the ceiling can be exceeded by half of it at most.
+        assert!(waits.iter().all(|w| *w <= Duration::from_secs(3)));
+        assert!(waits[39] >= Duration::from_secs(1), "{waits:?}");
+        assert!(matches!(
+            gate.health(),
+            Health::Retrying { failures: 40, .. }
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_ceiling_spaces_requests_across_workers() {
+        let gate = Gate::new(
+            Duration::from_millis(10),
+            Duration::from_secs(1),
+            Some(10.0),
+        );
+        let (_tx, mut rx) = stop();
+        let start = Instant::now();
+        for _ in 0..11 {
+            let p = gate.acquire(&mut rx).await.unwrap();
+            gate.success(p, None, None);
+        }
+        assert!(start.elapsed() >= Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_misconfigured_key_pauses_until_a_probe_succeeds() {
+        let gate = Gate::new(Duration::from_millis(10), Duration::from_secs(30), None);
+        let (_tx, mut rx) = stop();
+        let p = gate.acquire(&mut rx).await.unwrap();
+        gate.failure(p, Failure::Misconfigured("401 Invalid API Key".into()));
+        assert!(matches!(gate.health(), Health::Paused { .. }));
+        let start = Instant::now();
+        let p = gate.acquire(&mut rx).await.unwrap();
+        assert!(start.elapsed() >= Duration::from_secs(30));
+        gate.success(p, None, None);
+        assert_eq!(gate.health(), Health::Delivering);
+    }
+}

@@ -1,0 +1,308 @@
+//! The HTTP face of the daemon: ingest, health, metrics and the admin API.
+//!
+//! Ingest answers 2xx only after `Queue::enqueue` has made the records durable. Every error
+//! becomes an HTTP answer in one place, `ApiError::into_response`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use crate::config::Secret;
+use crate::delivery::gate::Health;
+use crate::delivery::Delivery;
+use crate::ingest::{self, BadInput};
+use crate::queue::{Queue, QueueError};
+use crate::record::Record;
+
+/// Bodies bigger than this are parsed on the blocking pool so that a 16 MB upload does not
+/// stall the threads serving everyone else.
+const PARSE_INLINE_MAX: usize = 64 * 1024;
+
+pub struct AppState {
+    pub queue: Arc<Queue>,
+    pub delivery: Arc<Delivery>,
+    /// Required on every ingest and admin call when set. Health and metrics stay open: they
+    /// carry no customer data and probes rarely carry credentials.
+    pub token: Option<Secret>,
+    /// Set when shutdown begins: new requests get 503 so clients retry against the next start.
+    pub stopping: AtomicBool,
+}
+
+pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/v1/memberships", post(post_memberships))
+        .route("/v1/events", post(post_events))
+        .route("/v1/admin/queue/stats", get(admin_stats))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+/// Every way a request can fail, and the answer each one gets.
+pub enum ApiError {
+    Unauthorized,
+    BadInput(BadInput),
+    Queue(QueueError),
+    Stopping,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let retry = |secs: &'static str, body: serde_json::Value| {
+            let mut r = (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static(secs));
+            r
+        };
+        match self {
+            ApiError::Unauthorized => {
+                let mut r = (
+                    StatusCode::UNAUTHORIZED,
+                    Json(json!({"error": "missing or wrong bearer token"})),
+                )
+                    .into_response();
+                r.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                r
+            }
+            ApiError::BadInput(b) => (
+                StatusCode::BAD_REQUEST,
+                Json(json!({
+                    "error": b.to_string(),
+                    "index": b.index,
+                    "line": b.line,
+                    "field": b.field,
+                    "queued": 0,
+                })),
+            )
+                .into_response(),
+            ApiError::Stopping => retry("5", json!({"error": "the daemon is stopping; retry"})),
+            ApiError::Queue(e @ QueueError::Full(_)) => {
+                retry("30", json!({"error": e.to_string()}))
+            }
+            ApiError::Queue(e @ QueueError::Busy) => retry("1", json!({"error": e.to_string()})),
+            ApiError::Queue(e) => {
+                tracing::error!(error = %e, "ingest could not queue a request; it was refused");
+                retry(
+                    "5",
+                    json!({"error": format!("records could not be stored: {e}")}),
+                )
+            }
+        }
+    }
+}
+
+fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(token) = &state.token else {
+        return Ok(());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Constant time in the contents; only the length can be learned, which is not the secret.
+    if bool::from(given.as_bytes().ct_eq(token.expose().as_bytes())) {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized)
+    }
+}
+
+async fn ingest_with<F>(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Bytes,
+    parse: F,
+) -> Result<Response, ApiError>
+where
+    F: Fn(&[u8]) -> Result<Vec<Record>, BadInput> + Send + 'static,
+{
+    authorize(state, headers)?;
+    if state.stopping.load(Ordering::Relaxed) {
+        return Err(ApiError::Stopping);
+    }
+    let records = if body.len() <= PARSE_INLINE_MAX {
+        parse(&body)
+    } else {
+        tokio::task::spawn_blocking(move || parse(&body))
+            .await
+            .expect("ingest parser panicked")
+    }
+    .map_err(ApiError::BadInput)?;
+    let n = records.len();
+    state
+        .queue
+        .enqueue(records)
+        .await
+        .map_err(ApiError::Queue)?;
+    Ok((StatusCode::ACCEPTED, Json(json!({"accepted": n}))).into_response())
+}
+
+async fn post_memberships(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    ingest_with(&state, &headers, body, |b| {
+        Ok(ingest::parse_memberships(b)?
+            .into_iter()
+            .map(Record::Membership)
+            .collect())
+    })
+    .await
+}
+
+async fn post_events(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    ingest_with(&state, &headers, body, |b| {
+        Ok(ingest::parse_events(b)?
+            .into_iter()
+            .map(Record::Event)
+            .collect())
+    })
+    .await
+}
+
+async fn admin_stats(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let queue = state.queue.stats().map_err(ApiError::Queue)?;
+    Ok(Json(json!({"queue": queue, "delivery": state.delivery.stats()})).into_response())
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if state.stopping.load(Ordering::Relaxed) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false, "reason": "stopping"})),
+        )
+            .into_response();
+    }
+    match state.delivery.gate.health() {
+        Health::Paused { reason, .. } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false, "reason": format!("delivery paused: Braze refuses the key or endpoint: {reason}")})),
+        )
+            .into_response(),
+        health => Json(json!({"ready": true, "delivery": health})).into_response(),
+    }
+}
+
+/// Prometheus text format, written out from the queue's and delivery's own counters.
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
+    };
+    if let Ok(q) = state.queue.stats() {
+        metric(
+            "aiq_queue_pending_events",
+            "gauge",
+            "Events waiting for Braze.",
+            q.pending_events,
+        );
+        metric(
+            "aiq_queue_pending_memberships",
+            "gauge",
+            "Membership updates waiting for Braze.",
+            q.pending_memberships,
+        );
+        metric(
+            "aiq_queue_dead",
+            "gauge",
+            "Records in the dead-letter queue.",
+            q.dead,
+        );
+        metric(
+            "aiq_queue_disk_bytes",
+            "gauge",
+            "Bytes the queue occupies on disk.",
+            q.disk_bytes,
+        );
+        metric(
+            "aiq_queue_oldest_pending_age_seconds",
+            "gauge",
+            "Age of the oldest pending record.",
+            q.oldest_pending_age_ms.unwrap_or(0) / 1000,
+        );
+        metric(
+            "aiq_records_accepted_total",
+            "counter",
+            "Records durably accepted since start.",
+            q.accepted_total,
+        );
+        metric(
+            "aiq_records_coalesced_total",
+            "counter",
+            "Membership updates replaced by a newer one before delivery.",
+            q.coalesced_total,
+        );
+        metric(
+            "aiq_queue_compactions_total",
+            "counter",
+            "Queue rebuilds that gave disk space back.",
+            q.compactions_total,
+        );
+    }
+    let d = state.delivery.stats();
+    metric(
+        "aiq_records_delivered_total",
+        "counter",
+        "Records Braze took.",
+        d.records_delivered,
+    );
+    metric(
+        "aiq_records_dead_total",
+        "counter",
+        "Records Braze refused, moved to the dead letters.",
+        d.records_dead,
+    );
+    metric(
+        "aiq_braze_requests_accepted_total",
+        "counter",
+        "Braze requests answered 2xx.",
+        d.requests_accepted,
+    );
+    metric(
+        "aiq_braze_requests_refused_total",
+        "counter",
+        "Braze requests refused whole (400, 413).",
+        d.requests_refused,
+    );
+    metric(
+        "aiq_braze_requests_failed_total",
+        "counter",
+        "Braze requests that failed (network, 429, 5xx, 401/403/404).",
+        d.requests_failed,
+    );
+    let state_value = match d.health {
+        Health::Delivering => 0,
+        Health::Retrying { .. } => 1,
+        Health::Paused { .. } => 2,
+    };
+    metric(
+        "aiq_delivery_state",
+        "gauge",
+        "0 delivering, 1 retrying, 2 paused (key or endpoint refused).",
+        state_value,
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}

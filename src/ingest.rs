@@ -1,0 +1,474 @@
+//! Parsing and validating ingest bodies into records, all or nothing.
+//!
+//! A body is a JSON array of objects or NDJSON (one object per line). Every record is checked
+//! before any is queued, and the first problem is reported with its record index, its line and
+//! the field, so an operator can find it in a file of millions. Checks here are the ones Braze
+//! would otherwise fail the record for later, when nobody is watching.
+
+use std::fmt;
+
+use serde_json::{Map, Value};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::record::{Event, Membership, UserId};
+
+/// Braze refuses longer external ids (`EXTERNAL_USER_ID_TOO_LARGE`).
+pub const MAX_EXTERNAL_ID_BYTES: usize = 987;
+/// Braze's limit on custom attribute names, event names and string values.
+pub const MAX_NAME_CHARS: usize = 255;
+/// Braze's limit for an event's properties that contain arrays or objects.
+pub const MAX_PROPERTIES_BYTES: usize = 100 * 1024;
+/// Audience and split ids become part of an attribute name; keep them short and plain.
+const MAX_ID_PART_BYTES: usize = 100;
+
+/// Why a body was refused, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadInput {
+    /// 0-based index of the record in the body, when the body could be split into records.
+    pub index: Option<usize>,
+    /// 1-based line of the body where the record (or the syntax error) is.
+    pub line: Option<usize>,
+    /// The field at fault, when one is.
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for BadInput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut place = Vec::new();
+        if let Some(i) = self.index {
+            place.push(format!("record {i}"));
+        }
+        if let Some(l) = self.line {
+            place.push(format!("line {l}"));
+        }
+        if let Some(field) = &self.field {
+            place.push(format!("field `{field}`"));
+        }
+        if place.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", place.join(", "), self.message)
+        }
+    }
+}
+
+impl std::error::Error for BadInput {}
+
+/// One record as found in the body, before its fields are checked.
+struct RawRecord {
+    index: usize,
+    line: usize,
+    object: Map<String, Value>,
+}
+
+impl RawRecord {
+    fn bad(&self, field: &str, message: impl Into<String>) -> BadInput {
+        BadInput {
+            index: Some(self.index),
+            line: Some(self.line),
+            field: Some(field.to_string()),
+            message: message.into(),
+        }
+    }
+}
+
+pub fn parse_memberships(body: &[u8]) -> Result<Vec<Membership>, BadInput> {
+    split_records(body)?
+        .iter()
+        .map(|raw| {
+            Ok(Membership {
+                user: user_id(raw)?,
+                audience_id: id_part(raw, "audience_id")?,
+                split_id: id_part(raw, "split_id")?,
+                member: match raw.object.get("member") {
+                    Some(Value::Bool(b)) => *b,
+                    None => return Err(raw.bad("member", "is required (true or false)")),
+                    Some(other) => {
+                        return Err(raw.bad(
+                            "member",
+                            format!("must be true or false, got {}", type_name(other)),
+                        ))
+                    }
+                },
+                time: match raw.object.get("time") {
+                    None | Some(Value::Null) => None,
+                    Some(v) => Some(timestamp(raw, "time", v)?),
+                },
+            })
+        })
+        .collect()
+}
+
+pub fn parse_events(body: &[u8]) -> Result<Vec<Event>, BadInput> {
+    split_records(body)?
+        .iter()
+        .map(|raw| {
+            let name = match raw.object.get("name") {
+                Some(Value::String(s)) if s.trim().is_empty() => {
+                    return Err(raw.bad("name", "must not be empty"))
+                }
+                Some(Value::String(s)) if s.chars().count() > MAX_NAME_CHARS => {
+                    return Err(raw.bad(
+                        "name",
+                        format!("is longer than Braze's {MAX_NAME_CHARS} characters"),
+                    ))
+                }
+                Some(Value::String(s)) => s.clone(),
+                None => return Err(raw.bad("name", "is required")),
+                Some(other) => {
+                    return Err(raw.bad(
+                        "name",
+                        format!("must be a string, got {}", type_name(other)),
+                    ))
+                }
+            };
+            let time = match raw.object.get("time") {
+                None | Some(Value::Null) => return Err(raw.bad("time", "is required")),
+                Some(v) => timestamp(raw, "time", v)?,
+            };
+            let properties = match raw.object.get("properties") {
+                None | Some(Value::Null) => None,
+                Some(Value::Object(map)) => {
+                    check_property_names(raw, map)?;
+                    let text = serde_json::to_string(map)
+                        .map_err(|e| raw.bad("properties", format!("cannot be re-encoded: {e}")))?;
+                    if text.len() > MAX_PROPERTIES_BYTES {
+                        return Err(raw.bad(
+                            "properties",
+                            format!(
+                                "is {} bytes, over Braze's {MAX_PROPERTIES_BYTES}",
+                                text.len()
+                            ),
+                        ));
+                    }
+                    Some(text)
+                }
+                Some(other) => {
+                    return Err(raw.bad(
+                        "properties",
+                        format!("must be an object, got {}", type_name(other)),
+                    ))
+                }
+            };
+            Ok(Event {
+                user: user_id(raw)?,
+                name,
+                time,
+                properties,
+            })
+        })
+        .collect()
+}
+
+/// Splits a JSON array or NDJSON body into objects, keeping each one's index and line.
+fn split_records(body: &[u8]) -> Result<Vec<RawRecord>, BadInput> {
+    let whole = |message: String, line: Option<usize>| BadInput {
+        index: None,
+        line,
+        field: None,
+        message,
+    };
+    let Some(first) = body.iter().position(|b| !b.is_ascii_whitespace()) else {
+        return Err(whole("the body holds no records".into(), None));
+    };
+    let mut out = Vec::new();
+    if body[first] == b'[' {
+        // A JSON array: serde_json reports the line of a syntax error; for the records
+        // themselves we find each element's line by streaming through the array.
+        let values: Vec<Value> = serde_json::from_slice(body)
+            .map_err(|e| whole(format!("invalid JSON: {e}"), Some(e.line())))?;
+        let lines = element_lines(body, values.len());
+        for (index, value) in values.into_iter().enumerate() {
+            let line = lines.get(index).copied().unwrap_or(1);
+            out.push(object_of(index, line, value)?);
+        }
+    } else {
+        for (n, text) in body.split(|b| *b == b'\n').enumerate() {
+            if text.iter().all(|b| b.is_ascii_whitespace()) {
+                continue;
+            }
+            let index = out.len();
+            let value: Value = serde_json::from_slice(text).map_err(|e| BadInput {
+                index: Some(index),
+                line: Some(n + 1),
+                field: None,
+                message: format!("invalid JSON: {e}"),
+            })?;
+            out.push(object_of(index, n + 1, value)?);
+        }
+    }
+    if out.is_empty() {
+        return Err(whole("the body holds no records".into(), None));
+    }
+    Ok(out)
+}
+
+fn object_of(index: usize, line: usize, value: Value) -> Result<RawRecord, BadInput> {
+    match value {
+        Value::Object(object) => Ok(RawRecord {
+            index,
+            line,
+            object,
+        }),
+        other => Err(BadInput {
+            index: Some(index),
+            line: Some(line),
+            field: None,
+            message: format!("a record must be a JSON object, got {}", type_name(&other)),
+        }),
+    }
+}
+
+/// The 1-based line on which each top-level array element starts. Only used for messages, so a
+/// cheap scan that tracks strings and nesting is enough (the body already parsed as JSON).
+fn element_lines(body: &[u8], count: usize) -> Vec<usize> {
+    let mut lines = Vec::with_capacity(count);
+    let (mut line, mut depth, mut in_string, mut escaped) = (1usize, 0usize, false, false);
+    let mut expecting = false;
+    for &b in body {
+        if b == b'\n' {
+            line += 1;
+        }
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        if expecting && !b.is_ascii_whitespace() && b != b']' {
+            lines.push(line);
+            expecting = false;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth == 1 {
+                    expecting = true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b',' if depth == 1 => expecting = true,
+            _ => {}
+        }
+    }
+    lines
+}
+
+/// The record's one Braze identifier. ActionIQ's activation carries both ids; the external id
+/// wins because it is the customer's stable key and can create a profile, while a braze_id
+/// only addresses one that exists.
+fn user_id(raw: &RawRecord) -> Result<UserId, BadInput> {
+    let get = |field: &str| -> Result<Option<String>, BadInput> {
+        match raw.object.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) if s.is_empty() => Err(raw.bad(field, "must not be empty")),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(other) => {
+                Err(raw.bad(field, format!("must be a string, got {}", type_name(other))))
+            }
+        }
+    };
+    match (get("external_id")?, get("braze_id")?) {
+        (Some(id), _) if id.len() > MAX_EXTERNAL_ID_BYTES => Err(raw.bad(
+            "external_id",
+            format!(
+                "is {} bytes, over Braze's {MAX_EXTERNAL_ID_BYTES}",
+                id.len()
+            ),
+        )),
+        (Some(id), _) => Ok(UserId::External(id)),
+        (None, Some(id)) => Ok(UserId::Braze(id)),
+        (None, None) => Err(raw.bad(
+            "external_id",
+            "a user id is required: `external_id` or `braze_id`",
+        )),
+    }
+}
+
+/// An audience or split id: a string or an integer, made of characters that are safe inside a
+/// Braze attribute name.
+fn id_part(raw: &RawRecord, field: &str) -> Result<String, BadInput> {
+    let text = match raw.object.get(field) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) if n.is_u64() || n.is_i64() => n.to_string(),
+        None | Some(Value::Null) => return Err(raw.bad(field, "is required")),
+        Some(other) => {
+            return Err(raw.bad(
+                field,
+                format!("must be a string or an integer, got {}", type_name(other)),
+            ))
+        }
+    };
+    if text.is_empty() {
+        return Err(raw.bad(field, "must not be empty"));
+    }
+    if text.len() > MAX_ID_PART_BYTES {
+        return Err(raw.bad(field, format!("is longer than {MAX_ID_PART_BYTES} bytes")));
+    }
+    if !text
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(raw.bad(
+            field,
+            format!("{text:?} may hold only letters, digits, '-' and '_'"),
+        ));
+    }
+    Ok(text)
+}
+
+/// An RFC 3339 string or Unix seconds, normalised to the UTC RFC 3339 form Braze documents.
+fn timestamp(raw: &RawRecord, field: &str, value: &Value) -> Result<String, BadInput> {
+    let parsed = match value {
+        Value::String(s) => OffsetDateTime::parse(s, &Rfc3339).map_err(|e| {
+            raw.bad(
+                field,
+                format!("{s:?} is not an RFC 3339 / ISO 8601 timestamp: {e}"),
+            )
+        })?,
+        Value::Number(n) => n
+            .as_i64()
+            .and_then(|secs| OffsetDateTime::from_unix_timestamp(secs).ok())
+            .ok_or_else(|| raw.bad(field, format!("{n} is not a valid Unix time in seconds")))?,
+        other => {
+            return Err(raw.bad(
+                field,
+                format!(
+                    "must be an RFC 3339 string or Unix seconds, got {}",
+                    type_name(other)
+                ),
+            ))
+        }
+    };
+    Ok(format_time(parsed))
+}
+
+/// Formats a time the way the daemon sends every time to Braze.
+pub fn format_time(t: OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
+}
+
+/// Braze drops or errors on property names it reserves; refuse them here, where someone sees.
+fn check_property_names(raw: &RawRecord, map: &Map<String, Value>) -> Result<(), BadInput> {
+    for key in map.keys() {
+        let field = format!("properties.{key}");
+        if key.is_empty() {
+            return Err(raw.bad("properties", "a property name must not be empty"));
+        }
+        if key.starts_with('$') {
+            return Err(raw.bad(&field, "Braze forbids property names starting with '$'"));
+        }
+        if key == "time" || key == "event_name" {
+            return Err(raw.bad(&field, "is a name Braze reserves for itself"));
+        }
+        if key.chars().count() > MAX_NAME_CHARS {
+            return Err(raw.bad(
+                &field,
+                format!("name is longer than Braze's {MAX_NAME_CHARS} characters"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_json_array_and_ndjson_give_the_same_memberships() {
+        let array = br#"[{"audience_id":"a1","split_id":2,"external_id":"u1","member":true},
+            {"audience_id":"a1","split_id":"2","braze_id":"b9","member":false,"time":"2026-01-02T03:04:05+01:00"}]"#;
+        let ndjson = b"{\"audience_id\":\"a1\",\"split_id\":2,\"external_id\":\"u1\",\"member\":true}\n\n{\"audience_id\":\"a1\",\"split_id\":\"2\",\"braze_id\":\"b9\",\"member\":false,\"time\":\"2026-01-02T03:04:05+01:00\"}\n";
+        let a = parse_memberships(array).unwrap();
+        assert_eq!(a, parse_memberships(ndjson).unwrap());
+        assert_eq!(a[0].attribute(), "AIQ_a1_2");
+        assert_eq!(a[1].user, UserId::Braze("b9".into()));
+        assert_eq!(a[1].time.as_deref(), Some("2026-01-02T02:04:05.000Z"));
+    }
+
+    #[test]
+    fn a_bad_record_is_named_by_index_line_and_field() {
+        let body = b"{\"audience_id\":\"a\",\"split_id\":\"s\",\"external_id\":\"u\",\"member\":true}\n{\"audience_id\":\"a\",\"split_id\":\"s\",\"external_id\":\"u\",\"member\":\"yes\"}\n";
+        let err = parse_memberships(body).unwrap_err();
+        assert_eq!(err.index, Some(1));
+        assert_eq!(err.line, Some(2));
+        assert_eq!(err.field.as_deref(), Some("member"));
+        assert!(err
+            .to_string()
+            .contains("must be true or false, got a string"));
+    }
+
+    #[test]
+    fn array_elements_report_the_line_they_start_on() {
+        let body = b"[\n {\"name\":\"a\",\"external_id\":\"u\",\"time\":1},\n {\"name\":\"[,]\",\n  \"external_id\":\"u\",\"time\":\"nope\"}\n]";
+        let err = parse_events(body).unwrap_err();
+        assert_eq!((err.index, err.line), (Some(1), Some(3)));
+        assert_eq!(err.field.as_deref(), Some("time"));
+    }
+
+    #[test]
+    fn events_need_a_user_a_name_a_time_and_object_properties() {
+        let cases: [(&[u8], &str); 5] = [
+            (br#"[{"name":"x","time":1}]"#, "external_id"),
+            (br#"[{"name":"","external_id":"u","time":1}]"#, "name"),
+            (br#"[{"name":"x","external_id":"u"}]"#, "time"),
+            (
+                br#"[{"name":"x","external_id":"u","time":1,"properties":[1]}]"#,
+                "properties",
+            ),
+            (
+                br#"[{"name":"x","external_id":"u","time":1,"properties":{"$a":1}}]"#,
+                "properties.$a",
+            ),
+        ];
+        for (body, field) in cases {
+            let err = parse_events(body).unwrap_err();
+            assert_eq!(err.field.as_deref(), Some(field), "{err}");
+        }
+    }
+
+    #[test]
+    fn malformed_json_is_refused_with_its_line() {
+        let err = parse_events(b"[\n{\"name\": }\n]").unwrap_err();
+        assert_eq!(err.line, Some(2));
+        assert!(err.message.starts_with("invalid JSON"));
+        assert!(parse_events(b"  \n ").is_err());
+    }
+
+    #[test]
+    fn an_external_id_over_987_bytes_is_refused() {
+        let id = "x".repeat(988);
+        let body =
+            format!(r#"[{{"audience_id":"a","split_id":"s","external_id":"{id}","member":true}}]"#);
+        let err = parse_memberships(body.as_bytes()).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("external_id"));
+    }
+}

@@ -1,0 +1,60 @@
+//! Group commit: one thread makes everyone's writes durable with one sync.
+//!
+//! sled 0.34.7's `flush_async()` deadlocks with several concurrent callers and its `flush()`
+//! does not fsync, so durability is ours. A writer inserts into sled, then asks this thread for
+//! a commit and waits. The thread takes every request waiting at that moment, syncs once
+//! (flush + fdatasync), and answers them all: the cost of a sync is shared by every request
+//! that arrived while the previous one ran, which is what makes many small requests cheap.
+
+use std::sync::mpsc;
+use std::thread;
+
+use tokio::sync::oneshot;
+
+use super::QueueError;
+
+type Waiter = oneshot::Sender<Result<(), String>>;
+
+pub struct Committer {
+    tx: mpsc::Sender<Waiter>,
+}
+
+impl Committer {
+    /// Starts the commit thread. `sync` must make durable every write done before it is
+    /// called. The thread ends when the `Committer` is dropped.
+    pub fn spawn<F>(sync: F) -> std::io::Result<Committer>
+    where
+        F: Fn() -> Result<(), QueueError> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel::<Waiter>();
+        thread::Builder::new()
+            .name("queue-commit".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut waiters = vec![first];
+                    waiters.extend(rx.try_iter());
+                    let result = sync().map_err(|e| e.to_string());
+                    if let Err(e) = &result {
+                        tracing::error!(error = %e, waiters = waiters.len(),
+                            "queue sync failed; the waiting requests are refused");
+                    }
+                    for w in waiters {
+                        // A waiter that gave up (its request was dropped) needs no answer.
+                        let _ = w.send(result.clone());
+                    }
+                }
+            })?;
+        Ok(Committer { tx })
+    }
+
+    /// Returns once every write made before this call is on disk.
+    pub async fn commit(&self) -> Result<(), QueueError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(tx).map_err(|_| QueueError::Closed)?;
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(QueueError::Sync(e)),
+            Err(_) => Err(QueueError::Closed),
+        }
+    }
+}

@@ -1,0 +1,696 @@
+//! The durable queue: the only module that touches sled.
+//!
+//! # Design
+//!
+//! **Durability.** `enqueue` inserts a request's records in one atomic sled batch, then waits
+//! for the group committer (`commit.rs`): sled `flush()` plus our own `fdatasync`, shared by
+//! every request waiting at that moment. Only then does ingest answer 2xx. Removals (a record
+//! Braze took) are not synced; if a crash loses one, the record is sent again (at least once).
+//! sled recovers a prefix of its log, so a lost removal can never outlive a later insert.
+//!
+//! **Layout.** `DATA_DIR/queue/CURRENT` names the live generation `DATA_DIR/queue/gen-NNNNNN/`,
+//! a sled database with one tree, `queue`, whose keys are:
+//!
+//! | key | value |
+//! |---|---|
+//! | `00 'n'` | next sequence number, u64 big-endian (ids never repeat) |
+//! | `01 seq` | a pending event (lane 1, real time) |
+//! | `02 seq` | a pending membership update (lane 2, backfills) |
+//! | `03 kind len id attribute` | the seq of the one pending update of that user's attribute |
+//! | `04 seq` | a dead-lettered record with Braze's reason |
+//!
+//! `seq` is big-endian so iteration order is acceptance order. Values start with a format
+//! version byte (`format.rs`); bincode is not self-describing, so a new record shape gets a
+//! new version instead of a changed struct.
+//!
+//! **Memberships are state, events are a log.** A membership update replaces the pending
+//! update of the same user and attribute (the `03` index), so a flip-flopping user costs one
+//! Braze write, and only the latest accepted value is ever pending. Events are all kept.
+//!
+//! **Leases** live in memory only. A worker leases records; they stay in sled until the worker
+//! completes them: delivered (removed), dead (moved to `04` with the reason) or retry (left in
+//! place, in order). A crash drops every lease, so every record not yet removed is pending
+//! again at restart. While one update of an attribute is in flight, no newer update of the same
+//! user and attribute is leased, so Braze receives them in acceptance order whatever the
+//! number of workers and retries.
+//!
+//! **Giving disk back.** sled never shrinks its files. Long-lived state will live in its own
+//! database under `DATA_DIR/state/`; the queue holds only what churns. Once a backlog has
+//! drained and the generation is large, `maintain` copies the few live keys into the next
+//! generation, syncs it, switches `CURRENT` and deletes the old directory. Ingest answers
+//! 503 with `Retry-After` for that moment (`QueueError::Busy`).
+
+mod commit;
+pub mod format;
+mod store;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::record::{Record, UserId};
+use commit::Committer;
+use format::{
+    decode, encode, encode_dead, latest_key, record_key, seq_of, Dead, Stored, DEAD,
+    LANE_ATTRIBUTES, LANE_EVENTS, LATEST, META_NEXT_SEQ,
+};
+use store::Store;
+
+/// A rebuild copies the live keys with ingest paused, so it waits until this few are left.
+const COMPACT_MAX_LIVE: u64 = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The queue is at its configured bound. Ingest answers 503; nothing accepted is lost.
+    #[error("queue is full: {0}")]
+    Full(String),
+    /// The queue is being rebuilt to give disk space back; try again in a moment.
+    #[error("queue is being compacted; try again in a moment")]
+    Busy,
+    /// Another process holds the database (sled locks its directory exclusively).
+    #[error("the queue database at {path} is locked by another process{}", pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    Locked { path: PathBuf, pid: Option<u32> },
+    /// Making writes durable failed: the disk is full or failing. Nothing was acknowledged.
+    #[error("could not make the queue durable: {0}")]
+    Sync(String),
+    #[error("the queue is closed")]
+    Closed,
+    #[error("queue database is corrupt: {0}")]
+    Corrupt(String),
+    #[error("queue storage error: {0}")]
+    Storage(#[from] sled::Error),
+    #[error("queue I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl QueueError {
+    fn from_sled_open(dir: &Path, e: sled::Error) -> QueueError {
+        match e {
+            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                let pid = dir
+                    .ancestors()
+                    .nth(2)
+                    .and_then(|data_dir| std::fs::read_to_string(data_dir.join(PID_FILE)).ok())
+                    .and_then(|s| s.trim().parse().ok());
+                QueueError::Locked {
+                    path: dir.to_path_buf(),
+                    pid,
+                }
+            }
+            other => QueueError::Storage(other),
+        }
+    }
+}
+
+/// The daemon writes its pid here so that a second process can say who holds the lock.
+pub const PID_FILE: &str = "daemon.pid";
+
+/// Bounds and tuning that the configuration decides.
+#[derive(Debug, Clone)]
+pub struct QueueSettings {
+    pub max_records: u64,
+    pub max_disk_bytes: u64,
+    pub cache_bytes: u64,
+    pub compact_min_bytes: u64,
+}
+
+/// How much one Braze request may carry.
+#[derive(Debug, Clone)]
+pub struct BatchLimits {
+    pub max_objects: usize,
+    /// Legacy accounts: `max_objects` per array instead of in total.
+    pub per_array: bool,
+    pub max_bytes: usize,
+}
+
+/// A record handed to a worker. It stays in the queue until `complete` says otherwise.
+#[derive(Debug, Clone)]
+pub struct Leased {
+    pub seq: u64,
+    pub lane: u8,
+    pub stored: Stored,
+    /// Deliveries tried since this daemon started.
+    pub attempts: u32,
+    /// The envelope as stored, kept for the dead-letter entry.
+    raw: Vec<u8>,
+    latest: Option<Vec<u8>>,
+}
+
+/// What became of a leased record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Braze took it: remove it.
+    Delivered,
+    /// Braze refused this record for itself: move it to the dead letters with the reason.
+    Dead(String),
+    /// Not delivered this time: leave it where it is, in order.
+    Retry,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Stats {
+    pub pending: u64,
+    pub pending_events: u64,
+    pub pending_memberships: u64,
+    pub in_flight: u64,
+    pub dead: u64,
+    pub oldest_pending_age_ms: Option<u64>,
+    pub disk_bytes: u64,
+    pub generation: u64,
+    pub accepted_total: u64,
+    pub coalesced_total: u64,
+    pub compactions_total: u64,
+}
+
+/// What one rebuild did, for the log.
+#[derive(Debug, Clone)]
+pub struct Compaction {
+    pub from_bytes: u64,
+    pub to_bytes: u64,
+    pub live_keys: u64,
+    pub pause: Duration,
+}
+
+#[derive(Default)]
+struct Leases {
+    seqs: HashSet<u64>,
+    attributes: HashSet<Vec<u8>>,
+    attempts: HashMap<u64, u32>,
+}
+
+#[derive(Default)]
+struct Counters {
+    events: AtomicU64,
+    attributes: AtomicU64,
+    dead: AtomicU64,
+    accepted: AtomicU64,
+    coalesced: AtomicU64,
+    compactions: AtomicU64,
+    disk_bytes: AtomicU64,
+    /// Size right after the last rebuild; the next one waits until the file has grown well
+    /// past it, so a queue that is small but busy is not rebuilt over and over.
+    compacted_bytes: AtomicU64,
+}
+
+pub struct Queue {
+    dir: PathBuf,
+    settings: QueueSettings,
+    /// Readers hold it for one short synchronous operation; the rebuild holds it for writing
+    /// while it swaps generations. A std lock: it is never held across an await.
+    store: Arc<RwLock<Store>>,
+    /// Serialises every change to the tree (enqueue, complete, quarantine) so that the
+    /// read-modify-write of the latest-value index and the sequence numbers stay consistent.
+    writer: Mutex<u64>,
+    leases: Mutex<Leases>,
+    committer: Committer,
+    counters: Counters,
+    work: tokio::sync::Notify,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Queue {
+    /// Opens (or creates) the queue under `data_dir`. Fails with `Locked` if another process
+    /// has it open.
+    pub fn open(data_dir: &Path, settings: QueueSettings) -> Result<Arc<Queue>, QueueError> {
+        let dir = data_dir.join("queue");
+        std::fs::create_dir_all(&dir)?;
+        let generation = match store::read_current(&dir)? {
+            Some(g) => g,
+            None => {
+                std::fs::create_dir_all(store::generation_dir(&dir, 1))?;
+                store::write_current(&dir, 1)?;
+                1
+            }
+        };
+        let st = Store::open(
+            &store::generation_dir(&dir, generation),
+            generation,
+            settings.cache_bytes,
+        )?;
+        // Only after our generation is open (and locked) is it safe to remove the others.
+        store::remove_other_generations(&dir, generation)?;
+
+        let counters = Counters::default();
+        let count = |lane: u8| st.tree.scan_prefix([lane]).keys().count() as u64;
+        counters.events.store(count(LANE_EVENTS), Ordering::Relaxed);
+        counters
+            .attributes
+            .store(count(LANE_ATTRIBUTES), Ordering::Relaxed);
+        counters.dead.store(count(DEAD), Ordering::Relaxed);
+        counters
+            .disk_bytes
+            .store(st.disk_bytes(), Ordering::Relaxed);
+        let next_seq = next_seq_of(&st.tree)?;
+
+        let store = Arc::new(RwLock::new(st));
+        let for_commit = Arc::clone(&store);
+        let committer =
+            Committer::spawn(move || for_commit.read().expect("queue store lock poisoned").sync())?;
+        Ok(Arc::new(Queue {
+            dir,
+            settings,
+            store,
+            writer: Mutex::new(next_seq),
+            leases: Mutex::new(Leases::default()),
+            committer,
+            counters,
+            work: tokio::sync::Notify::new(),
+        }))
+    }
+
+    fn read_store(&self) -> Result<std::sync::RwLockReadGuard<'_, Store>, QueueError> {
+        match self.store.try_read() {
+            Ok(guard) => Ok(guard),
+            Err(std::sync::TryLockError::WouldBlock) => Err(QueueError::Busy),
+            Err(std::sync::TryLockError::Poisoned(_)) => panic!("queue store lock poisoned"),
+        }
+    }
+
+    /// Durably queues every record, or none. Returns once they are on disk.
+    pub async fn enqueue(&self, records: Vec<Record>) -> Result<(), QueueError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        self.check_bounds(records.len() as u64)?;
+        self.insert(&records)?;
+        self.committer.commit().await?;
+        self.work.notify_waiters();
+        Ok(())
+    }
+
+    fn check_bounds(&self, incoming: u64) -> Result<(), QueueError> {
+        let pending = self.pending();
+        if pending + incoming > self.settings.max_records {
+            return Err(QueueError::Full(format!(
+                "{pending} records pending, bound is {} (queue.max_records)",
+                self.settings.max_records
+            )));
+        }
+        let bytes = self.counters.disk_bytes.load(Ordering::Relaxed);
+        if bytes > self.settings.max_disk_bytes {
+            return Err(QueueError::Full(format!(
+                "{bytes} bytes on disk, bound is {} (queue.max_disk_bytes)",
+                self.settings.max_disk_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    fn insert(&self, records: &[Record]) -> Result<(), QueueError> {
+        let store = self.read_store()?;
+        let mut next_seq = self.writer.lock().expect("queue writer lock poisoned");
+        let accepted_at = now_ms();
+        let mut batch = sled::Batch::default();
+        // Latest-index entries this request already set: a later record in the same request
+        // supersedes an earlier one without a trip to the tree.
+        let mut latest_here: HashMap<Vec<u8>, u64> = HashMap::new();
+        let (mut events, mut attributes, mut coalesced) = (0u64, 0u64, 0u64);
+        let mut seq = *next_seq;
+        for record in records {
+            let value = encode(record, accepted_at);
+            match record {
+                Record::Event(_) => {
+                    batch.insert(&record_key(LANE_EVENTS, seq), value);
+                    events += 1;
+                }
+                Record::Membership(m) => {
+                    let lk = latest_key(&m.user, &m.attribute());
+                    let previous = match latest_here.get(&lk) {
+                        Some(s) => Some(*s),
+                        None => store.tree.get(&lk)?.and_then(|v| seq_of_value(&v)),
+                    };
+                    if let Some(old) = previous {
+                        batch.remove(&record_key(LANE_ATTRIBUTES, old));
+                        coalesced += 1;
+                    } else {
+                        attributes += 1;
+                    }
+                    batch.insert(&record_key(LANE_ATTRIBUTES, seq), value);
+                    batch.insert(lk.as_slice(), &seq.to_be_bytes());
+                    latest_here.insert(lk, seq);
+                }
+            }
+            seq += 1;
+        }
+        batch.insert(META_NEXT_SEQ, &seq.to_be_bytes());
+        store.tree.apply_batch(batch)?;
+        *next_seq = seq;
+        let c = &self.counters;
+        c.events.fetch_add(events, Ordering::Relaxed);
+        c.attributes.fetch_add(attributes, Ordering::Relaxed);
+        c.coalesced.fetch_add(coalesced, Ordering::Relaxed);
+        c.accepted
+            .fetch_add(records.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Leases the oldest pending records that fit in one Braze request: events first (they are
+    /// real time), then membership updates, skipping any attribute whose earlier update is in
+    /// flight. Reads lazily from sled; never loads the whole queue.
+    pub fn lease(&self, limits: &BatchLimits) -> Result<Vec<Leased>, QueueError> {
+        let store = self.read_store()?;
+        let mut leases = self.leases.lock().expect("queue lease lock poisoned");
+        let mut out = Vec::new();
+        let mut undecodable = Vec::new();
+        let mut bytes = 0usize;
+
+        let max_events = limits.max_objects;
+        let mut events = 0usize;
+        for item in store.tree.scan_prefix([LANE_EVENTS]) {
+            if events >= max_events {
+                break;
+            }
+            let (key, value) = item?;
+            let Some(seq) = seq_of(&key) else { continue };
+            if leases.seqs.contains(&seq) {
+                continue;
+            }
+            let stored = match decode(&value) {
+                Ok(s) => s,
+                Err(e) => {
+                    undecodable.push((key.to_vec(), value.to_vec(), e.to_string()));
+                    continue;
+                }
+            };
+            let size = value.len() + 96;
+            if bytes + size > limits.max_bytes && !out.is_empty() {
+                break;
+            }
+            bytes += size;
+            events += 1;
+            leases.seqs.insert(seq);
+            out.push(Leased {
+                seq,
+                lane: LANE_EVENTS,
+                attempts: leases.attempts.get(&seq).copied().unwrap_or(0),
+                stored,
+                raw: value.to_vec(),
+                latest: None,
+            });
+        }
+
+        let max_user_objects = if limits.per_array {
+            limits.max_objects
+        } else {
+            limits.max_objects - events
+        };
+        let mut users: HashSet<UserId> = HashSet::new();
+        if max_user_objects > 0 && bytes < limits.max_bytes {
+            for item in store.tree.scan_prefix([LANE_ATTRIBUTES]) {
+                let (key, value) = item?;
+                let Some(seq) = seq_of(&key) else { continue };
+                if leases.seqs.contains(&seq) {
+                    continue;
+                }
+                let stored = match decode(&value) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        undecodable.push((key.to_vec(), value.to_vec(), e.to_string()));
+                        continue;
+                    }
+                };
+                let Record::Membership(m) = &stored.record else {
+                    undecodable.push((
+                        key.to_vec(),
+                        value.to_vec(),
+                        "an event in the membership lane".into(),
+                    ));
+                    continue;
+                };
+                let lk = latest_key(&m.user, &m.attribute());
+                if leases.attributes.contains(&lk) {
+                    continue;
+                }
+                let new_user = !users.contains(&m.user);
+                let size = value.len()
+                    + if new_user {
+                        64 + m.user.value().len()
+                    } else {
+                        16
+                    };
+                if new_user && users.len() >= max_user_objects {
+                    break;
+                }
+                if bytes + size > limits.max_bytes && !out.is_empty() {
+                    break;
+                }
+                bytes += size;
+                if new_user {
+                    users.insert(m.user.clone());
+                }
+                leases.seqs.insert(seq);
+                leases.attributes.insert(lk.clone());
+                out.push(Leased {
+                    seq,
+                    lane: LANE_ATTRIBUTES,
+                    attempts: leases.attempts.get(&seq).copied().unwrap_or(0),
+                    stored,
+                    raw: value.to_vec(),
+                    latest: Some(lk),
+                });
+            }
+        }
+        drop(leases);
+        drop(store);
+        if !undecodable.is_empty() {
+            self.quarantine(undecodable)?;
+        }
+        Ok(out)
+    }
+
+    /// Moves stored values that no longer decode to the dead letters, loudly, so that one bad
+    /// value cannot wedge the queue.
+    fn quarantine(&self, items: Vec<(Vec<u8>, Vec<u8>, String)>) -> Result<(), QueueError> {
+        let store = self.store.read().expect("queue store lock poisoned");
+        let _writer = self.writer.lock().expect("queue writer lock poisoned");
+        let mut batch = sled::Batch::default();
+        for (key, value, why) in &items {
+            let seq = seq_of(key).unwrap_or(0);
+            tracing::error!(seq, error = %why, "a stored record no longer decodes; moved to the dead letters");
+            batch.remove(key.as_slice());
+            let dead = Dead {
+                dead_at_ms: now_ms(),
+                attempts: 0,
+                reason: format!("undecodable stored record: {why}"),
+                stored: value.clone(),
+            };
+            batch.insert(&format::dead_key(seq), encode_dead(&dead));
+            let lane_counter = if key[0] == LANE_EVENTS {
+                &self.counters.events
+            } else {
+                &self.counters.attributes
+            };
+            lane_counter.fetch_sub(1, Ordering::Relaxed);
+            self.counters.dead.fetch_add(1, Ordering::Relaxed);
+        }
+        store.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Ends leases: removes what Braze took, dead-letters what it refused, and leaves the rest
+    /// in place. Waits out a rebuild rather than failing: losing an ack only costs a duplicate,
+    /// but there is no reason to.
+    pub fn complete(&self, results: Vec<(Leased, Outcome)>) -> Result<(), QueueError> {
+        if results.is_empty() {
+            return Ok(());
+        }
+        let store = self.store.read().expect("queue store lock poisoned");
+        let _writer = self.writer.lock().expect("queue writer lock poisoned");
+        let mut batch = sled::Batch::default();
+        let (mut gone_events, mut gone_attributes, mut dead) = (0u64, 0u64, 0u64);
+        for (item, outcome) in &results {
+            if *outcome == Outcome::Retry {
+                continue;
+            }
+            let key = record_key(item.lane, item.seq);
+            // A membership update may have been superseded (removed) while in flight.
+            let present = store.tree.contains_key(key)?;
+            if present {
+                batch.remove(&key);
+                if item.lane == LANE_EVENTS {
+                    gone_events += 1;
+                } else {
+                    gone_attributes += 1;
+                }
+                if let Outcome::Dead(reason) = outcome {
+                    let entry = Dead {
+                        dead_at_ms: now_ms(),
+                        attempts: item.attempts + 1,
+                        reason: reason.clone(),
+                        stored: item.raw.clone(),
+                    };
+                    batch.insert(&format::dead_key(item.seq), encode_dead(&entry));
+                    dead += 1;
+                }
+            }
+            if let Some(lk) = &item.latest {
+                if store.tree.get(lk)?.and_then(|v| seq_of_value(&v)) == Some(item.seq) {
+                    batch.remove(lk.as_slice());
+                }
+            }
+        }
+        store.tree.apply_batch(batch)?;
+        let c = &self.counters;
+        c.events.fetch_sub(gone_events, Ordering::Relaxed);
+        c.attributes.fetch_sub(gone_attributes, Ordering::Relaxed);
+        c.dead.fetch_add(dead, Ordering::Relaxed);
+
+        let mut leases = self.leases.lock().expect("queue lease lock poisoned");
+        let mut released = false;
+        for (item, outcome) in results {
+            leases.seqs.remove(&item.seq);
+            if let Some(lk) = &item.latest {
+                leases.attributes.remove(lk);
+            }
+            if outcome == Outcome::Retry {
+                *leases.attempts.entry(item.seq).or_default() += 1;
+            } else {
+                leases.attempts.remove(&item.seq);
+            }
+            released |= item.latest.is_some();
+        }
+        drop(leases);
+        if released {
+            // A newer update of an attribute that was in flight may now be leased.
+            self.work.notify_waiters();
+        }
+        Ok(())
+    }
+
+    /// Waits until new work may be there (an enqueue or a released attribute), or `timeout`.
+    pub async fn wait_for_work(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.work.notified()).await;
+    }
+
+    pub fn pending(&self) -> u64 {
+        self.counters.events.load(Ordering::Relaxed)
+            + self.counters.attributes.load(Ordering::Relaxed)
+    }
+
+    pub fn stats(&self) -> Result<Stats, QueueError> {
+        let store = self.store.read().expect("queue store lock poisoned");
+        let oldest = [LANE_EVENTS, LANE_ATTRIBUTES]
+            .iter()
+            .filter_map(|lane| store.tree.scan_prefix([*lane]).next())
+            .filter_map(|item| item.ok())
+            .filter_map(|(_, v)| decode(&v).ok())
+            .map(|s| s.accepted_at_ms)
+            .min();
+        let c = &self.counters;
+        let events = c.events.load(Ordering::Relaxed);
+        let attributes = c.attributes.load(Ordering::Relaxed);
+        Ok(Stats {
+            pending: events + attributes,
+            pending_events: events,
+            pending_memberships: attributes,
+            in_flight: self.leases.lock().expect("lease lock").seqs.len() as u64,
+            dead: c.dead.load(Ordering::Relaxed),
+            oldest_pending_age_ms: oldest.map(|t| now_ms().saturating_sub(t)),
+            disk_bytes: store.disk_bytes(),
+            generation: store.generation,
+            accepted_total: c.accepted.load(Ordering::Relaxed),
+            coalesced_total: c.coalesced.load(Ordering::Relaxed),
+            compactions_total: c.compactions.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Makes everything written so far durable (used at shutdown).
+    pub async fn sync(&self) -> Result<(), QueueError> {
+        self.committer.commit().await
+    }
+
+    /// Periodic upkeep: refreshes the disk size that the bound checks, and rebuilds the
+    /// database into a new generation once a backlog has drained and left a large file.
+    /// Blocking: run it off the async threads.
+    pub fn maintain(&self) -> Result<Option<Compaction>, QueueError> {
+        let bytes = self.read_store().map(|s| s.disk_bytes()).unwrap_or(0);
+        if bytes > 0 {
+            self.counters.disk_bytes.store(bytes, Ordering::Relaxed);
+        }
+        let live = self.pending() + self.counters.dead.load(Ordering::Relaxed);
+        let floor = self
+            .settings
+            .compact_min_bytes
+            .max(self.counters.compacted_bytes.load(Ordering::Relaxed) * 4);
+        if live > COMPACT_MAX_LIVE || bytes < floor {
+            return Ok(None);
+        }
+        self.compact().map(Some)
+    }
+
+    /// Copies the live keys into a fresh generation and switches to it. Holds the store lock
+    /// for writing throughout, so no insert, lease or ack can fall between copy and switch.
+    pub fn compact(&self) -> Result<Compaction, QueueError> {
+        let started = std::time::Instant::now();
+        let mut guard = self.store.write().expect("queue store lock poisoned");
+        let from_bytes = guard.disk_bytes();
+        let next = guard.generation + 1;
+        let new_dir = store::generation_dir(&self.dir, next);
+        if new_dir.exists() {
+            std::fs::remove_dir_all(&new_dir)?;
+        }
+        let fresh = Store::open(&new_dir, next, self.settings.cache_bytes)?;
+        let mut live_keys = 0u64;
+        let mut batch = sled::Batch::default();
+        for item in guard.tree.iter() {
+            let (k, v) = item?;
+            batch.insert(k, v);
+            live_keys += 1;
+            if live_keys % 4096 == 0 {
+                fresh.tree.apply_batch(std::mem::take(&mut batch))?;
+            }
+        }
+        fresh.tree.apply_batch(batch)?;
+        fresh.sync()?;
+        store::sync_dir(&self.dir)?;
+        store::write_current(&self.dir, next)?;
+        let old = std::mem::replace(&mut *guard, fresh);
+        let to_bytes = guard.disk_bytes();
+        drop(guard);
+        let pause = started.elapsed();
+        let old_dir = old.dir.clone();
+        drop(old);
+        std::fs::remove_dir_all(&old_dir)?;
+        self.counters.compactions.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .compacted_bytes
+            .store(to_bytes, Ordering::Relaxed);
+        self.counters.disk_bytes.store(to_bytes, Ordering::Relaxed);
+        Ok(Compaction {
+            from_bytes,
+            to_bytes,
+            live_keys,
+            pause,
+        })
+    }
+}
+
+fn seq_of_value(v: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(v.try_into().ok()?))
+}
+
+/// The next sequence number: the stored high-water mark, or past the largest key if that is
+/// missing (a database written before the mark existed).
+fn next_seq_of(tree: &sled::Tree) -> Result<u64, QueueError> {
+    let mut next = match tree.get(META_NEXT_SEQ)? {
+        Some(v) => seq_of_value(&v).unwrap_or(1),
+        None => 1,
+    };
+    for lane in [LANE_EVENTS, LANE_ATTRIBUTES, DEAD] {
+        if let Some((k, _)) = tree.scan_prefix([lane]).next_back().transpose()? {
+            next = next.max(seq_of(&k).map_or(0, |s| s + 1));
+        }
+    }
+    let _ = LATEST;
+    Ok(next.max(1))
+}

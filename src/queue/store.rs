@@ -1,0 +1,173 @@
+//! One generation of the queue database on disk, and the pointer that says which is current.
+//!
+//! sled never gives space back, so the queue lives in `queue/gen-NNNNNN/` and is rebuilt into
+//! the next generation after a backlog drains. `queue/CURRENT` names the live generation; it is
+//! replaced atomically (write, fsync, rename, fsync the directory), so a crash mid-rebuild
+//! leaves either the old generation current or the new one complete and synced. Any other
+//! generation directory found at open is a leftover and is removed.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use super::QueueError;
+
+const CURRENT: &str = "CURRENT";
+const GEN_PREFIX: &str = "gen-";
+
+/// An open generation: the sled database plus what is needed to make its writes durable.
+pub struct Store {
+    pub db: sled::Db,
+    pub tree: sled::Tree,
+    pub generation: u64,
+    pub dir: PathBuf,
+    /// sled's log file, opened by us: `flush()` in sled 0.34.7 only calls `sync_file_range`,
+    /// which persists neither the device cache nor metadata, so we `fdatasync` it ourselves.
+    log_file: File,
+    /// Blob files (values too big for a log segment) that we have already synced. sled writes
+    /// them without any fsync.
+    synced_blobs: Mutex<std::collections::HashSet<std::ffi::OsString>>,
+}
+
+impl Store {
+    pub fn open(dir: &Path, generation: u64, cache_bytes: u64) -> Result<Store, QueueError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            // The background flusher still runs: it persists deletes (acks) that no one
+            // waits for. Acknowledged inserts never rely on it.
+            .flush_every_ms(Some(500))
+            .open()
+            .map_err(|e| QueueError::from_sled_open(dir, e))?;
+        let tree = db.open_tree("queue")?;
+        let log_file = File::open(dir.join("db"))?;
+        Ok(Store {
+            db,
+            tree,
+            generation,
+            dir: dir.to_path_buf(),
+            log_file,
+            synced_blobs: Mutex::new(Default::default()),
+        })
+    }
+
+    /// Makes every write done before the call durable: sled's flush, then a real fdatasync.
+    pub fn sync(&self) -> Result<(), QueueError> {
+        self.db.flush()?;
+        self.log_file.sync_data()?;
+        self.sync_new_blobs()?;
+        Ok(())
+    }
+
+    fn sync_new_blobs(&self) -> io::Result<()> {
+        let blobs = self.dir.join("blobs");
+        let mut fresh = Vec::new();
+        // The lock only guards a set of names; it is never held across I/O that can block long.
+        let known = self.synced_blobs.lock().expect("blob set lock poisoned");
+        for entry in fs::read_dir(&blobs)? {
+            let entry = entry?;
+            if !known.contains(&entry.file_name()) {
+                fresh.push(entry.file_name());
+            }
+        }
+        drop(known);
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        for name in &fresh {
+            match File::open(blobs.join(name)) {
+                Ok(f) => f.sync_data()?,
+                // sled removes blobs it no longer needs; one gone since read_dir needs no sync.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        sync_dir(&blobs)?;
+        self.synced_blobs
+            .lock()
+            .expect("blob set lock poisoned")
+            .extend(fresh);
+        Ok(())
+    }
+
+    /// Bytes this generation occupies on disk (allocated blocks, not apparent sizes).
+    pub fn disk_bytes(&self) -> u64 {
+        dir_bytes(&self.dir)
+    }
+}
+
+/// Bytes allocated under a directory, recursively; unreadable entries count as zero.
+pub fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+pub fn generation_dir(queue_dir: &Path, generation: u64) -> PathBuf {
+    queue_dir.join(format!("{GEN_PREFIX}{generation:06}"))
+}
+
+/// The current generation number, if the queue directory has one.
+pub fn read_current(queue_dir: &Path) -> Result<Option<u64>, QueueError> {
+    match fs::read_to_string(queue_dir.join(CURRENT)) {
+        Ok(text) => {
+            let name = text.trim();
+            name.strip_prefix(GEN_PREFIX)
+                .and_then(|n| n.parse().ok())
+                .map(Some)
+                .ok_or_else(|| {
+                    QueueError::Corrupt(format!(
+                        "{} names {name:?}, not a generation",
+                        queue_dir.join(CURRENT).display()
+                    ))
+                })
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Points CURRENT at a generation, atomically and durably.
+pub fn write_current(queue_dir: &Path, generation: u64) -> io::Result<()> {
+    let tmp = queue_dir.join("CURRENT.tmp");
+    let mut f = File::create(&tmp)?;
+    writeln!(f, "{GEN_PREFIX}{generation:06}")?;
+    f.sync_all()?;
+    fs::rename(&tmp, queue_dir.join(CURRENT))?;
+    sync_dir(queue_dir)
+}
+
+/// Removes every generation directory except the current one: leftovers of a rebuild that
+/// crashed before switching (the new one) or before cleaning up (the old one).
+pub fn remove_other_generations(queue_dir: &Path, keep: u64) -> io::Result<()> {
+    for entry in fs::read_dir(queue_dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(n) = name
+            .to_str()
+            .and_then(|s| s.strip_prefix(GEN_PREFIX))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if n != keep {
+            tracing::info!(generation = n, "removing a leftover queue generation");
+            fs::remove_dir_all(entry.path())?;
+        }
+    }
+    Ok(())
+}
