@@ -168,7 +168,9 @@ impl Running {
                 w.abort();
             }
         }
+        // Wait for it to be gone: it holds the queue, and so sled's lock on the directory.
         self.maintenance.abort();
+        let _ = (&mut self.maintenance).await;
         self.queue.sync().await.context("final queue sync failed")?;
         let _ = std::fs::remove_file(&self.pid_file);
         tracing::info!(

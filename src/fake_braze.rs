@@ -17,7 +17,7 @@
 //! Not modelled: purchase fields, attribute array operators (`add`/`remove` are stored as
 //! sent), `_update_existing_only`, future event times, and actually enforcing the rate limit.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -209,11 +209,46 @@ impl FakeBraze {
         if PRIMARY_IDS.contains(&attribute) || attribute.starts_with('_') {
             return None;
         }
-        let attributes = self.attributes();
-        let newest_first = attributes.iter().rev();
-        let mine = |o: &&Value| user_key(o).as_deref() == Some(user);
-        let latest = newest_first.filter(mine).find_map(|o| o.get(attribute))?;
-        Some(latest.clone()).filter(|v| !v.is_null())
+        let state = self.shared.lock();
+        // One pass under the lock, no copies: tests call this in polling loops. Later arrival
+        // wins; within one request, the later object wins (`>=` on equal arrival numbers).
+        let mut latest: Option<(u64, &Value)> = None;
+        for (seq, array, object) in &state.accepted {
+            if *array != "attributes" || user_key(object).as_deref() != Some(user) {
+                continue;
+            }
+            if let Some(v) = object.get(attribute) {
+                if latest.is_none_or(|(s, _)| *seq >= s) {
+                    latest = Some((*seq, v));
+                }
+            }
+        }
+        latest.map(|(_, v)| v.clone()).filter(|v| !v.is_null())
+    }
+
+    /// Every custom attribute Braze holds now, as (user, attribute) -> value, where user is
+    /// written as for [`FakeBraze::attribute_value`]. Computed in one pass, for bulk checks.
+    pub fn attribute_state(&self) -> HashMap<(String, String), Value> {
+        let mut held = HashMap::new();
+        for object in self.attributes() {
+            let Some(user) = user_key(&object) else {
+                continue;
+            };
+            let Some(fields) = object.as_object() else {
+                continue;
+            };
+            for (k, v) in fields {
+                if PRIMARY_IDS.contains(&k.as_str()) || k.starts_with('_') {
+                    continue;
+                }
+                if v.is_null() {
+                    held.remove(&(user.clone(), k.clone()));
+                } else {
+                    held.insert((user.clone(), k.clone()), v.clone());
+                }
+            }
+        }
+        held
     }
 
     /// Stops accepting connections; requests in flight are still answered.

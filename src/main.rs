@@ -10,6 +10,7 @@ use aiq_braze_sync::config::Config;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    aiq_braze_sync::braze::client::install_tls_provider();
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {

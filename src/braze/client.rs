@@ -75,7 +75,7 @@ struct AnswerError {
 
 /// Installs ring as rustls's provider once per process (reqwest is built without one so that
 /// aws-lc, slow to build, stays out of the tree).
-fn install_tls_provider() {
+pub fn install_tls_provider() {
     // Fails only if a provider is already installed, which is what we want anyway.
     let _ = rustls::crypto::ring::default_provider().install_default();
 }

@@ -16,7 +16,20 @@ use super::QueueError;
 type Waiter = oneshot::Sender<Result<(), String>>;
 
 pub struct Committer {
-    tx: mpsc::Sender<Waiter>,
+    /// `None` only while dropping: closing the channel is what ends the thread.
+    tx: Option<mpsc::Sender<Waiter>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Drop for Committer {
+    /// Joins the thread, so that once the queue is dropped the database it syncs is closed
+    /// too (sled holds a lock on its directory until then).
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl Committer {
@@ -27,7 +40,7 @@ impl Committer {
         F: Fn() -> Result<(), QueueError> + Send + 'static,
     {
         let (tx, rx) = mpsc::channel::<Waiter>();
-        thread::Builder::new()
+        let thread = thread::Builder::new()
             .name("queue-commit".into())
             .spawn(move || {
                 while let Ok(first) = rx.recv() {
@@ -44,13 +57,17 @@ impl Committer {
                     }
                 }
             })?;
-        Ok(Committer { tx })
+        Ok(Committer {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
     }
 
     /// Returns once every write made before this call is on disk.
     pub async fn commit(&self) -> Result<(), QueueError> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(tx).map_err(|_| QueueError::Closed)?;
+        let sender = self.tx.as_ref().ok_or(QueueError::Closed)?;
+        sender.send(tx).map_err(|_| QueueError::Closed)?;
         match rx.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(QueueError::Sync(e)),

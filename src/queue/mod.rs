@@ -56,11 +56,12 @@ use crate::record::{Record, UserId};
 use commit::Committer;
 use format::{
     decode, encode, encode_dead, latest_key, record_key, seq_of, Dead, Stored, DEAD,
-    LANE_ATTRIBUTES, LANE_EVENTS, LATEST, META_NEXT_SEQ,
+    LANE_ATTRIBUTES, LANE_EVENTS, META_NEXT_SEQ,
 };
 use store::Store;
 
-/// A rebuild copies the live keys with ingest paused, so it waits until this few are left.
+/// A rebuild copies the live keys with ingest paused, so it waits until at most this many are
+/// left (a few milliseconds of copying).
 const COMPACT_MAX_LIVE: u64 = 10_000;
 
 #[derive(Debug, thiserror::Error)]
@@ -622,7 +623,9 @@ impl Queue {
             .settings
             .compact_min_bytes
             .max(self.counters.compacted_bytes.load(Ordering::Relaxed) * 4);
-        if live > COMPACT_MAX_LIVE || bytes < floor {
+        // Rebuild only once what is left is small beside the file (at most one 4 KiB page's
+        // worth per record), so the new generation starts near the live size.
+        if live > COMPACT_MAX_LIVE.min(bytes / 4096) || bytes < floor {
             return Ok(None);
         }
         self.compact().map(Some)
@@ -646,7 +649,7 @@ impl Queue {
             let (k, v) = item?;
             batch.insert(k, v);
             live_keys += 1;
-            if live_keys % 4096 == 0 {
+            if live_keys.is_multiple_of(4096) {
                 fresh.tree.apply_batch(std::mem::take(&mut batch))?;
             }
         }
@@ -691,6 +694,5 @@ fn next_seq_of(tree: &sled::Tree) -> Result<u64, QueueError> {
             next = next.max(seq_of(&k).map_or(0, |s| s + 1));
         }
     }
-    let _ = LATEST;
     Ok(next.max(1))
 }

@@ -1,0 +1,133 @@
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::common::*;
+
+/// 10,000 memberships and 10,000 events accepted over HTTP all reach Braze exactly once,
+/// with the right attribute names and values, and no request over Braze's limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_accepted_record_reaches_braze_exactly_once_within_its_limits() {
+    let mut env = Env::start().await;
+    let mut expected: HashMap<(String, String), bool> = HashMap::new();
+    let memberships: Vec<_> = (0..10_000u64)
+        .map(|i| {
+            let user = format!("u{}", i % 2500);
+            let (aud, split) = (format!("aud{}", i / 2500), "1".to_string());
+            let member = i % 3 != 0;
+            expected.insert((user.clone(), format!("AIQ_{aud}_{split}")), member);
+            membership(&user, &aud, &split, member)
+        })
+        .collect();
+    let events: Vec<_> = (0..10_000).map(event).collect();
+    for chunk in memberships.chunks(500) {
+        let (status, body) = env.post("/v1/memberships", array(chunk)).await;
+        assert_eq!(status, 202, "{body}");
+        assert_eq!(body["accepted"], 500);
+    }
+    // Events as NDJSON, the other accepted form.
+    for chunk in events.chunks(500) {
+        let ndjson: String = chunk.iter().map(|e| format!("{e}\n")).collect();
+        let (status, body) = env.post("/v1/events", ndjson).await;
+        assert_eq!(status, 202, "{body}");
+    }
+
+    let fake = env.fake.clone();
+    let all_there = wait_until(Duration::from_secs(60), || {
+        fake.events().len() >= 10_000 && fake.attribute_state().len() >= 10_000
+    })
+    .await;
+    assert!(
+        all_there,
+        "not everything arrived: {} events",
+        fake.events().len()
+    );
+    // Let any stray duplicate show itself before counting.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let counts = event_counts(&fake);
+    assert_eq!(counts.len(), 10_000);
+    assert!(counts.values().all(|&n| n == 1), "an event arrived twice");
+
+    let mut writes: HashMap<(String, String), usize> = HashMap::new();
+    for obj in fake.attributes() {
+        let user = obj["external_id"].as_str().unwrap().to_string();
+        for (k, _) in obj
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k.starts_with("AIQ_"))
+        {
+            *writes.entry((user.clone(), k.clone())).or_default() += 1;
+        }
+    }
+    assert_eq!(writes.len(), expected.len());
+    assert!(
+        writes.values().all(|&n| n == 1),
+        "an attribute was written twice"
+    );
+    let held = fake.attribute_state();
+    for ((user, attr), member) in &expected {
+        let value = held.get(&(format!("external_id:{user}"), attr.clone()));
+        assert_eq!(
+            value,
+            Some(&serde_json::Value::Bool(*member)),
+            "{user} {attr}"
+        );
+    }
+
+    let requests = fake.requests();
+    assert!(requests
+        .iter()
+        .all(|r| r.status == 201 && r.objects <= 75 && r.body_bytes < 4 << 20));
+    // Four memberships of one user travel as one attributes object.
+    assert!(
+        requests.len() < 20_000 / 75 + 60,
+        "{} requests",
+        requests.len()
+    );
+
+    let stats = env.stats().await;
+    assert_eq!(stats["queue"]["pending"], 0);
+    assert_eq!(stats["queue"]["dead"], 0);
+    assert_eq!(stats["delivery"]["records_delivered"], 20_000);
+    env.shutdown().await;
+}
+
+/// A token is required when configured, and health endpoints answer without one.
+#[tokio::test]
+async fn ingest_without_the_token_is_refused_and_queues_nothing() {
+    let mut env = Env::start().await;
+    let r = env
+        .client
+        .post(format!("{}/v1/events", env.base))
+        .bearer_auth("wrong")
+        .body(array(&[event(1)]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = env
+        .client
+        .post(format!("{}/v1/events", env.base))
+        .body(array(&[event(1)]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = env
+        .client
+        .get(format!("{}/healthz", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = env
+        .client
+        .get(format!("{}/readyz", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(env.stats().await["queue"]["accepted_total"], 0);
+    env.shutdown().await;
+}

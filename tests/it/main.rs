@@ -1,0 +1,12 @@
+//! Integration tests: one binary (link time on 2 cores), one module per behaviour.
+//!
+//! Everything is real: a sled database in a temp dir, HTTP over loopback, the fake Braze from
+//! the library, and for crashes the real binary killed with SIGKILL.
+
+mod bad_input;
+mod common;
+mod crash;
+mod disk;
+mod end_to_end;
+mod ordering;
+mod outage;
