@@ -27,6 +27,16 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon: ingest over HTTP, deliver to Braze. Stops cleanly on SIGTERM/SIGINT.
     Run,
+    /// See it work: a local stand-in for Braze, the daemon, and the sample data in data/.
+    /// Needs no configuration file.
+    Demo {
+        /// Where the sample exports (memberships.ndjson, events.ndjson) are.
+        #[arg(long, default_value = "data")]
+        data: PathBuf,
+        /// Seconds the stand-in Braze answers 503 at the start, to show retries (0: none).
+        #[arg(long, default_value_t = 3)]
+        outage_secs: u64,
+    },
     /// Inspect the queue (asks the running daemon, or opens the database if it is stopped).
     Queue {
         #[command(subcommand)]

@@ -27,6 +27,7 @@
 //! - [`http`]: the ingest, health, metrics and admin endpoints.
 //! - [`daemon`]: start and stop in pipeline order.
 //! - [`cli`], [`commands`]: the command line.
+//! - [`demo`]: the newcomer's command, the whole pipeline against the fake Braze.
 //! - [`fake_braze`]: a Braze stand-in on loopback that checks what Braze checks, for tests
 //!   and the demo.
 
@@ -36,6 +37,7 @@ pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod delivery;
+pub mod demo;
 pub mod fake_braze;
 pub mod http;
 pub mod ingest;

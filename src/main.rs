@@ -7,21 +7,29 @@ use clap::Parser;
 use aiq_braze_sync::cli::{Cli, Command, QueueCommand};
 use aiq_braze_sync::commands;
 use aiq_braze_sync::config::Config;
+use aiq_braze_sync::demo;
+use std::time::Duration;
+use tracing::level_filters::LevelFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     aiq_braze_sync::braze::client::install_tls_provider();
-    let config = match Config::load(&cli.config) {
-        Ok(c) => c,
-        Err(e) => {
-            for line in e.to_string().lines() {
-                eprintln!("aiq-braze-sync: config {}: {line}", cli.config.display());
+    let config = match &cli.command {
+        // The demo builds its own configuration: nothing to set up before trying it.
+        Command::Demo { .. } => None,
+        _ => match Config::load(&cli.config) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                for line in e.to_string().lines() {
+                    eprintln!("aiq-braze-sync: config {}: {line}", cli.config.display());
+                }
+                return ExitCode::from(commands::ExitCode::BadConfig as u8);
             }
-            return ExitCode::from(commands::ExitCode::BadConfig as u8);
-        }
+        },
     };
+    let level = config.as_ref().map_or(LevelFilter::WARN, |c| c.log.level);
     tracing_subscriber::fmt()
-        .with_max_level(config.log.level)
+        .with_max_level(level)
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
@@ -36,11 +44,18 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        match cli.command {
-            Command::Run => commands::run(config).await,
-            Command::Queue {
-                command: QueueCommand::Stats { json },
-            } => commands::queue_stats(config, json).await,
+        match (cli.command, config) {
+            (Command::Demo { data, outage_secs }, _) => {
+                demo::run(&data, Duration::from_secs(outage_secs)).await
+            }
+            (Command::Run, Some(config)) => commands::run(config).await,
+            (
+                Command::Queue {
+                    command: QueueCommand::Stats { json },
+                },
+                Some(config),
+            ) => commands::queue_stats(config, json).await,
+            (_, None) => unreachable!("every command but demo loaded its configuration above"),
         }
     });
     match result {
