@@ -8,5 +8,6 @@ mod common;
 mod crash;
 mod disk;
 mod end_to_end;
+mod newcomer;
 mod ordering;
 mod outage;
