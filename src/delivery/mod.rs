@@ -155,8 +155,8 @@ impl Delivery {
                     }
                 },
             };
-            let body = wire::build(&part);
-            let outcome = self.client.track(body.json.clone()).await;
+            let mut body = wire::build(&part);
+            let outcome = self.client.track(std::mem::take(&mut body.json)).await;
             match outcome {
                 TrackOutcome::Accepted { errors, rate } => {
                     self.gate.success(p, rate.remaining, rate.reset_in);

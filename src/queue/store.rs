@@ -43,6 +43,10 @@ impl Store {
             .map_err(|e| QueueError::from_sled_open(dir, e))?;
         let tree = db.open_tree("queue")?;
         let log_file = File::open(dir.join("db"))?;
+        // sled creates its files without syncing their directory entries or its `conf`; a
+        // power cut could otherwise lose the files our fdatasyncs went into.
+        File::open(dir.join("conf"))?.sync_all()?;
+        sync_dir(dir)?;
         Ok(Store {
             db,
             tree,

@@ -131,3 +131,29 @@ async fn ingest_without_the_token_is_refused_and_queues_nothing() {
     assert_eq!(env.stats().await["queue"]["accepted_total"], 0);
     env.shutdown().await;
 }
+
+/// A record Braze refuses for itself (201 with `errors`) goes to the dead letters with
+/// Braze's reason; the rest of its batch is delivered and nothing is retried for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_braze_refuses_alone_is_dead_lettered_and_the_rest_delivered() {
+    let mut env = Env::start().await;
+    env.fake.reject_ids(["user-3".to_string()]);
+    let events: Vec<_> = (0..50).map(event).collect(); // user-3 is event 3's user
+    let (status, _) = env.post("/v1/events", array(&events)).await;
+    assert_eq!(status, 202);
+    let fake = env.fake.clone();
+    assert!(wait_until(Duration::from_secs(20), || fake.events().len() == 49).await);
+    let mut stats = env.stats().await;
+    for _ in 0..50 {
+        if stats["queue"]["pending"] == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stats = env.stats().await;
+    }
+    assert_eq!(stats["queue"]["dead"], 1, "{stats}");
+    assert_eq!(stats["queue"]["pending"], 0);
+    assert!(!event_counts(&fake).contains_key(&3));
+    assert_eq!(fake.requests().len(), 1, "a refused record is not retried");
+    env.shutdown().await;
+}

@@ -11,3 +11,4 @@ mod end_to_end;
 mod newcomer;
 mod ordering;
 mod outage;
+mod queue;

@@ -1,0 +1,170 @@
+//! The queue against a real sled database in a temp dir, through its public API.
+
+use std::sync::Arc;
+
+use aiq_braze_sync::queue::{BatchLimits, Outcome, Queue, QueueError, QueueSettings};
+use aiq_braze_sync::record::{Event, Membership, Record, UserId};
+
+fn settings(max_records: u64) -> QueueSettings {
+    QueueSettings {
+        max_records,
+        max_disk_bytes: 1 << 40,
+        cache_bytes: 8 << 20,
+        compact_min_bytes: 1 << 30,
+    }
+}
+
+fn limits() -> BatchLimits {
+    BatchLimits {
+        max_objects: 75,
+        per_array: false,
+        max_bytes: 3_500_000,
+    }
+}
+
+fn member(user: &str, member: bool) -> Record {
+    Record::Membership(Membership {
+        user: UserId::External(user.into()),
+        audience_id: "a".into(),
+        split_id: "1".into(),
+        member,
+        time: None,
+    })
+}
+
+fn event(n: u32) -> Record {
+    Record::Event(Event {
+        user: UserId::Braze(format!("b{n}")),
+        name: "e".into(),
+        time: "2026-01-01T00:00:00.000Z".into(),
+        properties: Some(format!("{{\"n\":{n}}}")),
+    })
+}
+
+fn values(leased: &[aiq_braze_sync::queue::Leased]) -> Vec<bool> {
+    leased
+        .iter()
+        .filter_map(|l| match &l.stored.record {
+            Record::Membership(m) => Some(m.member),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_newer_membership_replaces_the_pending_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), settings(100)).unwrap();
+    q.enqueue(vec![member("u", true), member("u", false)])
+        .await
+        .unwrap();
+    q.enqueue(vec![member("u", true)]).await.unwrap();
+    assert_eq!(q.pending(), 1);
+    assert_eq!(q.stats().unwrap().coalesced_total, 2);
+    assert_eq!(values(&q.lease(&limits()).unwrap()), vec![true]);
+}
+
+#[tokio::test]
+async fn no_update_is_leased_while_an_older_one_of_the_same_attribute_is_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), settings(100)).unwrap();
+    q.enqueue(vec![member("u", true), member("v", true)])
+        .await
+        .unwrap();
+    let first = q.lease(&limits()).unwrap();
+    assert_eq!(first.len(), 2);
+    q.enqueue(vec![member("u", false)]).await.unwrap();
+    assert!(
+        q.lease(&limits()).unwrap().is_empty(),
+        "u's newer value must wait"
+    );
+    // The in-flight true fails: it is gone (superseded), and false is what goes next.
+    q.complete(first.into_iter().map(|l| (l, Outcome::Retry)).collect())
+        .unwrap();
+    let next = q.lease(&limits()).unwrap();
+    let users: Vec<_> = next
+        .iter()
+        .map(|l| {
+            (
+                l.stored.record.user().value().to_string(),
+                values(std::slice::from_ref(l)),
+            )
+        })
+        .collect();
+    assert_eq!(
+        users,
+        vec![
+            ("v".to_string(), vec![true]),
+            ("u".to_string(), vec![false])
+        ]
+    );
+    q.complete(next.into_iter().map(|l| (l, Outcome::Delivered)).collect())
+        .unwrap();
+    assert_eq!(q.pending(), 0);
+}
+
+#[tokio::test]
+async fn leased_records_are_pending_again_after_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), settings(100)).unwrap();
+    q.enqueue((0..10).map(event).collect()).await.unwrap();
+    let leased = q.lease(&limits()).unwrap();
+    assert_eq!(leased.len(), 10);
+    // Five delivered, five still in flight when the process "dies".
+    let (done, _lost): (Vec<_>, Vec<_>) = leased.into_iter().partition(|l| l.seq % 2 == 0);
+    q.complete(done.into_iter().map(|l| (l, Outcome::Delivered)).collect())
+        .unwrap();
+    q.sync().await.unwrap();
+    drop(q);
+    let q = Queue::open(dir.path(), settings(100)).unwrap();
+    assert_eq!(q.pending(), 5);
+    let again = q.lease(&limits()).unwrap();
+    assert!(again.iter().all(|l| l.seq % 2 == 1));
+    // Sequence numbers keep growing across the reopen.
+    q.enqueue(vec![event(99)]).await.unwrap();
+    let newest = q.lease(&limits()).unwrap();
+    assert!(newest[0].seq > 10);
+}
+
+#[tokio::test]
+async fn a_refused_record_moves_to_the_dead_letters_with_its_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), settings(100)).unwrap();
+    q.enqueue(vec![event(1), event(2)]).await.unwrap();
+    let leased = q.lease(&limits()).unwrap();
+    let results = leased
+        .into_iter()
+        .map(|l| {
+            let o = if l.seq == 1 {
+                Outcome::Dead("BLACKLISTED_EXTERNAL_USER_ID".into())
+            } else {
+                Outcome::Delivered
+            };
+            (l, o)
+        })
+        .collect();
+    q.complete(results).unwrap();
+    let s = q.stats().unwrap();
+    assert_eq!((s.pending, s.dead), (0, 1));
+}
+
+#[tokio::test]
+async fn past_its_bound_the_queue_refuses_the_whole_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let q: Arc<Queue> = Queue::open(dir.path(), settings(5)).unwrap();
+    q.enqueue((0..4).map(event).collect()).await.unwrap();
+    let err = q.enqueue((0..2).map(event).collect()).await.unwrap_err();
+    assert!(matches!(err, QueueError::Full(_)), "{err}");
+    assert_eq!(q.pending(), 4);
+    q.enqueue(vec![event(9)]).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_second_process_is_told_the_database_is_locked() {
+    let dir = tempfile::tempdir().unwrap();
+    let _q = Queue::open(dir.path(), settings(5)).unwrap();
+    let err = Queue::open(dir.path(), settings(5))
+        .err()
+        .expect("second open fails");
+    assert!(matches!(err, QueueError::Locked { .. }), "{err}");
+}
