@@ -44,6 +44,8 @@ mod commit;
 pub mod format;
 mod store;
 
+pub use store::dir_bytes;
+
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -371,17 +373,8 @@ impl Queue {
             if events >= max_events {
                 break;
             }
-            let (key, value) = item?;
-            let Some(seq) = seq_of(&key) else { continue };
-            if leases.seqs.contains(&seq) {
+            let Some((seq, value, stored)) = candidate(item, &leases, &mut undecodable)? else {
                 continue;
-            }
-            let stored = match decode(&value) {
-                Ok(s) => s,
-                Err(e) => {
-                    undecodable.push((key.to_vec(), value.to_vec(), e.to_string()));
-                    continue;
-                }
             };
             let size = value.len() + 96;
             if bytes + size > limits.max_bytes && !out.is_empty() {
@@ -408,23 +401,15 @@ impl Queue {
         let mut users: HashSet<UserId> = HashSet::new();
         if max_user_objects > 0 && bytes < limits.max_bytes {
             for item in store.tree.scan_prefix([LANE_ATTRIBUTES]) {
-                let (key, value) = item?;
-                let Some(seq) = seq_of(&key) else { continue };
-                if leases.seqs.contains(&seq) {
+                let Some((seq, value, stored)) = candidate(item, &leases, &mut undecodable)? else {
                     continue;
-                }
-                let stored = match decode(&value) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        undecodable.push((key.to_vec(), value.to_vec(), e.to_string()));
-                        continue;
-                    }
                 };
                 let Record::Membership(m) = &stored.record else {
+                    let why = "an event in the membership lane".to_string();
                     undecodable.push((
-                        key.to_vec(),
+                        record_key(LANE_ATTRIBUTES, seq).to_vec(),
                         value.to_vec(),
-                        "an event in the membership lane".into(),
+                        why,
                     ));
                     continue;
                 };
@@ -471,7 +456,7 @@ impl Queue {
 
     /// Moves stored values that no longer decode to the dead letters, loudly, so that one bad
     /// value cannot wedge the queue.
-    fn quarantine(&self, items: Vec<(Vec<u8>, Vec<u8>, String)>) -> Result<(), QueueError> {
+    fn quarantine(&self, items: Vec<Undecodable>) -> Result<(), QueueError> {
         let store = self.store.read().expect("queue store lock poisoned");
         let _writer = self.writer.lock().expect("queue writer lock poisoned");
         let mut batch = sled::Batch::default();
@@ -675,6 +660,29 @@ impl Queue {
             live_keys,
             pause,
         })
+    }
+}
+
+/// A stored value that could not be read back: key, value, why.
+type Undecodable = (Vec<u8>, Vec<u8>, String);
+
+/// One lane entry as a lease candidate: `None` if it is leased already or does not decode
+/// (then it is set aside in `undecodable` for `quarantine`).
+fn candidate(
+    item: sled::Result<(sled::IVec, sled::IVec)>,
+    leases: &Leases,
+    undecodable: &mut Vec<Undecodable>,
+) -> Result<Option<(u64, sled::IVec, Stored)>, QueueError> {
+    let (key, value) = item?;
+    let Some(seq) = seq_of(&key).filter(|s| !leases.seqs.contains(s)) else {
+        return Ok(None);
+    };
+    match decode(&value) {
+        Ok(stored) => Ok(Some((seq, value, stored))),
+        Err(e) => {
+            undecodable.push((key.to_vec(), value.to_vec(), e.to_string()));
+            Ok(None)
+        }
     }
 }
 

@@ -156,18 +156,4 @@ pub async fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool
     done()
 }
 
-/// Bytes allocated under a directory.
-pub fn dir_bytes(dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-            Ok(m) => m.blocks() * 512,
-            Err(_) => 0,
-        })
-        .sum()
-}
+pub use aiq_braze_sync::queue::dir_bytes;
