@@ -8,6 +8,7 @@ mod common;
 mod crash;
 mod disk;
 mod end_to_end;
+mod faults;
 mod newcomer;
 mod ordering;
 mod outage;

@@ -1,0 +1,1 @@
+//! Every Braze answer handled on purpose: one test per fault.
