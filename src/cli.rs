@@ -52,4 +52,43 @@ pub enum QueueCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The oldest pending records, in the order they were accepted.
+    Peek {
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Dead-lettered records, with the reason Braze gave.
+    Dead {
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead records back in the queue (an update superseded by a newer one is dropped).
+    RetryDead {
+        #[command(flatten)]
+        which: Which,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete dead records for good.
+    PurgeDead {
+        #[command(flatten)]
+        which: Which,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `--all` or a list of record ids, never both, never neither.
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+pub struct Which {
+    /// Every dead record.
+    #[arg(long)]
+    pub all: bool,
+    /// Record ids, as `queue dead` shows them.
+    pub ids: Vec<u64>,
 }

@@ -5,13 +5,14 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use futures_util::StreamExt;
-use serde_json::Value;
+use serde_json::{json, Value};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_tokio::Signals;
 
+use crate::cli::{QueueCommand, Which};
 use crate::config::Config;
 use crate::daemon;
-use crate::queue::{Queue, QueueError};
+use crate::queue::{Queue, QueueError, Selection};
 
 /// Exit codes, so scripts can tell a bad setup from a failure at run time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,19 +37,54 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     running.shutdown().await
 }
 
-pub async fn queue_stats(config: Config, json: bool) -> anyhow::Result<()> {
-    let stats = match local_stats(&config).await {
+/// One operator request on the queue, answered the same way by the daemon and locally.
+#[derive(Debug, Clone)]
+pub enum QueueOp {
+    Stats,
+    Peek(usize),
+    Dead(usize),
+    RetryDead(Selection),
+    PurgeDead(Selection),
+}
+
+impl QueueOp {
+    pub fn from_cli(command: QueueCommand) -> (QueueOp, bool) {
+        let selection = |w: Which| {
+            if w.all {
+                Selection::All
+            } else {
+                Selection::Ids(w.ids)
+            }
+        };
+        match command {
+            QueueCommand::Stats { json } => (QueueOp::Stats, json),
+            QueueCommand::Peek { limit, json } => (QueueOp::Peek(limit), json),
+            QueueCommand::Dead { limit, json } => (QueueOp::Dead(limit), json),
+            QueueCommand::RetryDead { which, json } => (QueueOp::RetryDead(selection(which)), json),
+            QueueCommand::PurgeDead { which, json } => (QueueOp::PurgeDead(selection(which)), json),
+        }
+    }
+}
+
+/// Runs a queue command: through the running daemon if it holds the database, else on the
+/// database directly; if neither is possible, says why for both.
+pub async fn queue(config: Config, op: QueueOp, json: bool) -> anyhow::Result<()> {
+    let answer = match local(&config, &op).await {
         Ok(v) => v,
-        Err(LocalError::Locked(local)) => daemon_stats(&config).await.with_context(|| {
+        Err(LocalError::Locked(local)) => remote(&config, &op).await.with_context(|| {
             format!("{local}, and the running daemon's admin API did not answer")
         })?,
         Err(LocalError::Other(e)) => return Err(e),
     };
     let mut out = std::io::stdout().lock();
     if json {
-        writeln!(out, "{}", serde_json::to_string_pretty(&stats)?)?;
+        writeln!(out, "{}", serde_json::to_string_pretty(&answer)?)?;
     } else {
-        print_stats_table(&mut out, &stats)?;
+        match op {
+            QueueOp::Stats => print_stats_table(&mut out, &answer)?,
+            QueueOp::Peek(_) | QueueOp::Dead(_) => print_records(&mut out, &answer)?,
+            QueueOp::RetryDead(_) | QueueOp::PurgeDead(_) => print_report(&mut out, &answer)?,
+        }
     }
     Ok(())
 }
@@ -58,8 +94,8 @@ enum LocalError {
     Other(anyhow::Error),
 }
 
-/// Opens the database directly (the daemon is not running).
-async fn local_stats(config: &Config) -> Result<Value, LocalError> {
+/// Opens the database directly (the daemon is not running) and runs the operation.
+async fn local(config: &Config, op: &QueueOp) -> Result<Value, LocalError> {
     if !config.data_dir.join("queue").exists() {
         return Err(LocalError::Other(anyhow::anyhow!(
             "no queue in {} (data_dir): the daemon has never run with this configuration",
@@ -76,29 +112,51 @@ async fn local_stats(config: &Config) -> Result<Value, LocalError> {
         Err(e @ QueueError::Locked { .. }) => return Err(LocalError::Locked(e)),
         Err(e) => return Err(LocalError::Other(e.into())),
     };
-    let stats = queue.stats().map_err(|e| LocalError::Other(e.into()))?;
-    Ok(serde_json::json!({"queue": stats, "source": "database"}))
+    let run = async {
+        Ok::<Value, QueueError>(match op {
+            QueueOp::Stats => json!({ "queue": queue.stats()? }),
+            QueueOp::Peek(limit) => json!({ "records": queue.peek(*limit)? }),
+            QueueOp::Dead(limit) => json!({ "records": queue.dead(*limit)? }),
+            QueueOp::RetryDead(sel) => json!({ "report": queue.retry_dead(sel).await? }),
+            QueueOp::PurgeDead(sel) => json!({ "report": queue.purge_dead(sel).await? }),
+        })
+    };
+    let mut answer = run.await.map_err(|e| LocalError::Other(e.into()))?;
+    answer["source"] = "database".into();
+    Ok(answer)
 }
 
 /// Asks the running daemon over its admin API, with the ingest token.
-async fn daemon_stats(config: &Config) -> anyhow::Result<Value> {
+async fn remote(config: &Config, op: &QueueOp) -> anyhow::Result<Value> {
     let mut addr = config.ingest.listen;
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
-    let url = format!("http://{addr}/v1/admin/queue/stats");
+    let base = format!("http://{addr}/v1/admin/queue");
     let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(30))
         .build()?;
-    let mut req = client.get(&url);
-    if let Some(t) = &config.ingest.token {
-        req = req.bearer_auth(t.expose());
+    let request = match op {
+        QueueOp::Stats => client.get(format!("{base}/stats")),
+        QueueOp::Peek(limit) => client.get(format!("{base}/peek?limit={limit}")),
+        QueueOp::Dead(limit) => client.get(format!("{base}/dead?limit={limit}")),
+        QueueOp::RetryDead(sel) => client.post(format!("{base}/retry-dead")).json(sel),
+        QueueOp::PurgeDead(sel) => client.post(format!("{base}/purge-dead")).json(sel),
+    };
+    let request = match &config.ingest.token {
+        Some(t) => request.bearer_auth(t.expose()),
+        None => request,
+    };
+    let response = request
+        .send()
+        .await
+        .with_context(|| format!("{base} is unreachable"))?;
+    let status = response.status();
+    if !status.is_success() {
+        let body = response.text().await.unwrap_or_default();
+        bail!("{base} answered {status}: {}", body.trim());
     }
-    let resp = req.send().await.with_context(|| format!("GET {url}"))?;
-    if !resp.status().is_success() {
-        bail!("GET {url} answered {}", resp.status());
-    }
-    let mut v: Value = resp.json().await?;
+    let mut v: Value = response.json().await?;
     v["source"] = "daemon".into();
     Ok(v)
 }
@@ -111,10 +169,7 @@ fn print_stats_table(out: &mut impl Write, v: &Value) -> std::io::Result<()> {
     writeln!(out, "  memberships      {}", n("pending_memberships"))?;
     writeln!(out, "in flight          {}", n("in_flight"))?;
     writeln!(out, "dead-lettered      {}", n("dead"))?;
-    let age = match q["oldest_pending_age_ms"].as_u64() {
-        Some(ms) => format!("{:.1}s", ms as f64 / 1000.0),
-        None => "-".into(),
-    };
+    let age = q["oldest_pending_age_ms"].as_u64().map_or("-".into(), age);
     writeln!(out, "oldest pending     {age}")?;
     writeln!(out, "bytes on disk      {}", n("disk_bytes"))?;
     if let Some(d) = v.get("delivery") {
@@ -132,4 +187,95 @@ fn print_stats_table(out: &mut impl Write, v: &Value) -> std::io::Result<()> {
         "source             {}",
         v["source"].as_str().unwrap_or("?")
     )
+}
+
+/// A duration for people: 850ms, 12.4s, 7m, 3h, 2d.
+fn age(ms: u64) -> String {
+    match ms {
+        0..1_000 => format!("{ms}ms"),
+        1_000..60_000 => format!("{:.1}s", ms as f64 / 1000.0),
+        60_000..3_600_000 => format!("{}m", ms / 60_000),
+        3_600_000..86_400_000 => format!("{}h", ms / 3_600_000),
+        _ => format!("{}d", ms / 86_400_000),
+    }
+}
+
+fn print_records(out: &mut impl Write, v: &Value) -> std::io::Result<()> {
+    let empty = Vec::new();
+    let records = v["records"].as_array().unwrap_or(&empty);
+    if records.is_empty() {
+        return writeln!(out, "no records ({})", v["source"].as_str().unwrap_or("?"));
+    }
+    let dead = records.iter().any(|r| r.get("reason").is_some());
+    write!(
+        out,
+        "{:>10}  {:<10}  {:<28}  {:>7}  {:>8}  {:<36}",
+        "ID", "KIND", "USER", "AGE", "ATTEMPTS", "WHAT"
+    )?;
+    writeln!(out, "{}", if dead { "  REASON" } else { "" })?;
+    for r in records {
+        let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
+        let flight = if r["in_flight"].as_bool() == Some(true) {
+            "*"
+        } else {
+            ""
+        };
+        write!(
+            out,
+            "{:>10}  {:<10}  {:<28}  {:>7}  {:>8}  {:<36}",
+            format!("{}{flight}", r["id"]),
+            s("kind"),
+            s("user"),
+            age(r["age_ms"].as_u64().unwrap_or(0)),
+            r["attempts"].as_u64().unwrap_or(0),
+            s("what"),
+        )?;
+        writeln!(
+            out,
+            "{}",
+            if dead {
+                format!("  {}", s("reason"))
+            } else {
+                String::new()
+            }
+        )?;
+    }
+    writeln!(
+        out,
+        "{} records ({}; * = being sent now)",
+        records.len(),
+        v["source"].as_str().unwrap_or("?")
+    )
+}
+
+fn print_report(out: &mut impl Write, v: &Value) -> std::io::Result<()> {
+    let report = &v["report"];
+    for (key, meaning) in [
+        ("retried", "put back in the queue"),
+        (
+            "superseded",
+            "dropped: a newer update of the same user and attribute was accepted since",
+        ),
+        ("purged", "deleted"),
+        ("missing", "not in the dead letters"),
+        (
+            "undecodable",
+            "left in place: the stored bytes no longer decode",
+        ),
+    ] {
+        if let Some(ids) = report[key].as_array() {
+            if !ids.is_empty() || key == "retried" || key == "purged" {
+                let list: Vec<String> = ids.iter().take(20).map(|i| i.to_string()).collect();
+                let more = if ids.len() > 20 { " ..." } else { "" };
+                writeln!(
+                    out,
+                    "{:<11} {:>6}  {meaning}  {}{more}",
+                    key,
+                    ids.len(),
+                    list.join(" ")
+                )?;
+            }
+        }
+    }
+    Ok(())
 }

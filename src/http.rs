@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -19,7 +19,7 @@ use crate::config::Secret;
 use crate::delivery::gate::Health;
 use crate::delivery::Delivery;
 use crate::ingest::{self, BadInput};
-use crate::queue::{Queue, QueueError};
+use crate::queue::{Queue, QueueError, Selection};
 use crate::record::Record;
 
 /// Bodies bigger than this are parsed on the blocking pool so that a 16 MB upload does not
@@ -41,6 +41,10 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/v1/memberships", post(post_memberships))
         .route("/v1/events", post(post_events))
         .route("/v1/admin/queue/stats", get(admin_stats))
+        .route("/v1/admin/queue/peek", get(admin_peek))
+        .route("/v1/admin/queue/dead", get(admin_dead))
+        .route("/v1/admin/queue/retry-dead", post(admin_retry_dead))
+        .route("/v1/admin/queue/purge-dead", post(admin_purge_dead))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -184,6 +188,65 @@ async fn admin_stats(
     authorize(&state, &headers)?;
     let queue = state.queue.stats().map_err(ApiError::Queue)?;
     Ok(Json(json!({"queue": queue, "delivery": state.delivery.stats()})).into_response())
+}
+
+/// `?limit=N` on the listing endpoints.
+#[derive(serde::Deserialize)]
+struct Limit {
+    limit: Option<usize>,
+}
+
+/// Listings are capped so that one call cannot pull a whole backlog into memory.
+const MAX_LIST: usize = 10_000;
+
+async fn admin_peek(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<Limit>,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let limit = q.limit.unwrap_or(20).min(MAX_LIST);
+    let records = state.queue.peek(limit).map_err(ApiError::Queue)?;
+    Ok(Json(json!({ "records": records })).into_response())
+}
+
+async fn admin_dead(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<Limit>,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let limit = q.limit.unwrap_or(20).min(MAX_LIST);
+    let records = state.queue.dead(limit).map_err(ApiError::Queue)?;
+    Ok(Json(json!({ "records": records })).into_response())
+}
+
+async fn admin_retry_dead(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Json(selection): Json<Selection>,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let report = state
+        .queue
+        .retry_dead(&selection)
+        .await
+        .map_err(ApiError::Queue)?;
+    Ok(Json(json!({ "report": report })).into_response())
+}
+
+async fn admin_purge_dead(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Json(selection): Json<Selection>,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let report = state
+        .queue
+        .purge_dead(&selection)
+        .await
+        .map_err(ApiError::Queue)?;
+    Ok(Json(json!({ "report": report })).into_response())
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {

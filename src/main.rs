@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use aiq_braze_sync::cli::{Cli, Command, QueueCommand};
+use aiq_braze_sync::cli::{Cli, Command};
 use aiq_braze_sync::commands;
 use aiq_braze_sync::config::Config;
 use aiq_braze_sync::demo;
@@ -49,12 +49,10 @@ fn main() -> ExitCode {
                 demo::run(&data, Duration::from_secs(outage_secs)).await
             }
             (Command::Run, Some(config)) => commands::run(config).await,
-            (
-                Command::Queue {
-                    command: QueueCommand::Stats { json },
-                },
-                Some(config),
-            ) => commands::queue_stats(config, json).await,
+            (Command::Queue { command }, Some(config)) => {
+                let (op, json) = commands::QueueOp::from_cli(command);
+                commands::queue(config, op, json).await
+            }
             (_, None) => unreachable!("every command but demo loaded its configuration above"),
         }
     });

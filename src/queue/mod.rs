@@ -34,14 +34,22 @@
 //! user and attribute is leased, so Braze receives them in acceptance order whatever the
 //! number of workers and retries.
 //!
-//! **Giving disk back.** sled never shrinks its files. Long-lived state will live in its own
-//! database under `DATA_DIR/state/`; the queue holds only what churns. Once a backlog has
+//! **Giving disk back.** sled never shrinks its files. Long-lived per-attribute state lives in
+//! its own database under `DATA_DIR/state/` (`state.rs`); the queue holds only what churns. Once a backlog has
 //! drained and the generation is large, `maintain` copies the few live keys into the next
 //! generation, syncs it, switches `CURRENT` and deletes the old directory. Ingest answers
 //! 503 with `Retry-After` for that moment (`QueueError::Busy`).
+//!
+//! **Operators** list pending and dead records, retry or purge dead ones (`admin.rs`). A
+//! retried update goes to the back of its lane with a new sequence number, unless a newer
+//! update of the same user and attribute was accepted since: then it is dropped as superseded,
+//! so an old `true` never overwrites a newer `false`.
 
+mod admin;
+pub use admin::{PurgeReport, RecordView, RetryReport, Selection};
 mod commit;
 pub mod format;
+mod state;
 mod store;
 
 pub use store::dir_bytes;
@@ -209,6 +217,8 @@ pub struct Queue {
     /// read-modify-write of the latest-value index and the sequence numbers stay consistent.
     writer: Mutex<u64>,
     leases: Mutex<Leases>,
+    /// Per-attribute facts that outlive the queue; see `state.rs`.
+    state: state::State,
     committer: Committer,
     counters: Counters,
     work: tokio::sync::Notify,
@@ -240,6 +250,10 @@ impl Queue {
             generation,
             settings.cache_bytes,
         )?;
+        let state = state::State::open(
+            &data_dir.join("state"),
+            (settings.cache_bytes / 4).max(4 << 20),
+        )?;
         // Only after our generation is open (and locked) is it safe to remove the others.
         store::remove_other_generations(&dir, generation)?;
 
@@ -265,6 +279,7 @@ impl Queue {
             store,
             writer: Mutex::new(next_seq),
             leases: Mutex::new(Leases::default()),
+            state,
             committer,
             counters,
             work: tokio::sync::Notify::new(),
@@ -313,46 +328,13 @@ impl Queue {
         let store = self.read_store()?;
         let mut next_seq = self.writer.lock().expect("queue writer lock poisoned");
         let accepted_at = now_ms();
-        let mut batch = sled::Batch::default();
-        // Latest-index entries this request already set: a later record in the same request
-        // supersedes an earlier one without a trip to the tree.
-        let mut latest_here: HashMap<Vec<u8>, u64> = HashMap::new();
-        let (mut events, mut attributes, mut coalesced) = (0u64, 0u64, 0u64);
-        let mut seq = *next_seq;
+        let mut staging = Staging::new(&store.tree, *next_seq);
         for record in records {
-            let value = encode(record, accepted_at);
-            match record {
-                Record::Event(_) => {
-                    batch.insert(&record_key(LANE_EVENTS, seq), value);
-                    events += 1;
-                }
-                Record::Membership(m) => {
-                    let lk = latest_key(&m.user, &m.attribute());
-                    let previous = match latest_here.get(&lk) {
-                        Some(s) => Some(*s),
-                        None => store.tree.get(&lk)?.and_then(|v| seq_of_value(&v)),
-                    };
-                    if let Some(old) = previous {
-                        batch.remove(&record_key(LANE_ATTRIBUTES, old));
-                        coalesced += 1;
-                    } else {
-                        attributes += 1;
-                    }
-                    batch.insert(&record_key(LANE_ATTRIBUTES, seq), value);
-                    batch.insert(lk.as_slice(), &seq.to_be_bytes());
-                    latest_here.insert(lk, seq);
-                }
-            }
-            seq += 1;
+            staging.add(record, encode(record, accepted_at))?;
         }
-        batch.insert(META_NEXT_SEQ, &seq.to_be_bytes());
-        store.tree.apply_batch(batch)?;
-        *next_seq = seq;
-        let c = &self.counters;
-        c.events.fetch_add(events, Ordering::Relaxed);
-        c.attributes.fetch_add(attributes, Ordering::Relaxed);
-        c.coalesced.fetch_add(coalesced, Ordering::Relaxed);
-        c.accepted
+        *next_seq = staging.apply(&self.counters)?;
+        self.counters
+            .accepted
             .fetch_add(records.len() as u64, Ordering::Relaxed);
         Ok(())
     }
@@ -526,6 +508,11 @@ impl Queue {
             }
         }
         store.tree.apply_batch(batch)?;
+        self.state
+            .record_settled(results.iter().filter_map(|(item, outcome)| {
+                let lk = item.latest.as_deref()?;
+                (*outcome != Outcome::Retry).then_some((lk, item.seq))
+            }))?;
         let c = &self.counters;
         c.events.fetch_sub(gone_events, Ordering::Relaxed);
         c.attributes.fetch_sub(gone_attributes, Ordering::Relaxed);
@@ -660,6 +647,82 @@ impl Queue {
             live_keys,
             pause,
         })
+    }
+}
+
+/// One atomic batch of new pending records. Memberships coalesce: a record replaces the
+/// pending update of the same user and attribute, whether that is in the tree or earlier in
+/// this same batch.
+struct Staging<'a> {
+    tree: &'a sled::Tree,
+    batch: sled::Batch,
+    /// Latest-index entries this batch already set, so later records see them.
+    latest_here: HashMap<Vec<u8>, u64>,
+    next_seq: u64,
+    events: u64,
+    attributes: u64,
+    coalesced: u64,
+}
+
+impl<'a> Staging<'a> {
+    fn new(tree: &'a sled::Tree, next_seq: u64) -> Staging<'a> {
+        Staging {
+            tree,
+            batch: sled::Batch::default(),
+            latest_here: HashMap::new(),
+            next_seq,
+            events: 0,
+            attributes: 0,
+            coalesced: 0,
+        }
+    }
+
+    /// The seq of the pending update of this user's attribute, if any.
+    fn pending_seq(&self, latest: &[u8]) -> Result<Option<u64>, QueueError> {
+        Ok(match self.latest_here.get(latest) {
+            Some(s) => Some(*s),
+            None => self.tree.get(latest)?.and_then(|v| seq_of_value(&v)),
+        })
+    }
+
+    /// Adds a record (already encoded as `value`) under the next sequence number.
+    fn add(&mut self, record: &Record, value: Vec<u8>) -> Result<u64, QueueError> {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        match record {
+            Record::Event(_) => {
+                self.batch.insert(&record_key(LANE_EVENTS, seq), value);
+                self.events += 1;
+            }
+            Record::Membership(m) => {
+                let lk = latest_key(&m.user, &m.attribute());
+                if let Some(old) = self.pending_seq(&lk)? {
+                    self.batch.remove(&record_key(LANE_ATTRIBUTES, old));
+                    self.coalesced += 1;
+                } else {
+                    self.attributes += 1;
+                }
+                self.batch.insert(&record_key(LANE_ATTRIBUTES, seq), value);
+                self.batch.insert(lk.as_slice(), &seq.to_be_bytes());
+                self.latest_here.insert(lk, seq);
+            }
+        }
+        Ok(seq)
+    }
+
+    /// Applies the batch atomically with the new sequence high-water mark; returns it.
+    fn apply(mut self, counters: &Counters) -> Result<u64, QueueError> {
+        self.batch
+            .insert(META_NEXT_SEQ, &self.next_seq.to_be_bytes());
+        self.tree.apply_batch(self.batch)?;
+        counters.events.fetch_add(self.events, Ordering::Relaxed);
+        counters
+            .attributes
+            .fetch_add(self.attributes, Ordering::Relaxed);
+        counters
+            .coalesced
+            .fetch_add(self.coalesced, Ordering::Relaxed);
+        Ok(self.next_seq)
     }
 }
 

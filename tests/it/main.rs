@@ -13,3 +13,4 @@ mod newcomer;
 mod ordering;
 mod outage;
 mod queue;
+mod queue_tools;

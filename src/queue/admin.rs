@@ -1,0 +1,268 @@
+//! What operators do with the queue: look at pending and dead records, retry or purge dead
+//! ones. Listing reads lazily and stops at the limit; it never loads the whole queue.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+
+use serde::{Deserialize, Serialize};
+
+use super::format::{dead_key, decode, decode_dead, latest_key, seq_of, Stored, DEAD};
+use super::{now_ms, Queue, QueueError, Staging, LANE_ATTRIBUTES, LANE_EVENTS};
+use crate::record::Record;
+
+/// One record as an operator sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RecordView {
+    /// The record's sequence number: its id for `retry-dead` and `purge-dead`.
+    pub id: u64,
+    /// "membership", "event", or "undecodable" for bytes that no longer read back.
+    pub kind: String,
+    pub user: String,
+    /// `AIQ_1042_1 = true` for a membership, the event's name and time for an event.
+    pub what: String,
+    pub accepted_at_ms: u64,
+    pub age_ms: u64,
+    /// Delivery attempts: counted since the daemon started for pending records, and up to
+    /// the refusal for dead ones.
+    pub attempts: u32,
+    /// Whether a worker is sending it right now.
+    #[serde(default)]
+    pub in_flight: bool,
+    /// Braze's reason, for dead records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_at_ms: Option<u64>,
+}
+
+/// Which dead records an operator means.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Selection {
+    All,
+    Ids(Vec<u64>),
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RetryReport {
+    /// Back in the queue, behind everything already pending.
+    pub retried: Vec<u64>,
+    /// Dropped: a newer update of the same user and attribute was accepted since, and
+    /// sending this one would overwrite it.
+    pub superseded: Vec<u64>,
+    /// Asked for but not in the dead letters.
+    pub missing: Vec<u64>,
+    /// Dead entries whose bytes no longer decode: left where they are.
+    pub undecodable: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PurgeReport {
+    pub purged: Vec<u64>,
+    pub missing: Vec<u64>,
+}
+
+fn view(id: u64, stored: &Stored, attempts: u32) -> RecordView {
+    let what = match &stored.record {
+        Record::Membership(m) => format!("{} = {}", m.attribute(), m.member),
+        Record::Event(e) => format!("{} at {}", e.name, e.time),
+    };
+    RecordView {
+        id,
+        kind: stored.record.kind().to_string(),
+        user: stored.record.user().to_string(),
+        what,
+        accepted_at_ms: stored.accepted_at_ms,
+        age_ms: now_ms().saturating_sub(stored.accepted_at_ms),
+        attempts,
+        in_flight: false,
+        reason: None,
+        dead_at_ms: None,
+    }
+}
+
+fn undecodable_view(id: u64, why: String) -> RecordView {
+    RecordView {
+        id,
+        kind: "undecodable".into(),
+        user: String::new(),
+        what: why,
+        accepted_at_ms: 0,
+        age_ms: 0,
+        attempts: 0,
+        in_flight: false,
+        reason: None,
+        dead_at_ms: None,
+    }
+}
+
+/// A dead-letter entry: its id and its stored bytes.
+type DeadEntry = (u64, sled::IVec);
+
+impl Queue {
+    /// The oldest `limit` pending records of both lanes, in acceptance order.
+    pub fn peek(&self, limit: usize) -> Result<Vec<RecordView>, QueueError> {
+        let store = self.store.read().expect("queue store lock poisoned");
+        let leases = self.leases.lock().expect("queue lease lock poisoned");
+        let mut lanes =
+            [LANE_EVENTS, LANE_ATTRIBUTES].map(|l| store.tree.scan_prefix([l]).peekable());
+        let mut out = Vec::with_capacity(limit.min(1024));
+        while out.len() < limit {
+            // Take whichever lane's next record was accepted first.
+            let heads: Vec<Option<u64>> = lanes
+                .iter_mut()
+                .map(|it| {
+                    it.peek()
+                        .and_then(|r| r.as_ref().ok())
+                        .and_then(|(k, _)| seq_of(k))
+                })
+                .collect();
+            let pick = match (heads[0], heads[1]) {
+                (None, None) => break,
+                (Some(_), None) => 0,
+                (None, Some(_)) => 1,
+                (Some(a), Some(b)) => usize::from(b < a),
+            };
+            let Some(item) = lanes[pick].next() else {
+                break;
+            };
+            let (key, value) = item?;
+            let id = seq_of(&key).unwrap_or(0);
+            let mut v = match decode(&value) {
+                Ok(stored) => view(id, &stored, leases.attempts.get(&id).copied().unwrap_or(0)),
+                Err(e) => undecodable_view(id, e.to_string()),
+            };
+            v.in_flight = leases.seqs.contains(&id);
+            out.push(v);
+        }
+        Ok(out)
+    }
+
+    /// The oldest `limit` dead-lettered records, with Braze's reasons.
+    pub fn dead(&self, limit: usize) -> Result<Vec<RecordView>, QueueError> {
+        let store = self.store.read().expect("queue store lock poisoned");
+        let mut out = Vec::new();
+        for item in store.tree.scan_prefix([DEAD]).take(limit) {
+            let (key, value) = item?;
+            let id = seq_of(&key).unwrap_or(0);
+            let v = match decode_dead(&value) {
+                Ok(dead) => {
+                    let mut v = match decode(&dead.stored) {
+                        Ok(stored) => view(id, &stored, dead.attempts),
+                        Err(e) => undecodable_view(id, e.to_string()),
+                    };
+                    v.attempts = dead.attempts;
+                    v.reason = Some(dead.reason);
+                    v.dead_at_ms = Some(dead.dead_at_ms);
+                    v
+                }
+                Err(e) => undecodable_view(id, e.to_string()),
+            };
+            out.push(v);
+        }
+        Ok(out)
+    }
+
+    fn dead_entries(
+        &self,
+        tree: &sled::Tree,
+        selection: &Selection,
+    ) -> Result<(Vec<DeadEntry>, Vec<u64>), QueueError> {
+        let mut found = Vec::new();
+        let mut missing = Vec::new();
+        match selection {
+            Selection::All => {
+                for item in tree.scan_prefix([DEAD]) {
+                    let (k, v) = item?;
+                    found.push((seq_of(&k).unwrap_or(0), v));
+                }
+            }
+            Selection::Ids(ids) => {
+                let mut ids = ids.clone();
+                ids.sort_unstable();
+                ids.dedup();
+                for id in ids {
+                    match tree.get(dead_key(id))? {
+                        Some(v) => found.push((id, v)),
+                        None => missing.push(id),
+                    }
+                }
+            }
+        }
+        Ok((found, missing))
+    }
+
+    /// Puts dead records back in the queue, oldest first, each behind everything pending,
+    /// except updates that a newer accepted update of the same user and attribute
+    /// supersedes. Durable when it returns.
+    pub async fn retry_dead(&self, selection: &Selection) -> Result<RetryReport, QueueError> {
+        let report = self.stage_retry(selection)?;
+        self.committer.commit().await?;
+        self.work.notify_waiters();
+        Ok(report)
+    }
+
+    fn stage_retry(&self, selection: &Selection) -> Result<RetryReport, QueueError> {
+        let store = self.read_store()?;
+        let mut next_seq = self.writer.lock().expect("queue writer lock poisoned");
+        let (entries, missing) = self.dead_entries(&store.tree, selection)?;
+        let mut report = RetryReport {
+            missing,
+            ..RetryReport::default()
+        };
+        let mut staging = Staging::new(&store.tree, *next_seq);
+        // Original sequence numbers of the updates retried in this call, per attribute: a
+        // retried update is compared with others by when it was first accepted.
+        let mut retried_here: HashMap<Vec<u8>, u64> = HashMap::new();
+        for (id, value) in entries {
+            let Ok((dead, stored)) =
+                decode_dead(&value).and_then(|d| decode(&d.stored).map(|s| (d, s)))
+            else {
+                report.undecodable.push(id);
+                continue;
+            };
+            if let Record::Membership(m) = &stored.record {
+                let lk = latest_key(&m.user, &m.attribute());
+                let pending = match retried_here.get(&lk) {
+                    Some(original) => Some(*original),
+                    None => staging.pending_seq(&lk)?,
+                };
+                let newest = pending.max(self.state.settled_seq(&lk)?);
+                if newest.is_some_and(|n| n > id) {
+                    staging.batch.remove(&dead_key(id));
+                    report.superseded.push(id);
+                    continue;
+                }
+                retried_here.insert(lk, id);
+            }
+            staging.add(&stored.record, dead.stored)?;
+            staging.batch.remove(&dead_key(id));
+            report.retried.push(id);
+        }
+        *next_seq = staging.apply(&self.counters)?;
+        let gone = (report.retried.len() + report.superseded.len()) as u64;
+        self.counters.dead.fetch_sub(gone, Ordering::Relaxed);
+        Ok(report)
+    }
+
+    /// Deletes dead records for good.
+    pub async fn purge_dead(&self, selection: &Selection) -> Result<PurgeReport, QueueError> {
+        let report = {
+            let store = self.read_store()?;
+            let _writer = self.writer.lock().expect("queue writer lock poisoned");
+            let (entries, missing) = self.dead_entries(&store.tree, selection)?;
+            let mut batch = sled::Batch::default();
+            for (id, _) in &entries {
+                batch.remove(&dead_key(*id));
+            }
+            store.tree.apply_batch(batch)?;
+            let purged: Vec<u64> = entries.into_iter().map(|(id, _)| id).collect();
+            self.counters
+                .dead
+                .fetch_sub(purged.len() as u64, Ordering::Relaxed);
+            PurgeReport { purged, missing }
+        };
+        self.committer.commit().await?;
+        Ok(report)
+    }
+}

@@ -1,0 +1,194 @@
+//! The operator's queue commands, through the real binary: against a stopped daemon (the
+//! command opens the database) and a running one (it asks the daemon), with `--json` parsed.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use aiq_braze_sync::config::Config;
+use aiq_braze_sync::fake_braze::FakeBraze;
+use aiq_braze_sync::queue::{BatchLimits, Outcome, Queue};
+use aiq_braze_sync::record::{Event, Membership, Record, UserId};
+use serde_json::Value;
+
+use crate::common::*;
+
+fn cli(config: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_aiq-braze-sync"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+async fn cli_json(config: &Path, args: &[&str]) -> Value {
+    let (config, args): (std::path::PathBuf, Vec<String>) =
+        (config.into(), args.iter().map(|s| s.to_string()).collect());
+    let (ok, stdout, stderr) = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        cli(&config, &args)
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{stderr}");
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+fn member(user: &str, member: bool) -> Record {
+    Record::Membership(Membership {
+        user: UserId::External(user.into()),
+        audience_id: "a".into(),
+        split_id: "1".into(),
+        member,
+        time: None,
+    })
+}
+
+/// Queues `record` and gives it `outcome` as a worker would; returns its id.
+async fn settle(q: &Queue, record: Record, outcome: Outcome) -> u64 {
+    q.enqueue(vec![record]).await.unwrap();
+    let limits = BatchLimits {
+        max_objects: 75,
+        per_array: false,
+        max_bytes: 1 << 20,
+    };
+    let mut leased = q.lease(&limits).unwrap();
+    assert_eq!(leased.len(), 1);
+    let item = leased.pop().unwrap();
+    let id = item.seq;
+    q.complete(vec![(item, outcome)]).unwrap();
+    id
+}
+
+fn ids(v: &Value) -> Vec<u64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.as_u64().unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_commands_work_stopped_and_running_and_retry_never_overwrites_a_newer_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeBraze::start(API_KEY).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "data_dir = {:?}\n[braze]\nendpoint = {:?}\napi_key = {API_KEY:?}\n[ingest]\nlisten = \"{addr}\"\ntoken = {TOKEN:?}\n[delivery]\nbackoff_initial_ms = 20\nbackoff_max_ms = 200\n",
+            dir.path().join("data"),
+            fake.url()
+        ),
+    )
+    .unwrap();
+    let config = Config::load(&path).unwrap();
+
+    // While stopped: an old `true` for u1 is refused, then a newer `false` is delivered; an
+    // event and u2's `true` are refused too.
+    let q = aiq_braze_sync::daemon::open_queue(&config).await.unwrap();
+    let old_true = settle(
+        &q,
+        member("u1", true),
+        Outcome::Dead("EXAMPLE_REFUSAL".into()),
+    )
+    .await;
+    settle(&q, member("u1", false), Outcome::Delivered).await;
+    let event = Record::Event(Event {
+        user: UserId::External("u3".into()),
+        name: "purchase".into(),
+        time: "2026-11-28T10:00:00.000Z".into(),
+        properties: None,
+    });
+    let dead_event = settle(&q, event, Outcome::Dead("BAD_EVENT".into())).await;
+    let u2_true = settle(
+        &q,
+        member("u2", true),
+        Outcome::Dead("EXAMPLE_REFUSAL".into()),
+    )
+    .await;
+    q.enqueue(vec![member("u4", true)]).await.unwrap(); // one left pending
+    drop(q);
+
+    let stats = cli_json(&path, &["queue", "stats", "--json"]).await;
+    assert_eq!(stats["source"], "database");
+    assert_eq!(
+        (
+            stats["queue"]["dead"].as_u64(),
+            stats["queue"]["pending"].as_u64()
+        ),
+        (Some(3), Some(1))
+    );
+    let dead = cli_json(&path, &["queue", "dead", "--json"]).await;
+    let records = dead["records"].as_array().unwrap();
+    assert_eq!(records.len(), 3);
+    assert_eq!(records[0]["id"], old_true);
+    assert_eq!(records[0]["kind"], "membership");
+    assert_eq!(records[0]["user"], "external_id:u1");
+    assert_eq!(records[0]["what"], "AIQ_a_1 = true");
+    assert_eq!(records[0]["reason"], "EXAMPLE_REFUSAL");
+    assert_eq!(records[0]["attempts"], 1);
+    assert_eq!(records[1]["reason"], "BAD_EVENT");
+    let peek = cli_json(&path, &["queue", "peek", "--limit", "5", "--json"]).await;
+    assert_eq!(peek["records"][0]["what"], "AIQ_a_1 = true");
+    assert_eq!(peek["records"][0]["user"], "external_id:u4");
+    // The readable table names the columns and Braze's reason.
+    let (ok, table, _) = cli(&path, &["queue", "dead"]);
+    assert!(
+        ok && table.contains("REASON") && table.contains("EXAMPLE_REFUSAL"),
+        "{table}"
+    );
+
+    // Running: the commands go through the daemon's admin API.
+    let daemon = aiq_braze_sync::daemon::start(&config, listener)
+        .await
+        .unwrap();
+    let report = cli_json(&path, &["queue", "retry-dead", "--all", "--json"]).await;
+    assert_eq!(report["source"], "daemon");
+    assert_eq!(ids(&report["report"]["retried"]), vec![dead_event, u2_true]);
+    assert_eq!(
+        ids(&report["report"]["superseded"]),
+        vec![old_true],
+        "{report}"
+    );
+    let fake2 = fake.clone();
+    assert!(
+        wait_until(Duration::from_secs(20), || fake2.events().len() == 1
+            && fake2.attribute_value("external_id:u2", "AIQ_a_1")
+                == Some(Value::Bool(true))
+            && fake2.attribute_value("external_id:u4", "AIQ_a_1")
+                == Some(Value::Bool(true)))
+        .await
+    );
+    // The old `true` of u1 never reached Braze: its newer `false` stands.
+    assert_eq!(fake.attribute_value("external_id:u1", "AIQ_a_1"), None);
+    let dead = cli_json(&path, &["queue", "dead", "--json"]).await;
+    assert_eq!(dead["source"], "daemon");
+    assert!(dead["records"].as_array().unwrap().is_empty());
+    let purge = cli_json(&path, &["queue", "purge-dead", "999", "--json"]).await;
+    assert_eq!(ids(&purge["report"]["missing"]), vec![999]);
+    // Neither --all nor ids: clap refuses it.
+    let (ok, _, stderr) = cli(&path, &["queue", "purge-dead"]);
+    assert!(!ok && stderr.contains("--all"), "{stderr}");
+    daemon.shutdown().await.unwrap();
+
+    // Neither possible: the database is held by another process and no daemon answers.
+    let held = aiq_braze_sync::daemon::open_queue(&config).await.unwrap();
+    let (ok, _, stderr) = cli(&path, &["queue", "stats"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("locked by another process") && stderr.contains("did not answer"),
+        "{stderr}"
+    );
+    drop(held);
+    let purge = cli_json(&path, &["queue", "purge-dead", "--all", "--json"]).await;
+    assert_eq!(purge["source"], "database");
+}
