@@ -83,6 +83,8 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
             max_bytes: config.braze.max_request_bytes,
         },
         counters: DeliveryCounters::default(),
+        backfill_slots: config.delivery.workers.saturating_sub(1).max(1),
+        backfill_in_flight: Default::default(),
     });
     let (stop_workers, stop_rx) = watch::channel(false);
     let workers = delivery.spawn_workers(config.delivery.workers, stop_rx);

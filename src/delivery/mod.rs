@@ -9,7 +9,7 @@
 pub mod gate;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::braze::{wire, BrazeClient, TrackOutcome};
+use crate::queue::format::LANE_EVENTS;
 use crate::queue::{BatchLimits, Leased, Outcome, Queue, QueueError};
 use gate::{Failure, Gate, Permit};
 
@@ -47,6 +48,10 @@ pub struct Delivery {
     pub gate: Gate,
     pub limits: BatchLimits,
     pub counters: DeliveryCounters,
+    /// How many workers may send membership-only batches at once: workers - 1 (at least 1).
+    pub backfill_slots: usize,
+    /// Workers sending a membership-only batch right now.
+    pub backfill_in_flight: AtomicUsize,
 }
 
 impl Delivery {
@@ -82,7 +87,21 @@ impl Delivery {
             let Some(permit) = self.gate.acquire(&mut stop).await else {
                 break;
             };
-            let items = match self.queue.lease(&self.limits) {
+            // At most workers - 1 may carry memberships alone, so one is always free for
+            // events however big the backfill (SPEC guarantee 7).
+            let backfill_slot = self
+                .backfill_in_flight
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < self.backfill_slots).then_some(n + 1)
+                })
+                .is_ok();
+            let leased = self.queue.lease_lanes(&self.limits, backfill_slot);
+            let holds_slot = backfill_slot
+                && matches!(&leased, Ok(items) if !items.is_empty() && items.iter().all(|l| l.lane != LANE_EVENTS));
+            if backfill_slot && !holds_slot {
+                self.backfill_in_flight.fetch_sub(1, Ordering::AcqRel);
+            }
+            let items = match leased {
                 Ok(items) => items,
                 Err(e) => {
                     self.gate.unused(permit);
@@ -107,6 +126,9 @@ impl Delivery {
                 continue;
             }
             let results = self.deliver(items, permit, &mut stop).await;
+            if holds_slot {
+                self.backfill_in_flight.fetch_sub(1, Ordering::AcqRel);
+            }
             self.record(&results);
             if let Err(e) = self.queue.complete(results) {
                 // The records stay queued and will be sent again: a duplicate, not a loss.

@@ -343,6 +343,16 @@ impl Queue {
     /// real time), then membership updates, skipping any attribute whose earlier update is in
     /// flight. Reads lazily from sled; never loads the whole queue.
     pub fn lease(&self, limits: &BatchLimits) -> Result<Vec<Leased>, QueueError> {
+        self.lease_lanes(limits, true)
+    }
+
+    /// As `lease`, but with `memberships: false` only events are taken: delivery keeps a
+    /// worker for events this way, so a backfill never makes an event wait behind it.
+    pub fn lease_lanes(
+        &self,
+        limits: &BatchLimits,
+        memberships: bool,
+    ) -> Result<Vec<Leased>, QueueError> {
         let store = self.read_store()?;
         let mut leases = self.leases.lock().expect("queue lease lock poisoned");
         let mut out = Vec::new();
@@ -381,7 +391,7 @@ impl Queue {
             limits.max_objects - events
         };
         let mut users: HashSet<UserId> = HashSet::new();
-        if max_user_objects > 0 && bytes < limits.max_bytes {
+        if memberships && max_user_objects > 0 && bytes < limits.max_bytes {
             for item in store.tree.scan_prefix([LANE_ATTRIBUTES]) {
                 let Some((seq, value, stored)) = candidate(item, &leases, &mut undecodable)? else {
                     continue;
