@@ -2,17 +2,21 @@
 //! client against Braze's rules (`BRAZE-API.md` §1–2) rather than against our own assumptions.
 //!
 //! Checked like Braze, in Braze's order, on `POST /users/track` (anything else is a 404):
-//! the `Authorization: Bearer` key (401); a body of at most 4 MiB (413) that is a JSON object
+//! the `Authorization: Bearer` key (401); a body of at most 4 MiB or what
+//! [`FakeBraze::set_max_body_bytes`] says (413) that is a JSON object
 //! with optional `attributes`/`events`/`purchases` arrays (400); at most 75 objects in total
-//! (400 `Max Input Length Exceeded`, nothing applied); then per object: exactly one primary
+//! (400 `Max Input Length Exceeded`, nothing applied); no object for a poison `external_id`
+//! (400, nothing applied; see [`FakeBraze::poison_ids`]); then per object: exactly one primary
 //! identifier (or an `email`/`phone`), an `external_id` of at most 987 bytes, and events with a
 //! `name`, an RFC 3339 `time` and object `properties`. Failing objects become non-fatal `errors`
 //! in a 201 and the rest are applied; if all fail, it is a 400 and nothing is applied. Every
 //! answer but a 429 carries `X-RateLimit-*` headers from a per-minute counter.
 //!
-//! It can be told to fail with a status, rate-limit, or hang ([`Behaviour`]), and to reject
-//! chosen `external_id`s the way Braze rejects blocklisted users. It records every request and
-//! every accepted object, and replays accepted attributes to say what Braze holds for a user.
+//! It can be told to fail with a status, rate-limit, or hang ([`Behaviour`]), to reject
+//! chosen `external_id`s the way Braze rejects blocklisted users, to refuse every request that
+//! carries a "poison" `external_id` (a whole-request 400), and to take a smaller body limit. It
+//! records every request and every accepted object, and replays accepted attributes to say
+//! what Braze holds for a user.
 //!
 //! Not modelled: purchase fields, attribute array operators (`add`/`remove` are stored as
 //! sent), `_update_existing_only`, future event times, and actually enforcing the rate limit.
@@ -32,7 +36,7 @@ use serde_json::{json, Map, Value};
 use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 use tokio::{net::TcpListener, sync::watch};
 
-/// Braze's payload limit for every endpoint.
+/// Braze's payload limit for every endpoint (the default; see [`FakeBraze::set_max_body_bytes`]).
 const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 /// Read well past the limit so an oversized body gets its 413 instead of a reset connection.
 const READ_CAP: usize = 4 * MAX_BODY_BYTES;
@@ -55,6 +59,8 @@ pub enum Behaviour {
     },
     /// Sleep `delay`, then answer normally. The request is processed even if the client gave
     /// up meanwhile, as a server holding the bytes would: that is what makes a timeout ambiguous.
+    /// What it applies still counts in arrival order ([`FakeBraze::attribute_value`]), so a hung
+    /// request never lands on top of one that arrived after it.
     Hang { delay: Duration, until: Instant },
 }
 
@@ -93,7 +99,11 @@ struct Shared {
 struct State {
     behaviour: Behaviour,
     max_objects: usize,
+    /// Bodies over this many bytes get a 413.
+    max_body_bytes: usize,
     rejected_ids: HashSet<String>,
+    /// Any one of these in a request makes the whole request a 400.
+    poison_ids: HashSet<String>,
     /// (minute since the epoch, requests in it), for the rate-limit headers.
     window: (u64, u64),
     /// Arrival numbers keep the logs in arrival order when a hung request finishes last.
@@ -136,6 +146,7 @@ impl FakeBraze {
         let addr = listener.local_addr()?;
         let state = Mutex::new(State {
             max_objects: 75,
+            max_body_bytes: MAX_BODY_BYTES,
             ..State::default()
         });
         let shared = Arc::new(Shared {
@@ -179,6 +190,44 @@ impl FakeBraze {
     /// refusing one record for reasons of its own while it accepts the rest of the request.
     pub fn reject_ids(&self, ids: impl IntoIterator<Item = String>) {
         self.shared.lock().rejected_ids.extend(ids);
+    }
+
+    /// Requests carrying an object with one of these `external_id`s are refused whole: a 400
+    /// with Braze's `{"message"}` and nothing applied, not even the other objects. Braze does
+    /// this for some malformed objects instead of listing them in `errors`; the client cannot
+    /// tell which object was at fault and has to bisect the batch to find it.
+    pub fn poison_ids(&self, ids: impl IntoIterator<Item = String>) {
+        self.shared.lock().poison_ids.extend(ids);
+    }
+
+    /// Bodies over `n` bytes get a 413 (Braze's limit, 4 MiB, is the default). A small limit
+    /// lets a test reach the 413 with a few kilobytes instead of a 4 MiB batch.
+    pub fn set_max_body_bytes(&self, n: usize) {
+        self.shared.lock().max_body_bytes = n;
+    }
+
+    /// Every accepted event with the arrival time of the request that carried it (before any
+    /// `Hang` delay), in arrival order: what a test needs to measure how long an event took
+    /// from ingest to Braze.
+    pub fn events_with_arrival(&self) -> Vec<(Instant, Value)> {
+        let state = self.shared.lock();
+        let arrivals: HashMap<u64, Instant> = state
+            .requests
+            .iter()
+            .map(|(seq, log)| (*seq, log.at))
+            .collect();
+        let mut events: Vec<(u64, Instant, Value)> = state
+            .accepted
+            .iter()
+            .filter(|(_, array, _)| *array == "events")
+            // Accepted objects are recorded under the same lock as their request, so the
+            // arrival is always there.
+            .filter_map(|(seq, _, object)| Some((*seq, *arrivals.get(seq)?, object.clone())))
+            .collect();
+        drop(state);
+        // A stable sort: one request's events keep the order they were sent in.
+        events.sort_by_key(|(seq, _, _)| *seq);
+        events.into_iter().map(|(_, at, e)| (at, e)).collect()
     }
 
     /// Every request to `/users/track` in arrival order. A hung request shows up only once
@@ -367,7 +416,7 @@ async fn decide(
     parsed: Option<Value>,
     at: Instant,
 ) -> Reply {
-    let (behaviour, max_objects, rejected_ids) = {
+    let (behaviour, max_objects, max_body_bytes, rejected_ids, poison_ids) = {
         let mut state = shared.lock();
         let until = match state.behaviour {
             Behaviour::Accept => at,
@@ -379,7 +428,15 @@ async fn decide(
             state.behaviour = Behaviour::Accept;
         }
         let rejected_ids = state.rejected_ids.clone();
-        (state.behaviour, state.max_objects, rejected_ids)
+        let poison_ids = state.poison_ids.clone();
+        let (max_objects, max_body_bytes) = (state.max_objects, state.max_body_bytes);
+        (
+            state.behaviour,
+            max_objects,
+            max_body_bytes,
+            rejected_ids,
+            poison_ids,
+        )
     };
     match behaviour {
         Behaviour::Accept => {}
@@ -411,7 +468,7 @@ async fn decide(
     if key.and_then(|k| k.strip_prefix("Bearer ")) != Some(shared.api_key.as_str()) {
         return Reply::fatal(StatusCode::UNAUTHORIZED, "Invalid API Key");
     }
-    if body_bytes > MAX_BODY_BYTES {
+    if body_bytes > max_body_bytes {
         return Reply::fatal(StatusCode::PAYLOAD_TOO_LARGE, "Request Entity Too Large");
     }
     let Some(Value::Object(body)) = parsed else {
@@ -427,6 +484,16 @@ async fn decide(
     }
     if arrays.iter().map(|(_, items)| items.len()).sum::<usize>() > max_objects {
         return Reply::fatal(StatusCode::BAD_REQUEST, "Max Input Length Exceeded");
+    }
+    let poison = |object: &Value| {
+        let id = object.get("external_id")?.as_str()?;
+        poison_ids.contains(id).then(|| id.to_owned())
+    };
+    let mut objects = arrays.iter().flat_map(|(_, items)| items.iter());
+    if let Some(id) = objects.find_map(poison) {
+        let message =
+            format!("Invalid request: the object for external_id '{id}' cannot be processed");
+        return Reply::fatal(StatusCode::BAD_REQUEST, &message);
     }
     let (mut errors, mut accepted, mut success) = (Vec::new(), Vec::new(), Map::new());
     success.insert("message".into(), "success".into());
@@ -705,6 +772,69 @@ mod tests {
             assert_eq!(response.expect("fake answers").status().as_u16(), 404);
         }
         assert!(fake.requests().is_empty());
+    }
+
+    #[tokio::test]
+    async fn one_poison_id_refuses_the_whole_request_and_applies_nothing() {
+        let fake = fake().await;
+        fake.poison_ids(["bad".to_string()]);
+        let attributes = [tier("u1", "gold"), tier("u2", "tin")];
+        let body =
+            json!({"attributes": attributes, "events": [event("u3", TIME), event("bad", TIME)]});
+        let (status, headers, answer) = send(&fake, KEY, &body).await;
+        assert_eq!(status, 400);
+        let text = answer["message"].as_str().expect("a message");
+        assert!(text.contains("'bad'"), "{text}");
+        assert!(
+            answer.get("errors").is_none(),
+            "a whole-request 400 lists no objects"
+        );
+        assert!(headers.contains_key("x-ratelimit-remaining"));
+        assert!(fake.attributes().is_empty() && fake.events().is_empty());
+        let log = &fake.requests()[0];
+        assert_eq!((log.status, log.objects), (400, 4));
+
+        // Without the poison the same objects go through.
+        let body = json!({"attributes": attributes, "events": [event("u3", TIME)]});
+        assert_eq!(send(&fake, KEY, &body).await.0, 201);
+        assert_eq!((fake.attributes().len(), fake.events().len()), (2, 1));
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_set_limit_is_a_413_and_one_under_it_is_taken() {
+        let fake = fake().await;
+        let small = json!({"attributes": [tier("u1", "gold")]});
+        let limit = serde_json::to_vec(&small).expect("JSON").len();
+        fake.set_max_body_bytes(limit);
+        assert_eq!(send(&fake, KEY, &small).await.0, 201);
+        let big = json!({"attributes": [tier("u1", "platinum")]});
+        let (status, _, answer) = send(&fake, KEY, &big).await;
+        assert_eq!((status, answer), (413, message("Request Entity Too Large")));
+        assert_eq!(tier_of(&fake, "external_id:u1"), Some("gold".into()));
+        let sizes: Vec<_> = fake.requests().iter().map(|r| r.body_bytes).collect();
+        assert_eq!(sizes, [limit, limit + 4]);
+    }
+
+    #[tokio::test]
+    async fn accepted_events_carry_the_arrival_of_their_request() {
+        let fake = fake().await;
+        fake.reject_ids(["blocked".to_string()]);
+        let first =
+            json!({"events": [event("u1", TIME), event("blocked", TIME), event("u2", TIME)]});
+        assert_eq!(send(&fake, KEY, &first).await.0, 201);
+        // A request without events takes a place in the arrival order but adds no event.
+        let attributes_only = json!({"attributes": [tier("u1", "x")]});
+        assert_eq!(send(&fake, KEY, &attributes_only).await.0, 201);
+        let second = json!({"events": [event("u3", TIME)]});
+        assert_eq!(send(&fake, KEY, &second).await.0, 201);
+
+        let requests = fake.requests();
+        let got = fake.events_with_arrival();
+        let users: Vec<_> = got.iter().map(|(_, e)| e["external_id"].clone()).collect();
+        assert_eq!(users, ["u1", "u2", "u3"]);
+        let arrivals: Vec<_> = got.iter().map(|(at, _)| *at).collect();
+        assert_eq!(arrivals, [requests[0].at, requests[0].at, requests[2].at]);
+        assert!(requests[0].at < requests[2].at);
     }
 
     #[tokio::test]

@@ -126,6 +126,18 @@ impl Gate {
             if let Some(permit) = granted {
                 if !wait.is_zero() {
                     tokio::time::sleep(wait).await;
+                    // A failure reported while we waited for our slot (a 429's Retry-After, a
+                    // backoff) binds us too: give the permit up and wait again. Otherwise every
+                    // worker queued behind the rate ceiling would send inside the window.
+                    let mut s = self.lock();
+                    if Instant::now() < s.not_before
+                        || (!permit.probe && s.health != Health::Delivering)
+                    {
+                        if permit.probe {
+                            s.probe_in_flight = false;
+                        }
+                        continue;
+                    }
                 }
                 return Some(permit);
             }
@@ -212,6 +224,7 @@ impl Gate {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn stop() -> (
         tokio::sync::watch::Sender<bool>,
@@ -279,6 +292,38 @@ mod tests {
             gate.success(p, None, None);
         }
         assert!(start.elapsed() >= Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_after_binds_a_worker_already_waiting_for_its_rate_slot() {
+        let gate = Arc::new(Gate::new(
+            Duration::from_millis(10),
+            Duration::from_secs(60),
+            Some(10.0),
+        ));
+        let (_tx, mut rx) = stop();
+        let first = gate.acquire(&mut rx).await.unwrap();
+        let start = Instant::now();
+        // The second worker's slot is 100 ms away; it is sleeping towards it.
+        let waiting = tokio::spawn({
+            let gate = Arc::clone(&gate);
+            let mut rx = rx.clone();
+            async move { gate.acquire(&mut rx).await.is_some() }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        gate.failure(
+            first,
+            Failure::Transient {
+                reason: "429".into(),
+                after: Some(Duration::from_secs(5)),
+            },
+        );
+        assert!(waiting.await.unwrap());
+        assert!(
+            start.elapsed() >= Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -157,3 +157,33 @@ pub async fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool
 }
 
 pub use aiq_braze_sync::queue::dir_bytes;
+
+/// Polls the daemon's stats (`/v1/admin/queue/stats`) until `done` holds for them or `limit`
+/// passes; returns whether it held and the last stats seen, for the failure message.
+pub async fn wait_for_stats(
+    env: &Env,
+    limit: Duration,
+    mut done: impl FnMut(&Value) -> bool,
+) -> (bool, Value) {
+    let start = Instant::now();
+    loop {
+        let stats = env.stats().await;
+        if done(&stats) {
+            return (true, stats);
+        }
+        if start.elapsed() >= limit {
+            return (false, stats);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The dead letters of a running daemon as (user, Braze's reason), oldest first; user is
+/// written "external_id:<id>". Panics if the daemon is stopped or the queue cannot be read.
+pub fn dead_letters(env: &Env) -> Vec<(String, String)> {
+    let daemon = env.daemon.as_ref().expect("the daemon is running");
+    let dead = daemon.queue.dead(10_000).expect("dead letters read");
+    dead.into_iter()
+        .map(|d| (d.user, d.reason.unwrap_or_default()))
+        .collect()
+}

@@ -1,0 +1,193 @@
+//! Event latency while a membership backfill drains (SPEC guarantee 7), run by hand:
+//!
+//! ```sh
+//! cargo bench --bench event_latency                      # 1,000,000-record backfill
+//! cargo bench --bench event_latency -- --backfill 200000 --seconds 10
+//! ```
+//!
+//! A fake Braze and the daemon run in this process on loopback, with a real sled queue in a
+//! temporary directory. Events are posted at 1,000/s (10 per request every 10 ms), first
+//! alone, then while a backfill of distinct memberships is posted and drains. Latency is from
+//! the moment the 202 for an event reaches the client to the arrival of the Braze request that
+//! carries it (0 if the event got there first).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aiq_braze_sync::config::Config;
+use aiq_braze_sync::daemon;
+use aiq_braze_sync::fake_braze::FakeBraze;
+
+const KEY: &str = "bench-key";
+
+struct Args {
+    backfill: u64,
+    seconds: u64,
+}
+
+fn args() -> Args {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let value = |name: &str, default: u64| {
+        argv.iter()
+            .position(|x| x == name)
+            .and_then(|i| argv.get(i + 1))
+            .map_or(default, |v| {
+                v.parse()
+                    .unwrap_or_else(|_| panic!("{name} takes a number"))
+            })
+    };
+    Args {
+        backfill: value("--backfill", 1_000_000),
+        seconds: value("--seconds", 10),
+    }
+}
+
+/// Posts events at 1,000/s until `until` says stop; returns each event id's ack time.
+async fn send_events(
+    client: reqwest::Client,
+    base: String,
+    first_id: u64,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> HashMap<u64, Instant> {
+    let mut acked = HashMap::new();
+    let mut next = first_id;
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        tick.tick().await;
+        let body: String = (next..next + 10)
+            .map(|i| {
+                format!(
+                    "{{\"name\":\"purchase\",\"external_id\":\"ev-{i}\",\"time\":\"2026-11-28T10:00:00Z\",\"properties\":{{\"id\":{i}}}}}\n"
+                )
+            })
+            .collect();
+        let r = client
+            .post(format!("{base}/v1/events"))
+            .body(body)
+            .send()
+            .await;
+        if matches!(&r, Ok(r) if r.status().as_u16() == 202) {
+            let now = Instant::now();
+            for i in next..next + 10 {
+                acked.insert(i, now);
+            }
+        }
+        next += 10;
+    }
+    acked
+}
+
+fn percentiles(fake: &FakeBraze, acked: &HashMap<u64, Instant>) -> String {
+    let mut lat: Vec<Duration> = fake
+        .events_with_arrival()
+        .into_iter()
+        .filter_map(|(at, e)| {
+            let id = e["properties"]["id"].as_u64()?;
+            let ack = acked.get(&id)?;
+            Some(at.saturating_duration_since(*ack))
+        })
+        .collect();
+    lat.sort();
+    if lat.is_empty() {
+        return "no events measured".into();
+    }
+    let p = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)];
+    format!(
+        "{} events: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        lat.len(),
+        p(0.50).as_secs_f64() * 1e3,
+        p(0.99).as_secs_f64() * 1e3,
+        lat[lat.len() - 1].as_secs_f64() * 1e3
+    )
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args = args();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeBraze::start(KEY).await.unwrap();
+    let mut config = Config::for_local(dir.path().join("data"), fake.url(), KEY);
+    config.queue.max_records = args.backfill + 1_000_000;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let running = daemon::start(&config, listener).await.unwrap();
+    let base = format!("http://{}", running.addr);
+    let client = reqwest::Client::new();
+
+    // 1. Events alone.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = tokio::spawn(send_events(client.clone(), base.clone(), 0, stop.clone()));
+    tokio::time::sleep(Duration::from_secs(args.seconds)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked = sender.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    println!(
+        "events alone at 1,000/s:            {}",
+        percentiles(&fake, &acked)
+    );
+
+    // 2. Events while a backfill is posted and drains.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = tokio::spawn(send_events(
+        client.clone(),
+        base.clone(),
+        10_000_000,
+        stop.clone(),
+    ));
+    let started = Instant::now();
+    let posted = Arc::new(Mutex::new(0u64));
+    let mut writers = Vec::new();
+    for w in 0..2u64 {
+        let (client, base, posted, n) =
+            (client.clone(), base.clone(), posted.clone(), args.backfill);
+        writers.push(tokio::spawn(async move {
+            let mut i = w * 5_000;
+            while i < n {
+                let end = (i + 5_000).min(n);
+                let body: String = (i..end)
+                    .map(|u| format!("{{\"audience_id\":\"bf\",\"split_id\":\"1\",\"external_id\":\"bf-{u}\",\"member\":true}}\n"))
+                    .collect();
+                loop {
+                    let r = client.post(format!("{base}/v1/memberships")).body(body.clone()).send().await.unwrap();
+                    if r.status().as_u16() == 202 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                *posted.lock().unwrap() += end - i;
+                i += 10_000;
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let ingested = started.elapsed();
+    loop {
+        let s = running.queue.stats().unwrap();
+        if s.pending_memberships == 0 && s.in_flight == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let drained = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked = sender.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    println!(
+        "events during a {}-record backfill: {}",
+        args.backfill,
+        percentiles(&fake, &acked)
+    );
+    println!(
+        "backfill: posted in {:.1} s ({:.0} records/s durable), drained in {:.1} s ({:.0} records/s end to end), {} Braze requests",
+        ingested.as_secs_f64(),
+        args.backfill as f64 / ingested.as_secs_f64(),
+        drained.as_secs_f64(),
+        args.backfill as f64 / drained.as_secs_f64(),
+        fake.requests().len()
+    );
+    running.shutdown().await.unwrap();
+}
