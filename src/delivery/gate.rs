@@ -327,6 +327,26 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn few_requests_left_in_the_window_are_spread_over_what_is_left_of_it() {
+        let gate = Gate::new(Duration::from_millis(10), Duration::from_secs(60), None);
+        let (_tx, mut rx) = stop();
+        let p = gate.acquire(&mut rx).await.unwrap();
+        gate.success(p, Some(1), Some(Duration::from_secs(10)));
+        let start = Instant::now();
+        let p = gate.acquire(&mut rx).await.unwrap();
+        assert!(
+            start.elapsed() >= Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
+        // Plenty left: no pacing.
+        gate.success(p, Some(5000), Some(Duration::from_secs(10)));
+        let start = Instant::now();
+        let _p = gate.acquire(&mut rx).await.unwrap();
+        assert!(start.elapsed() < Duration::from_millis(1));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_misconfigured_key_pauses_until_a_probe_succeeds() {
         let gate = Gate::new(Duration::from_millis(10), Duration::from_secs(30), None);
         let (_tx, mut rx) = stop();

@@ -173,6 +173,9 @@ async fn queue_commands_work_stopped_and_running_and_retry_never_overwrites_a_ne
     let dead = cli_json(&path, &["queue", "dead", "--json"]).await;
     assert_eq!(dead["source"], "daemon");
     assert!(dead["records"].as_array().unwrap().is_empty());
+    let peek = cli_json(&path, &["queue", "peek", "--json"]).await;
+    assert_eq!(peek["source"], "daemon");
+    assert!(peek["records"].as_array().unwrap().is_empty(), "{peek}");
     let purge = cli_json(&path, &["queue", "purge-dead", "999", "--json"]).await;
     assert_eq!(ids(&purge["report"]["missing"]), vec![999]);
     // Neither --all nor ids: clap refuses it.
@@ -188,7 +191,26 @@ async fn queue_commands_work_stopped_and_running_and_retry_never_overwrites_a_ne
         stderr.contains("locked by another process") && stderr.contains("did not answer"),
         "{stderr}"
     );
+    // Stopped again: a dead record retried and one purged, by id, on the database itself.
+    let first = settle(&held, member("u5", true), Outcome::Dead("X".into())).await;
+    let second = settle(&held, member("u6", true), Outcome::Dead("Y".into())).await;
     drop(held);
+    let retry = cli_json(
+        &path,
+        &["queue", "retry-dead", &first.to_string(), "--json"],
+    )
+    .await;
+    assert_eq!(retry["source"], "database");
+    assert_eq!(ids(&retry["report"]["retried"]), vec![first]);
     let purge = cli_json(&path, &["queue", "purge-dead", "--all", "--json"]).await;
     assert_eq!(purge["source"], "database");
+    assert_eq!(ids(&purge["report"]["purged"]), vec![second]);
+    let stats = cli_json(&path, &["queue", "stats", "--json"]).await;
+    assert_eq!(
+        (
+            stats["queue"]["dead"].as_u64(),
+            stats["queue"]["pending"].as_u64()
+        ),
+        (Some(0), Some(1))
+    );
 }
