@@ -37,6 +37,12 @@ pub enum Command {
         #[arg(long, default_value_t = 3)]
         outage_secs: u64,
     },
+    /// Queue an ActionIQ export (CSV with a header row, or NDJSON; `-` for stdin). Every row
+    /// is checked first: a file with a bad row queues nothing unless --skip-bad.
+    Import {
+        #[command(subcommand)]
+        what: ImportWhat,
+    },
     /// Inspect the queue (asks the running daemon, or opens the database if it is stopped).
     Queue {
         #[command(subcommand)]
@@ -91,4 +97,24 @@ pub struct Which {
     pub all: bool,
     /// Record ids, as `queue dead` shows them.
     pub ids: Vec<u64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImportWhat {
+    /// Audience memberships: audience_id, split_id, external_id or braze_id, member, time.
+    Memberships(ImportArgs),
+    /// Events: name, external_id or braze_id, time, properties (CSV: other columns too).
+    Events(ImportArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ImportArgs {
+    /// The export file, or `-` for stdin.
+    pub file: PathBuf,
+    /// csv or ndjson; guessed from the extension (or the first byte) when left out.
+    #[arg(long, value_enum)]
+    pub format: Option<crate::import::Format>,
+    /// Queue the good rows and list the bad ones, instead of refusing the whole file.
+    #[arg(long)]
+    pub skip_bad: bool,
 }

@@ -12,7 +12,7 @@ use signal_hook_tokio::Signals;
 use crate::cli::{QueueCommand, Which};
 use crate::config::Config;
 use crate::daemon;
-use crate::queue::{Queue, QueueError, Selection};
+use crate::queue::{QueueError, Selection};
 
 /// Exit codes, so scripts can tell a bad setup from a failure at run time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,11 +102,7 @@ async fn local(config: &Config, op: &QueueOp) -> Result<Value, LocalError> {
             config.data_dir.display()
         )));
     }
-    let data_dir = config.data_dir.clone();
-    let settings = daemon::queue_settings(config);
-    let opened = tokio::task::spawn_blocking(move || Queue::open(&data_dir, settings))
-        .await
-        .map_err(|e| LocalError::Other(e.into()))?;
+    let opened = daemon::open_queue_if_free(config).await;
     let queue = match opened {
         Ok(q) => q,
         Err(e @ QueueError::Locked { .. }) => return Err(LocalError::Locked(e)),

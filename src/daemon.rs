@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::delivery::gate::Gate;
 use crate::delivery::{Delivery, DeliveryCounters};
 use crate::http::{self, AppState};
-use crate::queue::{BatchLimits, Queue, QueueSettings, PID_FILE};
+use crate::queue::{BatchLimits, Queue, QueueError, QueueSettings, PID_FILE};
 
 /// How often the queue's disk size is measured and a rebuild considered.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(1);
@@ -38,12 +38,19 @@ pub fn queue_settings(config: &Config) -> QueueSettings {
 
 /// Opens the queue off the async threads (opening replays sled's log, which can take seconds).
 pub async fn open_queue(config: &Config) -> anyhow::Result<Arc<Queue>> {
+    open_queue_if_free(config)
+        .await
+        .with_context(|| format!("cannot open the queue in {}", config.data_dir.display()))
+}
+
+/// As `open_queue`, with the error kept typed so that a caller can tell `Locked` (the daemon
+/// is running) from a real failure.
+pub async fn open_queue_if_free(config: &Config) -> Result<Arc<Queue>, QueueError> {
     let data_dir = config.data_dir.clone();
     let settings = queue_settings(config);
     tokio::task::spawn_blocking(move || Queue::open(&data_dir, settings))
         .await
-        .context("queue open task failed")?
-        .with_context(|| format!("cannot open the queue in {}", config.data_dir.display()))
+        .map_err(|e| QueueError::Io(std::io::Error::other(e)))?
 }
 
 /// A started daemon. Drop it only through `shutdown`.

@@ -75,91 +75,99 @@ impl RawRecord {
 }
 
 pub fn parse_memberships(body: &[u8]) -> Result<Vec<Membership>, BadInput> {
-    split_records(body)?
-        .iter()
-        .map(|raw| {
-            Ok(Membership {
-                user: user_id(raw)?,
-                audience_id: id_part(raw, "audience_id")?,
-                split_id: id_part(raw, "split_id")?,
-                member: match raw.object.get("member") {
-                    Some(Value::Bool(b)) => *b,
-                    None => return Err(raw.bad("member", "is required (true or false)")),
-                    Some(other) => {
-                        return Err(raw.bad(
-                            "member",
-                            format!("must be true or false, got {}", type_name(other)),
-                        ))
-                    }
-                },
-                time: match raw.object.get("time") {
-                    None | Some(Value::Null) => None,
-                    Some(v) => Some(timestamp(raw, "time", v)?),
-                },
-            })
-        })
-        .collect()
+    split_records(body)?.iter().map(membership_of).collect()
 }
 
 pub fn parse_events(body: &[u8]) -> Result<Vec<Event>, BadInput> {
-    split_records(body)?
-        .iter()
-        .map(|raw| {
-            let name = match raw.object.get("name") {
-                Some(Value::String(s)) if s.trim().is_empty() => {
-                    return Err(raw.bad("name", "must not be empty"))
-                }
-                Some(Value::String(s)) if s.chars().count() > MAX_NAME_CHARS => {
-                    return Err(raw.bad(
-                        "name",
-                        format!("is longer than Braze's {MAX_NAME_CHARS} characters"),
-                    ))
-                }
-                Some(Value::String(s)) => s.clone(),
-                None => return Err(raw.bad("name", "is required")),
-                Some(other) => {
-                    return Err(raw.bad(
-                        "name",
-                        format!("must be a string, got {}", type_name(other)),
-                    ))
-                }
-            };
-            let time = match raw.object.get("time") {
-                None | Some(Value::Null) => return Err(raw.bad("time", "is required")),
-                Some(v) => timestamp(raw, "time", v)?,
-            };
-            let properties = match raw.object.get("properties") {
-                None | Some(Value::Null) => None,
-                Some(Value::Object(map)) => {
-                    check_property_names(raw, map)?;
-                    let text = serde_json::to_string(map)
-                        .map_err(|e| raw.bad("properties", format!("cannot be re-encoded: {e}")))?;
-                    if text.len() > MAX_PROPERTIES_BYTES {
-                        return Err(raw.bad(
-                            "properties",
-                            format!(
-                                "is {} bytes, over Braze's {MAX_PROPERTIES_BYTES}",
-                                text.len()
-                            ),
-                        ));
-                    }
-                    Some(text)
-                }
-                Some(other) => {
-                    return Err(raw.bad(
-                        "properties",
-                        format!("must be an object, got {}", type_name(other)),
-                    ))
-                }
-            };
-            Ok(Event {
-                user: user_id(raw)?,
-                name,
-                time,
-                properties,
-            })
-        })
-        .collect()
+    split_records(body)?.iter().map(event_of).collect()
+}
+
+/// One membership from an already-parsed JSON value: `index` and `line` say where it was.
+pub fn membership(index: usize, line: usize, value: Value) -> Result<Membership, BadInput> {
+    membership_of(&object_of(index, line, value)?)
+}
+
+/// One event from an already-parsed JSON value: `index` and `line` say where it was.
+pub fn event(index: usize, line: usize, value: Value) -> Result<Event, BadInput> {
+    event_of(&object_of(index, line, value)?)
+}
+
+fn membership_of(raw: &RawRecord) -> Result<Membership, BadInput> {
+    Ok(Membership {
+        user: user_id(raw)?,
+        audience_id: id_part(raw, "audience_id")?,
+        split_id: id_part(raw, "split_id")?,
+        member: match raw.object.get("member") {
+            Some(Value::Bool(b)) => *b,
+            None => return Err(raw.bad("member", "is required (true or false)")),
+            Some(other) => {
+                return Err(raw.bad(
+                    "member",
+                    format!("must be true or false, got {}", type_name(other)),
+                ))
+            }
+        },
+        time: match raw.object.get("time") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(timestamp(raw, "time", v)?),
+        },
+    })
+}
+
+fn event_of(raw: &RawRecord) -> Result<Event, BadInput> {
+    let name = match raw.object.get("name") {
+        Some(Value::String(s)) if s.trim().is_empty() => {
+            return Err(raw.bad("name", "must not be empty"))
+        }
+        Some(Value::String(s)) if s.chars().count() > MAX_NAME_CHARS => {
+            return Err(raw.bad(
+                "name",
+                format!("is longer than Braze's {MAX_NAME_CHARS} characters"),
+            ))
+        }
+        Some(Value::String(s)) => s.clone(),
+        None => return Err(raw.bad("name", "is required")),
+        Some(other) => {
+            return Err(raw.bad(
+                "name",
+                format!("must be a string, got {}", type_name(other)),
+            ))
+        }
+    };
+    let time = match raw.object.get("time") {
+        None | Some(Value::Null) => return Err(raw.bad("time", "is required")),
+        Some(v) => timestamp(raw, "time", v)?,
+    };
+    let properties = match raw.object.get("properties") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(map)) => {
+            check_property_names(raw, map)?;
+            let text = serde_json::to_string(map)
+                .map_err(|e| raw.bad("properties", format!("cannot be re-encoded: {e}")))?;
+            if text.len() > MAX_PROPERTIES_BYTES {
+                return Err(raw.bad(
+                    "properties",
+                    format!(
+                        "is {} bytes, over Braze's {MAX_PROPERTIES_BYTES}",
+                        text.len()
+                    ),
+                ));
+            }
+            Some(text)
+        }
+        Some(other) => {
+            return Err(raw.bad(
+                "properties",
+                format!("must be an object, got {}", type_name(other)),
+            ))
+        }
+    };
+    Ok(Event {
+        user: user_id(raw)?,
+        name,
+        time,
+        properties,
+    })
 }
 
 /// Splits a JSON array or NDJSON body into objects, keeping each one's index and line.

@@ -26,6 +26,8 @@
 //!   ceiling).
 //! - [`http`]: the ingest, health, metrics and admin endpoints.
 //! - [`daemon`]: start and stop in pipeline order.
+//! - [`import`]: CSV and NDJSON exports into the queue, checked whole before anything is
+//!   queued.
 //! - [`cli`], [`commands`]: the command line.
 //! - [`demo`]: the newcomer's command, the whole pipeline against the fake Braze.
 //! - [`fake_braze`]: a Braze stand-in on loopback that checks what Braze checks, for tests
@@ -40,6 +42,7 @@ pub mod delivery;
 pub mod demo;
 pub mod fake_braze;
 pub mod http;
+pub mod import;
 pub mod ingest;
 pub mod queue;
 pub mod record;

@@ -4,10 +4,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use aiq_braze_sync::cli::{Cli, Command};
+use aiq_braze_sync::cli::{Cli, Command, ImportWhat};
 use aiq_braze_sync::commands;
 use aiq_braze_sync::config::Config;
 use aiq_braze_sync::demo;
+use aiq_braze_sync::import;
 use std::time::Duration;
 use tracing::level_filters::LevelFilter;
 
@@ -49,6 +50,19 @@ fn main() -> ExitCode {
                 demo::run(&data, Duration::from_secs(outage_secs)).await
             }
             (Command::Run, Some(config)) => commands::run(config).await,
+            (Command::Import { what }, Some(config)) => {
+                let (kind, args) = match what {
+                    ImportWhat::Memberships(a) => (import::Kind::Memberships, a),
+                    ImportWhat::Events(a) => (import::Kind::Events, a),
+                };
+                let options = import::Options {
+                    kind,
+                    file: args.file,
+                    format: args.format,
+                    skip_bad: args.skip_bad,
+                };
+                import::run(&config, options).await
+            }
             (Command::Queue { command }, Some(config)) => {
                 let (op, json) = commands::QueueOp::from_cli(command);
                 commands::queue(config, op, json).await

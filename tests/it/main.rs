@@ -9,6 +9,7 @@ mod crash;
 mod disk;
 mod end_to_end;
 mod faults;
+mod import;
 mod newcomer;
 mod ordering;
 mod outage;

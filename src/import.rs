@@ -1,0 +1,423 @@
+//! `import memberships|events FILE`: ActionIQ's exports, CSV or NDJSON, into the queue.
+//!
+//! All or nothing, like ingest: the file is read twice. The first pass checks every row
+//! (with ingest's own validation) and queues nothing; only a clean file (or, with
+//! `--skip-bad`, its good rows) is queued in the second pass, in chunks that are each durable
+//! before the next is read. A file from stdin is spooled to a temporary file first. The queue
+//! is reached through the running daemon when it holds the database, directly otherwise.
+//!
+//! CSV: a header row names the columns as in the JSON (`audience_id`, `split_id`,
+//! `external_id`, `braze_id`, `member`, `time`; `name`, `time`, `properties` for events).
+//! `member` takes true/false, 1/0 or yes/no. An empty cell is a missing value. For events, a
+//! `properties` cell holds a JSON object, and every other column becomes a string property
+//! (ActionIQ's "additional attributes").
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, IsTerminal, Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::{Map, Value};
+
+use crate::config::Config;
+use crate::ingest::{self, BadInput};
+use crate::queue::{Queue, QueueError};
+use crate::record::{Event, Membership, Record};
+
+/// Records per durable chunk (one request to the daemon, or one commit).
+const CHUNK: usize = 5_000;
+/// Bad rows listed in full with `--skip-bad`; past this only counted.
+const LIST_BAD: usize = 50;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kind {
+    Memberships,
+    Events,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Csv,
+    Ndjson,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub kind: Kind,
+    /// A path, or `-` for stdin.
+    pub file: PathBuf,
+    /// Guessed from the extension (or the first byte) when not given.
+    pub format: Option<Format>,
+    pub skip_bad: bool,
+}
+
+impl Kind {
+    fn noun(self) -> &'static str {
+        match self {
+            Kind::Memberships => "memberships",
+            Kind::Events => "events",
+        }
+    }
+
+    fn record(self, index: usize, line: usize, value: Value) -> Result<Record, BadInput> {
+        Ok(match self {
+            Kind::Memberships => Record::Membership(ingest::membership(index, line, value)?),
+            Kind::Events => Record::Event(ingest::event(index, line, value)?),
+        })
+    }
+}
+
+pub async fn run(config: &Config, options: Options) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let name = options.file.display().to_string();
+    let mut file = open(&options.file)?;
+    let format = match options.format {
+        Some(f) => f,
+        None => guess_format(&options.file, &mut file)?,
+    };
+    let progress = Progress::new();
+
+    // Pass 1: check everything, queue nothing.
+    let mut bad: Vec<BadInput> = Vec::new();
+    let mut bad_lines = std::collections::HashSet::new();
+    let mut good = 0usize;
+    for (index, (line, value)) in rows(&mut file, format, options.kind)?.enumerate() {
+        match value.and_then(|v| options.kind.record(index, line, v)) {
+            Ok(_) => good += 1,
+            Err(e) => {
+                if !options.skip_bad {
+                    bail!("{name}: {e}; nothing was queued (--skip-bad queues the good rows)");
+                }
+                bad_lines.insert(line);
+                if bad.len() < LIST_BAD {
+                    bad.push(e);
+                }
+            }
+        }
+        progress.tick("checked", index + 1);
+    }
+    progress.done();
+    if !bad_lines.is_empty() {
+        eprintln!("{name}: {} bad rows skipped:", bad_lines.len());
+        for e in &bad {
+            eprintln!("  {e}");
+        }
+        if bad_lines.len() > bad.len() {
+            eprintln!("  ... and {} more", bad_lines.len() - bad.len());
+        }
+    }
+
+    // Pass 2: queue the good rows in durable chunks.
+    file.rewind()?;
+    let mut sink = Sink::open(config, options.kind).await?;
+    let mut chunk = Vec::with_capacity(CHUNK);
+    let mut queued = 0usize;
+    for (index, (line, value)) in rows(&mut file, format, options.kind)?.enumerate() {
+        if bad_lines.contains(&line) {
+            continue;
+        }
+        // Pass 1 accepted this row; reading the same bytes again cannot fail differently.
+        let record = value
+            .and_then(|v| options.kind.record(index, line, v))
+            .with_context(|| format!("{name} changed while it was being imported"))?;
+        chunk.push(record);
+        if chunk.len() == CHUNK {
+            queued += sink.send(std::mem::take(&mut chunk)).await?;
+            progress.tick("queued", queued);
+        }
+    }
+    queued += sink.send(chunk).await?;
+    progress.done();
+    println!(
+        "imported {queued} {} from {name} ({} bad rows skipped) in {:.1} s, through the {}",
+        options.kind.noun(),
+        bad_lines.len(),
+        started.elapsed().as_secs_f64(),
+        sink.describe()
+    );
+    debug_assert_eq!(queued, good);
+    Ok(())
+}
+
+/// The file, or stdin spooled to a temporary file (it is read twice).
+fn open(path: &Path) -> anyhow::Result<File> {
+    if path == Path::new("-") {
+        let mut spool = tempfile::tempfile().context("cannot create a temporary file for stdin")?;
+        std::io::copy(&mut std::io::stdin().lock(), &mut spool).context("cannot read stdin")?;
+        spool.rewind()?;
+        Ok(spool)
+    } else {
+        File::open(path).with_context(|| format!("cannot open {}", path.display()))
+    }
+}
+
+fn guess_format(path: &Path, file: &mut File) -> anyhow::Result<Format> {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("csv") => return Ok(Format::Csv),
+        Some("ndjson" | "jsonl" | "json") => return Ok(Format::Ndjson),
+        _ => {}
+    }
+    let mut head = [0u8; 512];
+    let n = file.read(&mut head)?;
+    file.rewind()?;
+    Ok(match head[..n].iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => Format::Ndjson,
+        _ => Format::Csv,
+    })
+}
+
+type Row = (usize, Result<Value, BadInput>);
+
+/// The file's rows as JSON objects with their 1-based line numbers, read lazily.
+fn rows<'a>(
+    file: &'a mut File,
+    format: Format,
+    kind: Kind,
+) -> anyhow::Result<Box<dyn Iterator<Item = Row> + 'a>> {
+    let reader = BufReader::with_capacity(1 << 20, file);
+    Ok(match format {
+        Format::Ndjson => Box::new(reader.lines().enumerate().filter_map(|(n, line)| {
+            let line_no = n + 1;
+            let text = match line {
+                Ok(t) => t,
+                Err(e) => return Some((line_no, Err(whole(line_no, format!("cannot read: {e}"))))),
+            };
+            if text.trim().is_empty() {
+                return None;
+            }
+            Some((
+                line_no,
+                serde_json::from_str(&text)
+                    .map_err(|e| whole(line_no, format!("invalid JSON: {e}"))),
+            ))
+        })),
+        Format::Csv => {
+            let mut csv = csv::ReaderBuilder::new()
+                .flexible(false)
+                .from_reader(reader);
+            let headers = csv
+                .headers()
+                .context("cannot read the CSV header row")?
+                .clone();
+            Box::new(csv.into_records().map(move |row| match row {
+                Ok(r) => {
+                    let line = r.position().map_or(0, |p| p.line() as usize);
+                    (line, Ok(csv_object(&headers, &r, kind)))
+                }
+                Err(e) => {
+                    let line = e.position().map_or(0, |p| p.line() as usize);
+                    (line, Err(whole(line, format!("bad CSV row: {e}"))))
+                }
+            }))
+        }
+    })
+}
+
+fn whole(line: usize, message: String) -> BadInput {
+    BadInput {
+        index: None,
+        line: Some(line),
+        field: None,
+        message,
+    }
+}
+
+/// A CSV row as the JSON object ingest would have received.
+fn csv_object(headers: &csv::StringRecord, row: &csv::StringRecord, kind: Kind) -> Value {
+    const EVENT_FIELDS: [&str; 4] = ["name", "external_id", "braze_id", "time"];
+    let mut object = Map::new();
+    let mut extra = Map::new();
+    for (column, cell) in headers.iter().zip(row.iter()) {
+        if cell.is_empty() {
+            continue;
+        }
+        let value = match (kind, column) {
+            (Kind::Memberships, "member") => match cell.to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" => Value::Bool(true),
+                "false" | "0" | "no" => Value::Bool(false),
+                _ => Value::String(cell.into()),
+            },
+            (Kind::Events, "properties") => {
+                serde_json::from_str(cell).unwrap_or_else(|_| Value::String(cell.into()))
+            }
+            _ => Value::String(cell.into()),
+        };
+        if kind == Kind::Events && column != "properties" && !EVENT_FIELDS.contains(&column) {
+            extra.insert(column.to_string(), value);
+        } else {
+            object.insert(column.to_string(), value);
+        }
+    }
+    // A non-object `properties` cell is left as it is, for validation to refuse.
+    if let Value::Object(p) = object
+        .entry("properties")
+        .or_insert_with(|| Value::Object(Map::new()))
+    {
+        p.extend(extra);
+    }
+    if object.get("properties") == Some(&Value::Object(Map::new())) {
+        object.remove("properties");
+    }
+    Value::Object(object)
+}
+
+/// Where the chunks go: the running daemon, or the database itself.
+enum Sink {
+    Daemon {
+        client: reqwest::Client,
+        url: String,
+        token: Option<String>,
+    },
+    Local(std::sync::Arc<Queue>),
+}
+
+impl Sink {
+    async fn open(config: &Config, kind: Kind) -> anyhow::Result<Sink> {
+        match crate::daemon::open_queue_if_free(config).await {
+            Ok(queue) => Ok(Sink::Local(queue)),
+            Err(QueueError::Locked { .. }) => {
+                let mut addr = config.ingest.listen;
+                if addr.ip().is_unspecified() {
+                    addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                }
+                Ok(Sink::Daemon {
+                    client: reqwest::Client::builder()
+                        .timeout(Duration::from_secs(120))
+                        .build()?,
+                    url: format!("http://{addr}/v1/{}", kind.noun()),
+                    token: config.ingest.token.as_ref().map(|t| t.expose().to_string()),
+                })
+            }
+            Err(e) => Err(e)
+                .with_context(|| format!("cannot open the queue in {}", config.data_dir.display())),
+        }
+    }
+
+    fn describe(&self) -> &'static str {
+        match self {
+            Sink::Daemon { .. } => "running daemon",
+            Sink::Local(_) => "database (daemon stopped)",
+        }
+    }
+
+    /// Queues one chunk durably; returns how many records it held.
+    async fn send(&mut self, chunk: Vec<Record>) -> anyhow::Result<usize> {
+        let n = chunk.len();
+        if n == 0 {
+            return Ok(0);
+        }
+        match self {
+            Sink::Local(queue) => queue.enqueue(chunk).await?,
+            Sink::Daemon { client, url, token } => {
+                let mut body = Vec::with_capacity(n * 128);
+                for r in &chunk {
+                    serde_json::to_writer(&mut body, &to_json(r))?;
+                    body.push(b'\n');
+                }
+                loop {
+                    let mut request = client.post(url.as_str()).body(body.clone());
+                    if let Some(t) = token {
+                        request = request.bearer_auth(t);
+                    }
+                    let response = request
+                        .send()
+                        .await
+                        .with_context(|| format!("POST {url}"))?;
+                    let status = response.status().as_u16();
+                    if status == 202 {
+                        break;
+                    }
+                    if status == 503 {
+                        // Full, compacting or restarting: wait as asked and send the chunk again.
+                        let wait = response
+                            .headers()
+                            .get("retry-after")
+                            .and_then(|v| v.to_str().ok()?.parse().ok())
+                            .unwrap_or(1u64);
+                        tokio::time::sleep(Duration::from_secs(wait.min(30))).await;
+                        continue;
+                    }
+                    bail!(
+                        "{url} answered {status}: {}",
+                        response.text().await.unwrap_or_default().trim()
+                    );
+                }
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// A validated record in the shape the ingest endpoints take.
+fn to_json(record: &Record) -> Value {
+    let mut o = Map::new();
+    let user = record.user();
+    o.insert(user.field().into(), user.value().into());
+    match record {
+        Record::Membership(Membership {
+            audience_id,
+            split_id,
+            member,
+            time,
+            ..
+        }) => {
+            o.insert("audience_id".into(), audience_id.as_str().into());
+            o.insert("split_id".into(), split_id.as_str().into());
+            o.insert("member".into(), (*member).into());
+            if let Some(t) = time {
+                o.insert("time".into(), t.as_str().into());
+            }
+        }
+        Record::Event(Event {
+            name,
+            time,
+            properties,
+            ..
+        }) => {
+            o.insert("name".into(), name.as_str().into());
+            o.insert("time".into(), time.as_str().into());
+            if let Some(p) = properties
+                .as_deref()
+                .and_then(|p| serde_json::from_str(p).ok())
+            {
+                o.insert("properties".into(), p);
+            }
+        }
+    }
+    Value::Object(o)
+}
+
+/// One line of progress on a terminal, redrawn at most every 200 ms; silent otherwise.
+struct Progress {
+    enabled: bool,
+    started: Instant,
+    last: std::cell::Cell<Instant>,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        let now = Instant::now();
+        Progress {
+            enabled: std::io::stderr().is_terminal(),
+            started: now,
+            last: std::cell::Cell::new(now),
+        }
+    }
+
+    fn tick(&self, what: &str, n: usize) {
+        if !self.enabled || self.last.get().elapsed() < Duration::from_millis(200) {
+            return;
+        }
+        self.last.set(Instant::now());
+        let rate = n as f64 / self.started.elapsed().as_secs_f64().max(0.001);
+        eprint!("\r  {what} {n:>12} rows  ({rate:>9.0} rows/s)");
+        let _ = std::io::stderr().flush();
+    }
+
+    fn done(&self) {
+        if self.enabled {
+            eprint!("\r{:60}\r", "");
+        }
+    }
+}
