@@ -20,6 +20,14 @@ pub enum ExitCode {
     Ok = 0,
     Failure = 1,
     BadConfig = 2,
+    /// `check`: no HTTP answer from braze.endpoint (DNS, connection, TLS, timeout).
+    Unreachable = 3,
+    /// `check`: Braze answered 401 to the API key.
+    KeyRejected = 4,
+    /// `check`: Braze answered 403: the key lacks users.track or users.export.ids.
+    PermissionMissing = 5,
+    /// `check`: Braze answered 404: braze.endpoint is not a REST base URL.
+    EndpointWrong = 6,
 }
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -165,6 +173,11 @@ fn print_stats_table(out: &mut impl Write, v: &Value) -> std::io::Result<()> {
     writeln!(out, "  memberships      {}", n("pending_memberships"))?;
     writeln!(out, "in flight          {}", n("in_flight"))?;
     writeln!(out, "dead-lettered      {}", n("dead"))?;
+    writeln!(
+        out,
+        "skipped unchanged  {}  (Braze already had the value)",
+        n("skipped_unchanged_total")
+    )?;
     let age = q["oldest_pending_age_ms"].as_u64().map_or("-".into(), age);
     writeln!(out, "oldest pending     {age}")?;
     writeln!(out, "bytes on disk      {}", n("disk_bytes"))?;

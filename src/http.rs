@@ -319,6 +319,12 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             q.coalesced_total,
         );
         metric(
+            "aiq_records_skipped_unchanged_total",
+            "counter",
+            "Membership updates not sent: Braze already had that value.",
+            q.skipped_unchanged_total,
+        );
+        metric(
             "aiq_queue_compactions_total",
             "counter",
             "Queue rebuilds that gave disk space back.",

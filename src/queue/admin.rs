@@ -210,7 +210,7 @@ impl Queue {
             missing,
             ..RetryReport::default()
         };
-        let mut staging = Staging::new(&store.tree, *next_seq);
+        let mut staging = Staging::new(&store.tree, &self.state, *next_seq);
         // Original sequence numbers of the updates retried in this call, per attribute: a
         // retried update is compared with others by when it was first accepted.
         let mut retried_here: HashMap<Vec<u8>, u64> = HashMap::new();
@@ -235,9 +235,13 @@ impl Queue {
                 }
                 retried_here.insert(lk, id);
             }
-            staging.add(&stored.record, dead.stored)?;
             staging.batch.remove(&dead_key(id));
-            report.retried.push(id);
+            if staging.add(&stored.record, dead.stored)? {
+                report.retried.push(id);
+            } else {
+                // Braze already holds this value: nothing to send.
+                report.superseded.push(id);
+            }
         }
         *next_seq = staging.apply(&self.counters)?;
         let gone = (report.retried.len() + report.superseded.len()) as u64;

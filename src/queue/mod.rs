@@ -174,6 +174,7 @@ pub struct Stats {
     pub generation: u64,
     pub accepted_total: u64,
     pub coalesced_total: u64,
+    pub skipped_unchanged_total: u64,
     pub compactions_total: u64,
 }
 
@@ -200,6 +201,8 @@ struct Counters {
     dead: AtomicU64,
     accepted: AtomicU64,
     coalesced: AtomicU64,
+    /// Membership updates not queued: Braze already had that value.
+    unchanged: AtomicU64,
     compactions: AtomicU64,
     disk_bytes: AtomicU64,
     /// Size right after the last rebuild; the next one waits until the file has grown well
@@ -328,7 +331,7 @@ impl Queue {
         let store = self.read_store()?;
         let mut next_seq = self.writer.lock().expect("queue writer lock poisoned");
         let accepted_at = now_ms();
-        let mut staging = Staging::new(&store.tree, *next_seq);
+        let mut staging = Staging::new(&store.tree, &self.state, *next_seq);
         for record in records {
             staging.add(record, encode(record, accepted_at))?;
         }
@@ -521,7 +524,11 @@ impl Queue {
         self.state
             .record_settled(results.iter().filter_map(|(item, outcome)| {
                 let lk = item.latest.as_deref()?;
-                (*outcome != Outcome::Retry).then_some((lk, item.seq))
+                match outcome {
+                    Outcome::Retry => None,
+                    Outcome::Dead(_) => Some((lk, item.seq, None)),
+                    Outcome::Delivered => Some((lk, item.seq, attribute_json(&item.stored.record))),
+                }
             }))?;
         let c = &self.counters;
         c.events.fetch_sub(gone_events, Ordering::Relaxed);
@@ -583,6 +590,7 @@ impl Queue {
             generation: store.generation,
             accepted_total: c.accepted.load(Ordering::Relaxed),
             coalesced_total: c.coalesced.load(Ordering::Relaxed),
+            skipped_unchanged_total: c.unchanged.load(Ordering::Relaxed),
             compactions_total: c.compactions.load(Ordering::Relaxed),
         })
     }
@@ -660,11 +668,22 @@ impl Queue {
     }
 }
 
+/// The value an attribute update sets, as the JSON text Braze receives; `None` for events.
+fn attribute_json(record: &Record) -> Option<&'static [u8]> {
+    match record {
+        Record::Membership(m) if m.member => Some(b"true"),
+        Record::Membership(_) => Some(b"false"),
+        Record::Event(_) => None,
+    }
+}
+
 /// One atomic batch of new pending records. Memberships coalesce: a record replaces the
 /// pending update of the same user and attribute, whether that is in the tree or earlier in
 /// this same batch.
 struct Staging<'a> {
     tree: &'a sled::Tree,
+    /// Consulted to skip an update whose value Braze already has.
+    state: &'a state::State,
     batch: sled::Batch,
     /// Latest-index entries this batch already set, so later records see them.
     latest_here: HashMap<Vec<u8>, u64>,
@@ -672,18 +691,21 @@ struct Staging<'a> {
     events: u64,
     attributes: u64,
     coalesced: u64,
+    unchanged: u64,
 }
 
 impl<'a> Staging<'a> {
-    fn new(tree: &'a sled::Tree, next_seq: u64) -> Staging<'a> {
+    fn new(tree: &'a sled::Tree, state: &'a state::State, next_seq: u64) -> Staging<'a> {
         Staging {
             tree,
+            state,
             batch: sled::Batch::default(),
             latest_here: HashMap::new(),
             next_seq,
             events: 0,
             attributes: 0,
             coalesced: 0,
+            unchanged: 0,
         }
     }
 
@@ -695,10 +717,11 @@ impl<'a> Staging<'a> {
         })
     }
 
-    /// Adds a record (already encoded as `value`) under the next sequence number.
-    fn add(&mut self, record: &Record, value: Vec<u8>) -> Result<u64, QueueError> {
+    /// Adds a record (already encoded as `value`) under the next sequence number. Returns
+    /// `false` when it changes nothing: no update of that attribute is pending or in flight,
+    /// and Braze was last sent this very value (Braze bills every attribute write).
+    fn add(&mut self, record: &Record, value: Vec<u8>) -> Result<bool, QueueError> {
         let seq = self.next_seq;
-        self.next_seq += 1;
         match record {
             Record::Event(_) => {
                 self.batch.insert(&record_key(LANE_EVENTS, seq), value);
@@ -709,6 +732,14 @@ impl<'a> Staging<'a> {
                 if let Some(old) = self.pending_seq(&lk)? {
                     self.batch.remove(&record_key(LANE_ATTRIBUTES, old));
                     self.coalesced += 1;
+                } else if self
+                    .state
+                    .settled(&lk)?
+                    .and_then(|s| s.delivered)
+                    .is_some_and(|d| Some(d.as_slice()) == attribute_json(record))
+                {
+                    self.unchanged += 1;
+                    return Ok(false);
                 } else {
                     self.attributes += 1;
                 }
@@ -717,7 +748,8 @@ impl<'a> Staging<'a> {
                 self.latest_here.insert(lk, seq);
             }
         }
-        Ok(seq)
+        self.next_seq += 1;
+        Ok(true)
     }
 
     /// Applies the batch atomically with the new sequence high-water mark; returns it.
@@ -732,6 +764,9 @@ impl<'a> Staging<'a> {
         counters
             .coalesced
             .fetch_add(self.coalesced, Ordering::Relaxed);
+        counters
+            .unchanged
+            .fetch_add(self.unchanged, Ordering::Relaxed);
         Ok(self.next_seq)
     }
 }

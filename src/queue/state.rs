@@ -6,16 +6,30 @@
 //!
 //! **On-disk format** (changing it breaks existing databases; add a version instead):
 //! tree `settled`, key = the queue's latest-value key (`03 kind len id attribute`), value =
-//! `[1u8][seq u64 BE]`: the sequence number of the newest update of that user's attribute
-//! that has left the queue (delivered to Braze or dead-lettered). Retrying a dead update
-//! older than it would overwrite a newer value, so `retry-dead` skips such updates.
-//! Written without a sync: after a crash it may lag a little, never lead.
+//! one of
+//! - `[1][seq u64 BE]`: the newest update of that user's attribute that left the queue;
+//! - `[2][seq u64 BE][value]`: the same, and it was delivered with this value (JSON text);
+//!   an empty value means it was dead-lettered, so Braze's value is unknown.
+//!
+//! Two uses: `retry-dead` drops a dead update older than `seq` (it would overwrite a newer
+//! value), and ingest skips an update whose value is the one Braze already has (Braze bills
+//! every attribute write). Written without a sync: after a crash it may lag a little (an
+//! update is then sent once more), never lead.
 
 use std::path::Path;
 
 use super::QueueError;
 
 const V1: u8 = 1;
+const V2: u8 = 2;
+
+/// What is known of one user's attribute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settled {
+    pub seq: u64,
+    /// The value Braze was last sent (JSON text), if the last update was delivered.
+    pub delivered: Option<Vec<u8>>,
+}
 
 pub struct State {
     /// Held so the database stays open; `settled` is a tree inside it.
@@ -35,29 +49,48 @@ impl State {
         Ok(State { _db: db, settled })
     }
 
-    /// The newest sequence number of this attribute that left the queue, if any.
-    pub fn settled_seq(&self, latest_key: &[u8]) -> Result<Option<u64>, QueueError> {
-        Ok(self
-            .settled
-            .get(latest_key)?
-            .and_then(|v| match v.split_first() {
-                Some((&V1, rest)) => rest.try_into().ok().map(u64::from_be_bytes),
-                _ => None,
-            }))
+    pub fn settled(&self, latest_key: &[u8]) -> Result<Option<Settled>, QueueError> {
+        let Some(v) = self.settled.get(latest_key)? else {
+            return Ok(None);
+        };
+        let seq = |b: &[u8]| {
+            b.get(1..9)
+                .and_then(|s| s.try_into().ok())
+                .map(u64::from_be_bytes)
+        };
+        Ok(match v.first() {
+            Some(&V1) => seq(&v).map(|seq| Settled {
+                seq,
+                delivered: None,
+            }),
+            Some(&V2) => seq(&v).map(|seq| Settled {
+                seq,
+                delivered: Some(v[9..].to_vec()).filter(|d| !d.is_empty()),
+            }),
+            _ => None,
+        })
     }
 
-    /// Records that these updates left the queue. Per attribute they settle in order (the
-    /// queue never has two of one attribute in flight), so the last write is the newest.
+    /// The newest sequence number of this attribute that left the queue, if any.
+    pub fn settled_seq(&self, latest_key: &[u8]) -> Result<Option<u64>, QueueError> {
+        Ok(self.settled(latest_key)?.map(|s| s.seq))
+    }
+
+    /// Records that these updates left the queue, with the value Braze now has (`None` when
+    /// dead-lettered). Per attribute they settle in order (the queue never has two of one
+    /// attribute in flight), so the last write is the newest.
     pub fn record_settled<'a>(
         &self,
-        settled: impl IntoIterator<Item = (&'a [u8], u64)>,
+        settled: impl IntoIterator<Item = (&'a [u8], u64, Option<&'a [u8]>)>,
     ) -> Result<(), QueueError> {
         let mut batch = sled::Batch::default();
-        for (key, seq) in settled {
-            let mut value = [0u8; 9];
-            value[0] = V1;
-            value[1..].copy_from_slice(&seq.to_be_bytes());
-            batch.insert(key, &value);
+        for (key, seq, delivered) in settled {
+            let delivered = delivered.unwrap_or_default();
+            let mut value = Vec::with_capacity(9 + delivered.len());
+            value.push(V2);
+            value.extend_from_slice(&seq.to_be_bytes());
+            value.extend_from_slice(delivered);
+            batch.insert(key, value);
         }
         self.settled.apply_batch(batch)?;
         Ok(())

@@ -168,3 +168,56 @@ async fn a_second_process_is_told_the_database_is_locked() {
         .expect("second open fails");
     assert!(matches!(err, QueueError::Locked { .. }), "{err}");
 }
+
+#[tokio::test]
+async fn an_update_braze_already_has_is_not_queued_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), settings(100)).unwrap();
+    q.enqueue(vec![member("u", true)]).await.unwrap();
+    let leased = q.lease(&limits()).unwrap();
+    q.complete(
+        leased
+            .into_iter()
+            .map(|l| (l, Outcome::Delivered))
+            .collect(),
+    )
+    .unwrap();
+
+    // Same value again: Braze has it, nothing to send (and to bill).
+    q.enqueue(vec![member("u", true)]).await.unwrap();
+    assert_eq!(q.pending(), 0);
+    assert_eq!(q.stats().unwrap().skipped_unchanged_total, 1);
+
+    // A change is sent; and while it is in flight, going back to the old value is sent too,
+    // since Braze will hold the new one by then.
+    q.enqueue(vec![member("u", false)]).await.unwrap();
+    let in_flight = q.lease(&limits()).unwrap();
+    q.enqueue(vec![member("u", true)]).await.unwrap();
+    assert_eq!(
+        q.pending(),
+        1,
+        "the in-flight update is superseded, not skipped"
+    );
+    q.complete(
+        in_flight
+            .into_iter()
+            .map(|l| (l, Outcome::Delivered))
+            .collect(),
+    )
+    .unwrap();
+    assert_eq!(values(&q.lease(&limits()).unwrap()), vec![true]);
+
+    // What Braze has survives a reopen (it lives in the state database).
+    drop(q);
+    let q = Queue::open(dir.path(), settings(100)).unwrap();
+    let leased = q.lease(&limits()).unwrap();
+    q.complete(
+        leased
+            .into_iter()
+            .map(|l| (l, Outcome::Delivered))
+            .collect(),
+    )
+    .unwrap();
+    q.enqueue(vec![member("u", true)]).await.unwrap();
+    assert_eq!(q.pending(), 0);
+}
