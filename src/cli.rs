@@ -43,6 +43,16 @@ pub enum Command {
         #[command(subcommand)]
         what: ImportWhat,
     },
+    /// Prove the setup against Braze: the endpoint, the API key and both permissions.
+    ///
+    /// Checks that the endpoint answers, that Braze accepts the API key, and that the key holds
+    /// the users.track and users.export.ids permissions. Changes no user's data: it sends an
+    /// update-only write and a lookup for a random synthetic user that does not exist. Prints
+    /// one line per step; each failure says what to fix.
+    ///
+    /// Exit codes: 0 all good; 1 anything else; 2 config invalid; 3 endpoint unreachable;
+    /// 4 key rejected (401); 5 a permission missing (403); 6 endpoint wrong (404).
+    Check,
     /// Inspect the queue (asks the running daemon, or opens the database if it is stopped).
     Queue {
         #[command(subcommand)]

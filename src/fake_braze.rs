@@ -1,16 +1,26 @@
 //! A fake Braze REST server on loopback, so tests and the `demo` command drive the real HTTP
 //! client against Braze's rules (`BRAZE-API.md` §1–2) rather than against our own assumptions.
 //!
-//! Checked like Braze, in Braze's order, on `POST /users/track` (anything else is a 404):
-//! the `Authorization: Bearer` key (401); a body of at most 4 MiB or what
+//! Checked like Braze, in Braze's order, on `POST /users/track` (anything but it and
+//! `POST /users/export/ids` is a 404): the `Authorization: Bearer` key (401); the key's
+//! `users.track` permission (403, see [`FakeBraze::set_permissions`]); a body of at most 4 MiB or what
 //! [`FakeBraze::set_max_body_bytes`] says (413) that is a JSON object
 //! with optional `attributes`/`events`/`purchases` arrays (400); at most 75 objects in total
 //! (400 `Max Input Length Exceeded`, nothing applied); no object for a poison `external_id`
 //! (400, nothing applied; see [`FakeBraze::poison_ids`]); then per object: exactly one primary
 //! identifier (or an `email`/`phone`), an `external_id` of at most 987 bytes, and events with a
 //! `name`, an RFC 3339 `time` and object `properties`. Failing objects become non-fatal `errors`
-//! in a 201 and the rest are applied; if all fail, it is a 400 and nothing is applied. Every
-//! answer but a 429 carries `X-RateLimit-*` headers from a per-minute counter.
+//! in a 201 and the rest are applied; if all fail, it is a 400 and nothing is applied. An
+//! object with `"_update_existing_only": true` whose `external_id` the fake has never accepted
+//! an object for is counted as processed but neither recorded nor applied: Braze creates no
+//! profile in update-only mode (`BRAZE-API.md` §1.3). Every answer but a 429 carries
+//! `X-RateLimit-*` headers from a per-minute counter.
+//!
+//! `POST /users/export/ids` checks the key (401), the `users.export.ids` permission (403) and
+//! that `fields_to_export` is given (400; mandatory for accounts onboarded since August
+//! 2024), then answers `users` for the `external_ids` it has accepted objects for (their
+//! `external_id` and `custom_attributes`, as far as `fields_to_export` asks) and lists the
+//! others in `invalid_user_ids`.
 //!
 //! It can be told to fail with a status, rate-limit, or hang ([`Behaviour`]), to reject
 //! chosen `external_id`s the way Braze rejects blocklisted users, to refuse every request that
@@ -19,7 +29,9 @@
 //! what Braze holds for a user.
 //!
 //! Not modelled: purchase fields, attribute array operators (`add`/`remove` are stored as
-//! sent), `_update_existing_only`, future event times, and actually enforcing the rate limit.
+//! sent), update-only mode for identifiers other than `external_id`, future event times,
+//! export lookups by anything but `external_ids` (and their limit of 50), export fields
+//! other than `external_id` and `custom_attributes`, and actually enforcing the rate limit.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -32,6 +44,7 @@ use axum::http::header::{AUTHORIZATION, CONTENT_LENGTH, RETRY_AFTER};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{routing::post, Json, Router};
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 use tokio::{net::TcpListener, sync::watch};
@@ -77,6 +90,16 @@ pub struct RequestLog {
     pub body_bytes: usize,
 }
 
+/// One request to `/users/export/ids`, rejected ones included.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExportLog {
+    /// Arrival, before any `Hang` delay.
+    pub at: Instant,
+    pub status: u16,
+    /// The body as sent (`Null` if it was not JSON).
+    pub body: Value,
+}
+
 /// Handle to a running fake. Clones share one server, which stops on [`FakeBraze::stop`] or
 /// when the last clone is dropped.
 #[derive(Clone)]
@@ -98,6 +121,10 @@ struct Shared {
 #[derive(Default)]
 struct State {
     behaviour: Behaviour,
+    /// The key's `users.track` permission; without it `/users/track` answers 403.
+    may_track: bool,
+    /// The key's `users.export.ids` permission; without it `/users/export/ids` answers 403.
+    may_export_ids: bool,
     max_objects: usize,
     /// Bodies over this many bytes get a 413.
     max_body_bytes: usize,
@@ -111,6 +138,11 @@ struct State {
     requests: Vec<(u64, RequestLog)>,
     /// (arrival, array name, object) for every accepted object.
     accepted: Vec<(u64, &'static str, Value)>,
+    /// The `external_id`s of every accepted object: the profiles Braze holds, which
+    /// update-only objects may update and `/users/export/ids` finds.
+    known_ids: HashSet<String>,
+    /// Every request to `/users/export/ids`, with its arrival number.
+    exports: Vec<(u64, ExportLog)>,
 }
 
 /// What [`decide`] chose: the answer and the objects to record as accepted.
@@ -145,6 +177,8 @@ impl FakeBraze {
     pub async fn start_on(listener: TcpListener, api_key: &str) -> std::io::Result<FakeBraze> {
         let addr = listener.local_addr()?;
         let state = Mutex::new(State {
+            may_track: true,
+            may_export_ids: true,
             max_objects: 75,
             max_body_bytes: MAX_BODY_BYTES,
             ..State::default()
@@ -155,6 +189,7 @@ impl FakeBraze {
         });
         let app = Router::new()
             .route("/users/track", post(track).fallback(not_found))
+            .route("/users/export/ids", post(export_ids).fallback(not_found))
             .fallback(not_found)
             .with_state(shared.clone());
         let (stop, mut stopped) = watch::channel(false);
@@ -179,6 +214,13 @@ impl FakeBraze {
 
     pub fn set_behaviour(&self, b: Behaviour) {
         self.shared.lock().behaviour = b;
+    }
+
+    /// The API key's permissions, both granted at start. A missing one makes its endpoint
+    /// answer 403 `{"message":"Access Denied"}` to the right key, as Braze does.
+    pub fn set_permissions(&self, track: bool, export_ids: bool) {
+        let mut state = self.shared.lock();
+        (state.may_track, state.may_export_ids) = (track, export_ids);
     }
 
     /// Total across attributes, events and purchases; Braze's current default is 75.
@@ -236,6 +278,13 @@ impl FakeBraze {
         let mut requests = self.shared.lock().requests.clone();
         requests.sort_by_key(|(seq, _)| *seq);
         requests.into_iter().map(|(_, log)| log).collect()
+    }
+
+    /// Every request to `/users/export/ids` in arrival order.
+    pub fn export_requests(&self) -> Vec<ExportLog> {
+        let mut exports = self.shared.lock().exports.clone();
+        exports.sort_by_key(|(seq, _)| *seq);
+        exports.into_iter().map(|(_, log)| log).collect()
     }
 
     pub fn events(&self) -> Vec<Value> {
@@ -402,42 +451,42 @@ async fn answer(
     };
     let mut state = shared.lock();
     state.requests.push((seq, log));
-    let accepted = reply.accepted.iter().map(|(a, o)| (seq, *a, o.clone()));
-    state.accepted.extend(accepted);
+    // Decided here, under the lock that records, rather than in `decide`: a profile created by
+    // a request that finished meanwhile counts, and the set of known ids is never copied.
+    for (array, object) in &reply.accepted {
+        let external_id = object.get("external_id").and_then(Value::as_str);
+        let update_only = object.get("_update_existing_only") == Some(&Value::Bool(true));
+        match external_id {
+            Some(id) if update_only && !state.known_ids.contains(id) => continue,
+            Some(id) if !state.known_ids.contains(id) => {
+                state.known_ids.insert(id.to_owned());
+            }
+            _ => {}
+        }
+        state.accepted.push((seq, array, object.clone()));
+    }
     drop(state);
     reply
 }
 
-/// Braze's checks in Braze's order; see the module doc.
-async fn decide(
-    shared: &Shared,
-    headers: &HeaderMap,
-    body_bytes: usize,
-    parsed: Option<Value>,
-    at: Instant,
-) -> Reply {
-    let (behaviour, max_objects, max_body_bytes, rejected_ids, poison_ids) = {
-        let mut state = shared.lock();
-        let until = match state.behaviour {
-            Behaviour::Accept => at,
-            Behaviour::FailStatus { until, .. }
-            | Behaviour::RateLimited { until, .. }
-            | Behaviour::Hang { until, .. } => until,
-        };
-        if at >= until {
-            state.behaviour = Behaviour::Accept;
-        }
-        let rejected_ids = state.rejected_ids.clone();
-        let poison_ids = state.poison_ids.clone();
-        let (max_objects, max_body_bytes) = (state.max_objects, state.max_body_bytes);
-        (
-            state.behaviour,
-            max_objects,
-            max_body_bytes,
-            rejected_ids,
-            poison_ids,
-        )
+/// The behaviour in force for a request that arrived `at`; an expired one reverts to
+/// `Accept` for good.
+fn current_behaviour(state: &mut State, at: Instant) -> Behaviour {
+    let until = match state.behaviour {
+        Behaviour::Accept => at,
+        Behaviour::FailStatus { until, .. }
+        | Behaviour::RateLimited { until, .. }
+        | Behaviour::Hang { until, .. } => until,
     };
+    if at >= until {
+        state.behaviour = Behaviour::Accept;
+    }
+    state.behaviour
+}
+
+/// Plays a scripted behaviour before the normal checks, on every endpoint: the answer it
+/// forces, or `None` to go on (after a `Hang`'s sleep).
+async fn play(behaviour: Behaviour) -> Option<Reply> {
     match behaviour {
         Behaviour::Accept => {}
         Behaviour::FailStatus { status, .. } => {
@@ -451,22 +500,180 @@ async fn decide(
                 500..=599 => "Internal Server Error",
                 _ => "Bad Request",
             };
-            return Reply::fatal(status, message);
+            return Some(Reply::fatal(status, message));
         }
         Behaviour::RateLimited { retry_after, .. } => {
             let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
             let retry_after = Some(Duration::from_secs(secs));
             let reply = Reply::fatal(StatusCode::TOO_MANY_REQUESTS, "API rate limit reached");
-            return Reply {
+            return Some(Reply {
                 retry_after,
                 ..reply
-            };
+            });
         }
         Behaviour::Hang { delay, .. } => tokio::time::sleep(delay).await,
     }
+    None
+}
+
+/// Whether the request carries the fake's key as `Authorization: Bearer`.
+fn authorised(shared: &Shared, headers: &HeaderMap) -> bool {
     let key = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
-    if key.and_then(|k| k.strip_prefix("Bearer ")) != Some(shared.api_key.as_str()) {
+    key.and_then(|k| k.strip_prefix("Bearer ")) == Some(shared.api_key.as_str())
+}
+
+/// `POST /users/export/ids`: see the module doc.
+async fn export_ids(
+    AxumState(shared): AxumState<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let at = Instant::now();
+    let (seq, rate_headers) = shared.arrive();
+    let parsed = serde_json::from_slice::<Value>(&body).ok();
+    let reply = decide_export(&shared, &headers, parsed.as_ref(), at).await;
+    let log = ExportLog {
+        at,
+        status: reply.status.as_u16(),
+        body: parsed.unwrap_or(Value::Null),
+    };
+    shared.lock().exports.push((seq, log));
+    let mut headers = rate_headers;
+    if reply.status == StatusCode::TOO_MANY_REQUESTS {
+        headers.clear(); // as on /users/track
+    }
+    if let Some(secs) = reply.retry_after.map(|d| HeaderValue::from(d.as_secs())) {
+        headers.insert(RETRY_AFTER, secs.clone());
+        headers.insert(HeaderName::from_static("x-ratelimit-retry-after"), secs);
+    }
+    (reply.status, headers, Json(reply.body)).into_response()
+}
+
+/// The part of an export body the fake reads.
+#[derive(Deserialize)]
+struct ExportRequest {
+    #[serde(default)]
+    external_ids: Vec<String>,
+    fields_to_export: Option<Vec<String>>,
+}
+
+async fn decide_export(
+    shared: &Shared,
+    headers: &HeaderMap,
+    parsed: Option<&Value>,
+    at: Instant,
+) -> Reply {
+    let behaviour = current_behaviour(&mut shared.lock(), at);
+    if let Some(reply) = play(behaviour).await {
+        return reply;
+    }
+    if !authorised(shared, headers) {
         return Reply::fatal(StatusCode::UNAUTHORIZED, "Invalid API Key");
+    }
+    if !shared.lock().may_export_ids {
+        return Reply::fatal(StatusCode::FORBIDDEN, "Access Denied");
+    }
+    let request = parsed.and_then(|v| ExportRequest::deserialize(v).ok());
+    let Some(request) = request else {
+        return Reply::fatal(StatusCode::BAD_REQUEST, "Body must be a JSON object");
+    };
+    let Some(fields) = request.fields_to_export.filter(|f| !f.is_empty()) else {
+        let message = "'fields_to_export' is required";
+        return Reply::fatal(StatusCode::BAD_REQUEST, message);
+    };
+    let wants = |field: &str| fields.iter().any(|f| f == field);
+    let state = shared.lock();
+    let (mut users, mut invalid) = (Vec::new(), Vec::new());
+    for id in request.external_ids {
+        if !state.known_ids.contains(&id) {
+            invalid.push(id);
+            continue;
+        }
+        let mut user = Map::new();
+        if wants("external_id") {
+            user.insert("external_id".into(), id.clone().into());
+        }
+        if wants("custom_attributes") {
+            user.insert(
+                "custom_attributes".into(),
+                custom_attributes(&state, &id).into(),
+            );
+        }
+        users.push(Value::Object(user));
+    }
+    drop(state);
+    let mut body = json!({"message": "success", "users": users});
+    if !invalid.is_empty() {
+        body["invalid_user_ids"] = invalid.into();
+    }
+    Reply {
+        status: StatusCode::CREATED,
+        body,
+        retry_after: None,
+        accepted: Vec::new(),
+    }
+}
+
+/// The custom attributes Braze holds for `external_id`, applying accepted attribute objects
+/// in arrival order (within one request, in the order sent).
+fn custom_attributes(state: &State, external_id: &str) -> Map<String, Value> {
+    let mut objects: Vec<(u64, &Value)> = state
+        .accepted
+        .iter()
+        .filter(|(_, array, object)| {
+            *array == "attributes"
+                && object.get("external_id").and_then(Value::as_str) == Some(external_id)
+        })
+        .map(|(seq, _, object)| (*seq, object))
+        .collect();
+    objects.sort_by_key(|(seq, _)| *seq); // stable: one request's objects keep their order
+    let mut held = Map::new();
+    for (_, object) in objects {
+        for (k, v) in object.as_object().into_iter().flatten() {
+            if PRIMARY_IDS.contains(&k.as_str()) || k.starts_with('_') {
+                continue;
+            }
+            if v.is_null() {
+                held.remove(k);
+            } else {
+                held.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    held
+}
+
+/// Braze's checks in Braze's order; see the module doc.
+async fn decide(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body_bytes: usize,
+    parsed: Option<Value>,
+    at: Instant,
+) -> Reply {
+    let (behaviour, may_track, max_objects, max_body_bytes, rejected_ids, poison_ids) = {
+        let mut state = shared.lock();
+        let behaviour = current_behaviour(&mut state, at);
+        let rejected_ids = state.rejected_ids.clone();
+        let poison_ids = state.poison_ids.clone();
+        let (max_objects, max_body_bytes) = (state.max_objects, state.max_body_bytes);
+        (
+            behaviour,
+            state.may_track,
+            max_objects,
+            max_body_bytes,
+            rejected_ids,
+            poison_ids,
+        )
+    };
+    if let Some(reply) = play(behaviour).await {
+        return reply;
+    }
+    if !authorised(shared, headers) {
+        return Reply::fatal(StatusCode::UNAUTHORIZED, "Invalid API Key");
+    }
+    if !may_track {
+        return Reply::fatal(StatusCode::FORBIDDEN, "Access Denied");
     }
     if body_bytes > max_body_bytes {
         return Reply::fatal(StatusCode::PAYLOAD_TOO_LARGE, "Request Entity Too Large");
@@ -601,6 +808,18 @@ mod tests {
         let response = request.json(body).send().await.expect("fake answers");
         let (status, headers) = (response.status().as_u16(), response.headers().clone());
         (status, headers, response.json().await.expect("JSON answer"))
+    }
+
+    async fn export(fake: &FakeBraze, key: &str, body: &Value) -> (u16, Value) {
+        let url = format!("{}/users/export/ids", fake.url());
+        let request = client(Duration::from_secs(5)).post(url).bearer_auth(key);
+        let response = request.json(body).send().await.expect("fake answers");
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("JSON answer"))
+    }
+
+    fn lookup(ids: &[&str]) -> Value {
+        json!({"external_ids": ids, "fields_to_export": ["external_id", "custom_attributes"]})
     }
 
     fn message(text: &str) -> Value {
@@ -835,6 +1054,105 @@ mod tests {
         let arrivals: Vec<_> = got.iter().map(|(at, _)| *at).collect();
         assert_eq!(arrivals, [requests[0].at, requests[0].at, requests[2].at]);
         assert!(requests[0].at < requests[2].at);
+    }
+
+    #[tokio::test]
+    async fn update_only_objects_for_unknown_users_are_processed_but_create_nobody() {
+        let fake = fake().await;
+        let probe = json!({"external_id": "nobody", "_update_existing_only": true, "x": 1});
+        let (status, _, answer) = send(&fake, KEY, &json!({"attributes": [probe]})).await;
+        let processed = json!({"message": "success", "attributes_processed": 1});
+        assert_eq!((status, answer), (201, processed));
+        assert!(fake.attributes().is_empty() && fake.attribute_state().is_empty());
+        let (_, answer) = export(&fake, KEY, &lookup(&["nobody"])).await;
+        assert_eq!(answer["users"], json!([]));
+
+        // Once the user exists, update-only objects update it.
+        assert_eq!(
+            send(&fake, KEY, &json!({"attributes": [tier("u1", "gold")]}))
+                .await
+                .0,
+            201
+        );
+        let update = json!({"external_id": "u1", "_update_existing_only": true, "tier": "tin"});
+        assert_eq!(
+            send(&fake, KEY, &json!({"attributes": [update]})).await.0,
+            201
+        );
+        assert_eq!(tier_of(&fake, "external_id:u1"), Some("tin".into()));
+    }
+
+    #[tokio::test]
+    async fn export_ids_finds_known_users_and_lists_the_others_as_invalid() {
+        let fake = fake().await;
+        let body = json!({"attributes": [tier("u1", "gold")], "events": [event("u2", TIME)]});
+        assert_eq!(send(&fake, KEY, &body).await.0, 201);
+        let (status, answer) = export(&fake, KEY, &lookup(&["u1", "u2", "u3"])).await;
+        let expected = json!({
+            "message": "success",
+            "users": [
+                {"external_id": "u1", "custom_attributes": {"tier": "gold"}},
+                {"external_id": "u2", "custom_attributes": {}},
+            ],
+            "invalid_user_ids": ["u3"],
+        });
+        assert_eq!((status, answer), (201, expected));
+        let only_ids = json!({"external_ids": ["u1"], "fields_to_export": ["external_id"]});
+        let (_, answer) = export(&fake, KEY, &only_ids).await;
+        assert_eq!(
+            answer,
+            json!({"message": "success", "users": [{"external_id": "u1"}]})
+        );
+        let logged: Vec<_> = fake.export_requests().into_iter().map(|l| l.body).collect();
+        assert_eq!(logged, [lookup(&["u1", "u2", "u3"]), only_ids]);
+        assert_eq!(
+            fake.requests().len(),
+            1,
+            "exports are not /users/track requests"
+        );
+    }
+
+    #[tokio::test]
+    async fn export_ids_without_fields_to_export_is_a_400() {
+        let fake = fake().await;
+        let (status, answer) = export(&fake, KEY, &json!({"external_ids": ["u1"]})).await;
+        assert_eq!(
+            (status, answer),
+            (400, message("'fields_to_export' is required"))
+        );
+        let (status, _) = export(&fake, KEY, &json!(["u1"])).await;
+        assert_eq!(status, 400);
+    }
+
+    #[tokio::test]
+    async fn a_missing_permission_is_a_403_on_its_endpoint_only_and_a_wrong_key_is_still_401() {
+        let fake = fake().await;
+        let body = json!({"attributes": [tier("u1", "gold")]});
+        fake.set_permissions(false, true);
+        let (status, _, answer) = send(&fake, KEY, &body).await;
+        assert_eq!((status, answer), (403, message("Access Denied")));
+        assert!(fake.attributes().is_empty());
+        assert_eq!(export(&fake, KEY, &lookup(&["u1"])).await.0, 201);
+        assert_eq!(send(&fake, "wrong", &body).await.0, 401);
+
+        fake.set_permissions(true, false);
+        let (status, answer) = export(&fake, KEY, &lookup(&["u1"])).await;
+        assert_eq!((status, answer), (403, message("Access Denied")));
+        assert_eq!(export(&fake, "wrong", &lookup(&["u1"])).await.0, 401);
+        assert_eq!(send(&fake, KEY, &body).await.0, 201);
+        let statuses: Vec<_> = fake.export_requests().iter().map(|l| l.status).collect();
+        assert_eq!(statuses, [201, 403, 401]);
+    }
+
+    #[tokio::test]
+    async fn a_scripted_failure_applies_to_export_ids_too() {
+        let fake = fake().await;
+        let until = Instant::now() + LATER;
+        fake.set_behaviour(Behaviour::FailStatus { status: 404, until });
+        let (status, answer) = export(&fake, KEY, &lookup(&["u1"])).await;
+        assert_eq!((status, answer), (404, message("Not Found")));
+        let (status, _, _) = send(&fake, KEY, &json!({"attributes": [tier("u1", "x")]})).await;
+        assert_eq!(status, 404);
     }
 
     #[tokio::test]

@@ -7,10 +7,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde_json::json;
 use subtle::ConstantTimeEq;
@@ -19,8 +19,10 @@ use crate::config::Secret;
 use crate::delivery::gate::Health;
 use crate::delivery::Delivery;
 use crate::ingest::{self, BadInput};
+use crate::members;
 use crate::queue::{Queue, QueueError, Selection};
 use crate::record::Record;
+use futures_util::StreamExt;
 
 /// Bodies bigger than this are parsed on the blocking pool so that a 16 MB upload does not
 /// stall the threads serving everyone else.
@@ -40,6 +42,11 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/v1/memberships", post(post_memberships))
         .route("/v1/events", post(post_events))
+        .route(
+            "/v1/audiences/{audience_id}/splits/{split_id}/members",
+            // Snapshots stream in: tens of millions of ids, read line by line, not buffered.
+            put(put_snapshot).layer(DefaultBodyLimit::disable()),
+        )
         .route("/v1/admin/queue/stats", get(admin_stats))
         .route("/v1/admin/queue/peek", get(admin_peek))
         .route("/v1/admin/queue/dead", get(admin_dead))
@@ -50,6 +57,12 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
+}
+
+impl From<BadInput> for ApiError {
+    fn from(b: BadInput) -> ApiError {
+        ApiError::BadInput(b)
+    }
 }
 
 /// Every way a request can fail, and the answer each one gets.
@@ -95,6 +108,14 @@ impl IntoResponse for ApiError {
                 retry("30", json!({"error": e.to_string()}))
             }
             ApiError::Queue(e @ QueueError::Busy) => retry("1", json!({"error": e.to_string()})),
+            ApiError::Queue(QueueError::Conflict(why)) => {
+                (StatusCode::CONFLICT, Json(json!({ "error": why }))).into_response()
+            }
+            ApiError::Queue(QueueError::Refused(why)) => (
+                StatusCode::BAD_REQUEST,
+                Json(json!({ "error": why, "queued": 0 })),
+            )
+                .into_response(),
             ApiError::Queue(e) => {
                 tracing::error!(error = %e, "ingest could not queue a request; it was refused");
                 retry(
@@ -188,6 +209,73 @@ async fn admin_stats(
     authorize(&state, &headers)?;
     let queue = state.queue.stats().map_err(ApiError::Queue)?;
     Ok(Json(json!({"queue": queue, "delivery": state.delivery.stats()})).into_response())
+}
+
+#[derive(serde::Deserialize)]
+struct SnapshotOptions {
+    /// An empty snapshot empties the split only when asked for explicitly.
+    #[serde(default)]
+    allow_empty: bool,
+}
+
+/// `PUT /v1/audiences/{audience_id}/splits/{split_id}/members`: the whole membership of a
+/// split; queues only who entered and who left (see `queue::snapshot`).
+async fn put_snapshot(
+    State(state): State<Arc<AppState>>,
+    Path((audience, split)): Path<(String, String)>,
+    Query(options): Query<SnapshotOptions>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    if state.stopping.load(Ordering::Relaxed) {
+        return Err(ApiError::Stopping);
+    }
+    for (field, value) in [("audience_id", &audience), ("split_id", &split)] {
+        crate::ingest::check_id_part(value).map_err(|why| {
+            ApiError::BadInput(BadInput {
+                index: None,
+                line: None,
+                field: Some(field.into()),
+                message: why,
+            })
+        })?;
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let format = if content_type.starts_with("text/csv") {
+        Some(members::Format::Csv)
+    } else if content_type.contains("ndjson") || content_type.contains("jsonl") {
+        Some(members::Format::Ndjson)
+    } else {
+        None
+    };
+    let mut upload = state
+        .queue
+        .begin_snapshot(&audience, &split)
+        .map_err(ApiError::Queue)?;
+    let mut reader = members::MemberReader::new(format);
+    let mut add = |user| upload.add(&user).map_err(ApiError::Queue);
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::BadInput(BadInput {
+                index: None,
+                line: None,
+                field: None,
+                message: format!("the upload was cut short ({e}); the previous snapshot stays"),
+            })
+        })?;
+        reader.feed(&chunk, &mut add)?;
+    }
+    reader.finish(&mut add)?;
+    let report = upload
+        .finish(options.allow_empty)
+        .await
+        .map_err(ApiError::Queue)?;
+    Ok(Json(report).into_response())
 }
 
 /// `?limit=N` on the listing endpoints.

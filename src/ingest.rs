@@ -92,6 +92,11 @@ pub fn event(index: usize, line: usize, value: Value) -> Result<Event, BadInput>
     event_of(&object_of(index, line, value)?)
 }
 
+/// A snapshot member's user id from an already-parsed JSON value.
+pub fn user(index: usize, line: usize, value: Value) -> Result<UserId, BadInput> {
+    user_id(&object_of(index, line, value)?)
+}
+
 fn membership_of(raw: &RawRecord) -> Result<Membership, BadInput> {
     Ok(Membership {
         user: user_id(raw)?,
@@ -313,22 +318,27 @@ fn id_part(raw: &RawRecord, field: &str) -> Result<String, BadInput> {
             ))
         }
     };
+    check_id_part(&text).map_err(|why| raw.bad(field, why))?;
+    Ok(text)
+}
+
+/// An audience or split id is part of a Braze attribute name: short, plain characters.
+pub fn check_id_part(text: &str) -> Result<(), String> {
     if text.is_empty() {
-        return Err(raw.bad(field, "must not be empty"));
+        return Err("must not be empty".into());
     }
     if text.len() > MAX_ID_PART_BYTES {
-        return Err(raw.bad(field, format!("is longer than {MAX_ID_PART_BYTES} bytes")));
+        return Err(format!("is longer than {MAX_ID_PART_BYTES} bytes"));
     }
     if !text
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
     {
-        return Err(raw.bad(
-            field,
-            format!("{text:?} may hold only letters, digits, '-' and '_'"),
+        return Err(format!(
+            "{text:?} may hold only letters, digits, '-' and '_'"
         ));
     }
-    Ok(text)
+    Ok(())
 }
 
 /// An RFC 3339 string or Unix seconds, normalised to the UTC RFC 3339 form Braze documents.

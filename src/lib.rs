@@ -18,6 +18,7 @@
 //! - [`record`]: memberships and events as the program sees them.
 //! - [`ingest`]: parsing and validating request bodies, all or nothing, with the place of
 //!   every error.
+//! - [`members`]: a snapshot's member list, read line by line as it streams in.
 //! - [`queue`]: the only owner of sled: durable enqueue (group commit), leases, dead
 //!   letters, bounds, and giving disk space back. Its doc is the on-disk format.
 //! - [`braze`]: the `/users/track` wire format and HTTP client; every answer becomes a named
@@ -29,11 +30,14 @@
 //! - [`import`]: CSV and NDJSON exports into the queue, checked whole before anything is
 //!   queued.
 //! - [`cli`], [`commands`]: the command line.
+//! - [`check`]: the `check` command, proving endpoint, key and both permissions without
+//!   changing any user's data.
 //! - [`demo`]: the newcomer's command, the whole pipeline against the fake Braze.
 //! - [`fake_braze`]: a Braze stand-in on loopback that checks what Braze checks, for tests
 //!   and the demo.
 
 pub mod braze;
+pub mod check;
 pub mod cli;
 pub mod commands;
 pub mod config;
@@ -44,5 +48,6 @@ pub mod fake_braze;
 pub mod http;
 pub mod import;
 pub mod ingest;
+pub mod members;
 pub mod queue;
 pub mod record;

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+use aiq_braze_sync::check;
 use aiq_braze_sync::cli::{Cli, Command, ImportWhat};
 use aiq_braze_sync::commands;
 use aiq_braze_sync::config::Config;
@@ -63,6 +64,7 @@ fn main() -> ExitCode {
                 };
                 import::run(&config, options).await
             }
+            (Command::Check, Some(config)) => Ok(check::run(&config).await.into_result()?),
             (Command::Queue { command }, Some(config)) => {
                 let (op, json) = commands::QueueOp::from_cli(command);
                 commands::queue(config, op, json).await
@@ -74,7 +76,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("aiq-braze-sync: {e:#}");
-            ExitCode::from(commands::ExitCode::Failure as u8)
+            let code = e
+                .downcast_ref::<check::Failed>()
+                .map(check::Failed::exit_code);
+            ExitCode::from(code.unwrap_or(commands::ExitCode::Failure) as u8)
         }
     }
 }

@@ -1,7 +1,9 @@
 //! The HTTP client for Braze: the only place that knows URLs, headers and status codes.
 //!
 //! Every answer is turned into a named `TrackOutcome`, so the delivery loop decides on our
-//! own types and never sees a `reqwest::Response`.
+//! own types and never sees a `reqwest::Response`. The `check` command's two probes
+//! ([`BrazeClient::probe_track`], [`BrazeClient::probe_export_ids`]) answer with a
+//! [`ProbeOutcome`] instead: they ask whether the setup works, not what to do with a batch.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -49,9 +51,53 @@ pub enum TrackOutcome {
     },
 }
 
+/// What one `check` probe learned: whether the endpoint, the key and one permission work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeOutcome {
+    /// A 2xx with Braze's `"message": "success"`: the key holds this endpoint's permission.
+    Ok,
+    /// No HTTP answer at all (DNS, connection, TLS, timeout); `cause` is the error chain.
+    Unreachable { kind: Unreachable, cause: String },
+    /// 401: Braze does not know the key (wrong, revoked, or another instance's).
+    KeyRejected { message: String },
+    /// 403: the key is valid but lacks this endpoint's permission (`Access Denied`), or the
+    /// account's plan or state does not allow the endpoint (`Forbidden`).
+    PermissionMissing { message: String },
+    /// 404 at `url`: the endpoint is not a Braze REST base URL.
+    EndpointWrong { url: String, message: String },
+    /// Anything else: 429, 5xx, a 400, or a 2xx that is not Braze's answer.
+    Other { status: u16, message: String },
+}
+
+/// Why a request got no HTTP answer, as far as the error chain tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unreachable {
+    /// The host name did not resolve.
+    Dns,
+    /// Nothing listens at that host and port.
+    Refused,
+    /// No answer within `braze.request_timeout_ms`.
+    Timeout,
+    /// The TLS handshake failed (a certificate, or a proxy intercepting TLS).
+    Tls,
+    /// Any other transport failure.
+    Other,
+}
+
+/// The start of every synthetic `external_id` the `check` probes use, so anyone who ever
+/// finds one in Braze knows where it came from.
+pub const PROBE_ID_PREFIX: &str = "aiq-braze-sync-check-";
+
+/// A fresh synthetic `external_id` for the `check` probes: the prefix and 64 random bits in
+/// hex, so it is no real user's id and never the id of an earlier check.
+pub fn probe_external_id() -> String {
+    format!("{PROBE_ID_PREFIX}{:016x}", fastrand::u64(..))
+}
+
 pub struct BrazeClient {
     http: reqwest::Client,
     track_url: String,
+    export_ids_url: String,
     api_key: Secret,
 }
 
@@ -92,6 +138,7 @@ impl BrazeClient {
         Ok(BrazeClient {
             http,
             track_url: format!("{}/users/track", config.endpoint),
+            export_ids_url: format!("{}/users/export/ids", config.endpoint),
             api_key: config.api_key.clone(),
         })
     }
@@ -129,6 +176,132 @@ impl BrazeClient {
             }
         };
         classify(status, &headers, &text)
+    }
+
+    /// Proves the key may call `/users/track` without changing any user's data.
+    ///
+    /// It sends one attributes object for `external_id` (a fresh [`probe_external_id`]) with
+    /// `"_update_existing_only": true` and one custom attribute, `aiq_braze_sync_check`. In
+    /// update-only mode Braze creates no profile for an unknown `external_id` (`BRAZE-API.md`
+    /// §1.3), and no profile has this random id, so the object updates nobody and creates
+    /// nobody. Braze still checks the key and its `users.track` permission first, which is all
+    /// the answer has to tell. The attribute is a custom one with a self-describing name so
+    /// that, were Braze ever to apply it, whoever finds it knows what wrote it.
+    pub async fn probe_track(&self, external_id: &str) -> ProbeOutcome {
+        let body = serde_json::json!({
+            "attributes": [{
+                "external_id": external_id,
+                "_update_existing_only": true,
+                "aiq_braze_sync_check": true,
+            }]
+        });
+        self.probe(&self.track_url, &body).await
+    }
+
+    /// Proves the key may call `/users/export/ids`: asks for the `external_id` of the
+    /// synthetic user, which reads nothing of anyone's. `fields_to_export` is mandatory for
+    /// accounts onboarded since August 2024 (`BRAZE-API.md` §3).
+    pub async fn probe_export_ids(&self, external_id: &str) -> ProbeOutcome {
+        let body = serde_json::json!({
+            "external_ids": [external_id],
+            "fields_to_export": ["external_id"],
+        });
+        self.probe(&self.export_ids_url, &body).await
+    }
+
+    async fn probe(&self, url: &str, body: &serde_json::Value) -> ProbeOutcome {
+        let sent = self
+            .http
+            .post(url)
+            .header(CONTENT_TYPE, "application/json")
+            .header(AUTHORIZATION, format!("Bearer {}", self.api_key.expose()))
+            .body(body.to_string())
+            .send()
+            .await;
+        let response = match sent {
+            Ok(r) => r,
+            Err(e) => {
+                return ProbeOutcome::Unreachable {
+                    kind: unreachable_kind(&e),
+                    cause: describe_transport_error(&e),
+                }
+            }
+        };
+        let status = response.status().as_u16();
+        match response.text().await {
+            Ok(text) => classify_probe(status, url, &text),
+            Err(e) => ProbeOutcome::Unreachable {
+                kind: unreachable_kind(&e),
+                cause: format!(
+                    "answered {status}, then the answer was cut: {}",
+                    describe_transport_error(&e)
+                ),
+            },
+        }
+    }
+}
+
+/// What a probe's answer means. Pure, so every status is tested without a network.
+pub fn classify_probe(status: u16, url: &str, body: &str) -> ProbeOutcome {
+    let answer: Option<Answer> = serde_json::from_str(body).ok();
+    let braze_message = answer.and_then(|a| a.message);
+    let message = braze_message
+        .clone()
+        .unwrap_or_else(|| body.trim().chars().take(200).collect());
+    match status {
+        200..=299 if braze_message.as_deref() == Some("success") => ProbeOutcome::Ok,
+        // Something answered, but not the way Braze does: a proxy's or a web server's page.
+        200..=299 => ProbeOutcome::Other {
+            status,
+            message: format!("an answer that is not Braze's ({message:?})"),
+        },
+        401 => ProbeOutcome::KeyRejected { message },
+        403 => ProbeOutcome::PermissionMissing { message },
+        404 => ProbeOutcome::EndpointWrong {
+            url: url.to_owned(),
+            message,
+        },
+        _ => ProbeOutcome::Other { status, message },
+    }
+}
+
+/// Sorts a transport error by what the operator should look at. reqwest wraps hyper, which
+/// wraps the resolver, rustls and the socket, so the chain is searched.
+fn unreachable_kind(e: &reqwest::Error) -> Unreachable {
+    if e.is_timeout() {
+        return Unreachable::Timeout;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    let mut text = String::new();
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => return Unreachable::Refused,
+                std::io::ErrorKind::TimedOut => return Unreachable::Timeout,
+                _ => {}
+            }
+            // tokio-rustls hands rustls's error over wrapped in an io::Error, whose `source`
+            // skips the wrapped error itself.
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<rustls::Error>())
+            {
+                return Unreachable::Tls;
+            }
+        }
+        if s.downcast_ref::<rustls::Error>().is_some() {
+            return Unreachable::Tls;
+        }
+        text.push_str(&s.to_string().to_ascii_lowercase());
+        text.push('\n');
+        source = s.source();
+    }
+    if text.contains("dns error") || text.contains("failed to lookup address") {
+        Unreachable::Dns
+    } else if text.contains("certificate") || text.contains("tls") || text.contains("handshake") {
+        Unreachable::Tls
+    } else {
+        Unreachable::Other
     }
 }
 
@@ -289,6 +462,47 @@ mod tests {
         for s in [408, 429, 500, 502, 503, 504] {
             assert!(matches!(classify(s, &none, ""), TrackOutcome::Retry { .. }));
         }
+    }
+
+    #[test]
+    fn probe_answers_map_to_what_the_operator_must_fix() {
+        let url = "https://rest.iad-01.braze.com/users/track";
+        let success = r#"{"message":"success","attributes_processed":1}"#;
+        assert_eq!(classify_probe(201, url, success), ProbeOutcome::Ok);
+        let key = classify_probe(401, url, r#"{"message":"Invalid API Key"}"#);
+        let message = "Invalid API Key".to_owned();
+        assert_eq!(key, ProbeOutcome::KeyRejected { message });
+        let denied = classify_probe(403, url, r#"{"message":"Access Denied"}"#);
+        let message = "Access Denied".to_owned();
+        assert_eq!(denied, ProbeOutcome::PermissionMissing { message });
+        let wrong = classify_probe(404, url, "<html>Not Found</html>");
+        let (url, message) = (url.to_owned(), "<html>Not Found</html>".to_owned());
+        assert_eq!(wrong, ProbeOutcome::EndpointWrong { url, message });
+        let busy = classify_probe(503, "u", r#"{"message":"Service Unavailable"}"#);
+        let message = "Service Unavailable".to_owned();
+        assert_eq!(
+            busy,
+            ProbeOutcome::Other {
+                status: 503,
+                message
+            }
+        );
+    }
+
+    #[test]
+    fn a_2xx_that_is_not_braze_s_answer_is_not_taken_as_success() {
+        let page = classify_probe(200, "u", "<html>Welcome</html>");
+        assert!(
+            matches!(&page, ProbeOutcome::Other { status: 200, message } if message.contains("not Braze's")),
+            "{page:?}"
+        );
+    }
+
+    #[test]
+    fn probe_ids_are_synthetic_and_fresh() {
+        let (a, b) = (probe_external_id(), probe_external_id());
+        assert!(a.starts_with(PROBE_ID_PREFIX) && a.len() == PROBE_ID_PREFIX.len() + 16);
+        assert_ne!(a, b);
     }
 
     #[test]

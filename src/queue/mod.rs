@@ -46,7 +46,9 @@
 //! so an old `true` never overwrites a newer `false`.
 
 mod admin;
+mod snapshot;
 pub use admin::{PurgeReport, RecordView, RetryReport, Selection};
+pub use snapshot::{SnapshotReport, SnapshotUpload};
 mod commit;
 pub mod format;
 mod state;
@@ -88,6 +90,12 @@ pub enum QueueError {
     /// Making writes durable failed: the disk is full or failing. Nothing was acknowledged.
     #[error("could not make the queue durable: {0}")]
     Sync(String),
+    /// Another operation holds what this one needs (a snapshot of the same split).
+    #[error("{0}")]
+    Conflict(String),
+    /// The request is well-formed but refused as it stands (an empty snapshot).
+    #[error("{0}")]
+    Refused(String),
     #[error("the queue is closed")]
     Closed,
     #[error("queue database is corrupt: {0}")]
@@ -222,6 +230,8 @@ pub struct Queue {
     leases: Mutex<Leases>,
     /// Per-attribute facts that outlive the queue; see `state.rs`.
     state: state::State,
+    /// Splits with a snapshot upload in progress.
+    uploads: snapshot::Uploads,
     committer: Committer,
     counters: Counters,
     work: tokio::sync::Notify,
@@ -283,6 +293,7 @@ impl Queue {
             writer: Mutex::new(next_seq),
             leases: Mutex::new(Leases::default()),
             state,
+            uploads: Default::default(),
             committer,
             counters,
             work: tokio::sync::Notify::new(),

@@ -217,3 +217,41 @@ async fn wait_healthy(client: &reqwest::Client, base: &str) {
     }
     panic!("daemon not healthy within 30 s");
 }
+
+/// A SIGKILL in the middle of a snapshot upload changes nothing: after the restart the next
+/// snapshot is diffed against the last complete one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkill_during_a_snapshot_upload_leaves_the_last_complete_snapshot_as_reference() {
+    use crate::snapshot::{counts, half_upload, ndjson, put};
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeBraze::start(API_KEY).await.unwrap();
+    let port = free_port();
+    let mut daemon = Daemon {
+        config: write_config(dir.path(), &fake, port),
+        log: dir.path().join("daemon.log"),
+        child: None,
+        starts: 0,
+    };
+    daemon.spawn();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = http();
+    wait_healthy(&client, &base).await;
+    let path = "/v1/audiences/77/splits/1/members";
+    let users: Vec<String> = (0..1000).map(|i| format!("s{i}")).collect();
+    let (status, v) = put(&base, path, ndjson(users.clone()), "application/x-ndjson").await;
+    assert_eq!((status, counts(&v)), (200, (1000, 0, 0)), "{v}");
+
+    let half = half_upload(&format!("127.0.0.1:{port}"), path, 20_000).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    daemon.kill9();
+    drop(half);
+    daemon.spawn();
+    wait_healthy(&client, &base).await;
+
+    let mut next = users.clone();
+    next.push("late".into());
+    let (status, v) = put(&base, path, ndjson(next), "application/x-ndjson").await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(counts(&v), (1, 0, 1000), "{v}");
+    assert_eq!(daemon.sigterm(), 0);
+}

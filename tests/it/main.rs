@@ -4,6 +4,7 @@
 //! the library, and for crashes the real binary killed with SIGKILL.
 
 mod bad_input;
+mod check;
 mod common;
 mod crash;
 mod disk;
@@ -15,3 +16,4 @@ mod ordering;
 mod outage;
 mod queue;
 mod queue_tools;
+mod snapshot;
