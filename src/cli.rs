@@ -115,6 +115,19 @@ pub enum ImportWhat {
     Memberships(ImportArgs),
     /// Events: name, external_id or braze_id, time, properties (CSV: other columns too).
     Events(ImportArgs),
+    /// A split's whole membership (one external_id or braze_id per row): only who entered
+    /// and who left since the last snapshot is queued.
+    Snapshot {
+        #[arg(long)]
+        audience: String,
+        #[arg(long)]
+        split: String,
+        /// The member list, or `-` for stdin.
+        file: PathBuf,
+        /// An empty list empties the split only with this flag.
+        #[arg(long)]
+        allow_empty: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]

@@ -421,3 +421,77 @@ impl Progress {
         }
     }
 }
+
+/// `import snapshot`: streams a member list to the daemon's snapshot endpoint, or, when the
+/// daemon is stopped, diffs it against the stored snapshot directly. Either way a list that
+/// fails part-way changes nothing.
+pub async fn snapshot(
+    config: &Config,
+    audience: &str,
+    split: &str,
+    file: &Path,
+    allow_empty: bool,
+) -> anyhow::Result<()> {
+    for (what, id) in [("--audience", audience), ("--split", split)] {
+        ingest::check_id_part(id).map_err(|why| anyhow::anyhow!("{what} {why}"))?;
+    }
+    let started = Instant::now();
+    let source = open(file)?;
+    let name = file.display().to_string();
+    let (report, via) = match crate::daemon::open_queue_if_free(config).await {
+        Ok(queue) => {
+            let mut upload = queue.begin_snapshot(audience, split)?;
+            let mut reader = crate::members::MemberReader::new(None);
+            let mut add = |user| upload.add(&user).map_err(anyhow::Error::from);
+            let mut input = BufReader::with_capacity(1 << 20, source);
+            loop {
+                let buf = input.fill_buf()?;
+                if buf.is_empty() {
+                    break;
+                }
+                let n = buf.len();
+                reader
+                    .feed(buf, &mut add)
+                    .with_context(|| format!("{name}: nothing was changed"))?;
+                input.consume(n);
+            }
+            reader
+                .finish(&mut add)
+                .with_context(|| format!("{name}: nothing was changed"))?;
+            let report = upload.finish(allow_empty).await?;
+            (serde_json::to_value(report)?, "database (daemon stopped)")
+        }
+        Err(QueueError::Locked { .. }) => {
+            let mut addr = config.ingest.listen;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            let url = format!(
+                "http://{addr}/v1/audiences/{audience}/splits/{split}/members?allow_empty={allow_empty}"
+            );
+            let mut request = reqwest::Client::new()
+                .put(&url)
+                .body(reqwest::Body::from(tokio::fs::File::from_std(source)));
+            if let Some(t) = &config.ingest.token {
+                request = request.bearer_auth(t.expose());
+            }
+            let response = request.send().await.with_context(|| format!("PUT {url}"))?;
+            let status = response.status();
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            if !status.is_success() {
+                bail!(
+                    "{name}: the daemon answered {status}: {}; nothing was changed",
+                    body["error"].as_str().unwrap_or("")
+                );
+            }
+            (body, "running daemon")
+        }
+        Err(e) => return Err(e).context("cannot open the queue"),
+    };
+    println!(
+        "snapshot of audience {audience} split {split}: {} entered, {} exited, {} unchanged ({} members) in {:.1} s, through the {via}",
+        report["entered"], report["exited"], report["unchanged"], report["members"],
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

@@ -55,6 +55,15 @@ fn main() -> ExitCode {
                 let (kind, args) = match what {
                     ImportWhat::Memberships(a) => (import::Kind::Memberships, a),
                     ImportWhat::Events(a) => (import::Kind::Events, a),
+                    ImportWhat::Snapshot {
+                        audience,
+                        split,
+                        file,
+                        allow_empty,
+                    } => {
+                        return import::snapshot(&config, &audience, &split, &file, allow_empty)
+                            .await
+                    }
                 };
                 let options = import::Options {
                     kind,

@@ -245,3 +245,61 @@ async fn a_file_with_a_bad_row_queues_nothing_unless_told_to_skip_it() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_file_is_diffed_stopped_and_running_and_a_bad_one_changes_nothing() {
+    let mut s = setup().await;
+    let list = s.dir.path().join("members.csv");
+    std::fs::write(&list, "external_id\na\nb\nc\n").unwrap();
+    let args = ["import", "snapshot", "--audience", "1042", "--split", "1"];
+    let (ok, stdout, stderr) = run(
+        &s.config_path,
+        &[&args[..], &[list.to_str().unwrap()]].concat(),
+        "",
+    )
+    .await;
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("3 entered, 0 exited, 0 unchanged") && stdout.contains("database"),
+        "{stdout}"
+    );
+
+    // A list with a bad line changes nothing.
+    let (ok, _, stderr) = run(
+        &s.config_path,
+        &[&args[..], &["-"]].concat(),
+        "{\"external_id\":\"a\"}\n{\"nobody\":1}\n",
+    )
+    .await;
+    assert!(
+        !ok && stderr.contains("line 2") && stderr.contains("nothing was changed"),
+        "{stderr}"
+    );
+
+    let daemon = aiq_braze_sync::daemon::start(&s.config, s.listener.take().unwrap())
+        .await
+        .unwrap();
+    let (ok, stdout, stderr) = run(
+        &s.config_path,
+        &[&args[..], &["-"]].concat(),
+        "{\"external_id\":\"b\"}\n{\"external_id\":\"d\"}\n",
+    )
+    .await;
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("1 entered, 2 exited, 1 unchanged") && stdout.contains("running daemon"),
+        "{stdout}"
+    );
+    let fake = s.fake.clone();
+    let want = [("a", false), ("b", true), ("c", false), ("d", true)];
+    assert!(
+        wait_until(Duration::from_secs(20), || want.iter().all(|(u, m)| fake
+            .attribute_value(&format!("external_id:{u}"), "AIQ_1042_1")
+            == Some(Value::Bool(*m))))
+        .await
+    );
+    // Empty needs --allow-empty, through the daemon too.
+    let (ok, _, stderr) = run(&s.config_path, &[&args[..], &["-"]].concat(), "").await;
+    assert!(!ok && stderr.contains("allow_empty"), "{stderr}");
+    daemon.shutdown().await.unwrap();
+}
