@@ -35,7 +35,8 @@
 //! number of workers and retries.
 //!
 //! **Giving disk back.** sled never shrinks its files. Long-lived per-attribute state lives in
-//! its own database under `DATA_DIR/state/` (`state.rs`); the queue holds only what churns. Once a backlog has
+//! its own database under `DATA_DIR/state/` (`state.rs`), audience snapshots in sorted files
+//! under `DATA_DIR/snapshots/` (`snapshot.rs`); the queue holds only what churns. Once a backlog has
 //! drained and the generation is large, `maintain` copies the few live keys into the next
 //! generation, syncs it, switches `CURRENT` and deletes the old directory. Ingest answers
 //! 503 with `Retry-After` for that moment (`QueueError::Busy`).
@@ -232,6 +233,8 @@ pub struct Queue {
     state: state::State,
     /// Splits with a snapshot upload in progress.
     uploads: snapshot::Uploads,
+    /// `DATA_DIR/snapshots`: each split's current member set; see `snapshot.rs`.
+    snapshot_dir: PathBuf,
     committer: Committer,
     counters: Counters,
     work: tokio::sync::Notify,
@@ -294,6 +297,7 @@ impl Queue {
             leases: Mutex::new(Leases::default()),
             state,
             uploads: Default::default(),
+            snapshot_dir: data_dir.join("snapshots"),
             committer,
             counters,
             work: tokio::sync::Notify::new(),

@@ -1,35 +1,44 @@
 //! Audience snapshots: the whole membership of a split, diffed against the previous one so
 //! that only entries and exits are queued.
 //!
-//! **On-disk format** (state database, tree `snapshots`; changing it breaks databases):
-//! - `'h' split` → `[1][generation u64 BE][members u64 BE]`: the current snapshot of a split;
-//! - `'m' split generation user` → empty: one member of one generation.
+//! **Why files and not sled.** sled 0.34.7 holds about 3 KB of memory per small key it is
+//! given in bulk (1 M member ids took 3 GB of RSS, 10 M were killed by the OOM killer), so a
+//! member set lives in a sorted file instead: bounded memory, one sequential pass to diff.
 //!
-//! `split` is `len audience_id len split_id` (one length byte each; ids are at most 100
-//! bytes, checked at ingest); `user` is `kind id` (`e` external, `b` braze), so a generation's
-//! members iterate in a stable sorted order and two generations diff in one merged pass,
-//! without holding either in memory.
+//! **On-disk format** (`DATA_DIR/snapshots/<audience>.<split>/`; changing it breaks
+//! existing data: add a new file version instead):
+//! - `CURRENT`: the name of the current generation's file, e.g. `gen-000012.members`;
+//! - `gen-NNNNNN.members`: the members, sorted by their bytes, without duplicates, each as
+//!   `[u16 BE length][kind byte e|b][id]`, after a header `AIQSNAP1`.
 //!
-//! An upload writes generation `current + 1` beside the current one, diffs, queues the
-//! differences (durably), and only then moves the head, with a sync. Anything that stops it
-//! earlier (a bad line, a dropped connection, a crash) leaves the head where it was: the old
-//! snapshot stays the reference, and the next upload first clears any generation that is not
-//! the head. Differences queued by an upload that did not finish are queued again by the next
-//! one; memberships are state, so that costs nothing (they coalesce or are skipped as
-//! unchanged). One upload per split at a time: a second one is refused while the first runs.
+//! An upload sorts what arrives in runs of bounded size (`RUN_BYTES`), merges the runs into
+//! the next generation's file while diffing it, in the same pass, against the current file,
+//! queues the differences durably, fsyncs the new file and only then replaces `CURRENT`
+//! (write, fsync, rename, fsync the directory). Anything that stops it earlier (a bad line, a
+//! dropped connection, a crash) leaves `CURRENT` as it was: the old snapshot stays the
+//! reference, and the next upload first removes every file that `CURRENT` does not name.
+//! Differences queued by an upload that did not finish are queued again by the next one;
+//! memberships are state, so that costs nothing (they coalesce or are skipped as unchanged).
+//! One upload per split at a time: a second one is refused while the first runs.
 
-use std::collections::HashSet;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashSet};
+use std::fs::{self, File};
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use serde::Serialize;
 
+use super::store::{sync_dir, write_atomically};
 use super::{Queue, QueueError};
 use crate::record::{Membership, Record, UserId};
 
-const HEAD: u8 = b'h';
-const MEMBER: u8 = b'm';
-const HEAD_V1: u8 = 1;
-/// Members written per sled batch while staging, and updates queued per durable chunk.
+const MAGIC: &[u8; 8] = b"AIQSNAP1";
+const CURRENT: &str = "CURRENT";
+/// Bytes of member ids sorted in memory at a time; the rest waits in sorted run files.
+const RUN_BYTES: usize = 32 << 20;
+/// Updates queued per durable chunk.
 const CHUNK: usize = 10_000;
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
@@ -43,24 +52,7 @@ pub struct SnapshotReport {
 
 /// Splits with an upload in progress.
 #[derive(Default)]
-pub struct Uploads(Mutex<HashSet<Vec<u8>>>);
-
-fn split_key(audience: &str, split: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(2 + audience.len() + split.len());
-    k.push(audience.len() as u8);
-    k.extend_from_slice(audience.as_bytes());
-    k.push(split.len() as u8);
-    k.extend_from_slice(split.as_bytes());
-    k
-}
-
-fn generation_prefix(split: &[u8], generation: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(1 + split.len() + 8);
-    k.push(MEMBER);
-    k.extend_from_slice(split);
-    k.extend_from_slice(&generation.to_be_bytes());
-    k
-}
+pub struct Uploads(Mutex<HashSet<PathBuf>>);
 
 fn user_bytes(user: &UserId) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + user.value().len());
@@ -82,18 +74,63 @@ fn user_from(bytes: &[u8]) -> Option<UserId> {
     }
 }
 
-/// An upload in progress. Dropping it without `finish` abandons it: the head does not move.
+/// Reads a member file (or a run) in order.
+struct Members(BufReader<File>);
+
+impl Members {
+    fn open(path: &Path) -> io::Result<Members> {
+        let mut r = BufReader::with_capacity(1 << 16, File::open(path)?);
+        let mut magic = [0u8; 8];
+        r.read_exact(&mut magic)?;
+        if &magic != MAGIC {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is not a member file", path.display()),
+            ));
+        }
+        Ok(Members(r))
+    }
+
+    fn next(&mut self) -> io::Result<Option<Vec<u8>>> {
+        let mut len = [0u8; 2];
+        match self.0.read_exact(&mut len) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        let mut m = vec![0u8; u16::from_be_bytes(len) as usize];
+        self.0.read_exact(&mut m)?;
+        Ok(Some(m))
+    }
+}
+
+fn write_members<'m>(path: &Path, members: impl Iterator<Item = &'m Vec<u8>>) -> io::Result<()> {
+    let mut w = BufWriter::with_capacity(1 << 16, File::create(path)?);
+    w.write_all(MAGIC)?;
+    for m in members {
+        write_member(&mut w, m)?;
+    }
+    w.into_inner().map_err(|e| e.into_error())?.sync_data()
+}
+
+fn write_member(w: &mut impl Write, m: &[u8]) -> io::Result<()> {
+    // Ids are at most 987 bytes (checked at ingest): the length fits in two bytes.
+    w.write_all(&(m.len() as u16).to_be_bytes())?;
+    w.write_all(m)
+}
+
+/// An upload in progress. Dropping it without `finish` abandons it: `CURRENT` does not move.
 pub struct SnapshotUpload<'a> {
     queue: &'a Queue,
     audience: String,
     split: String,
-    key: Vec<u8>,
-    current: u64,
-    generation: u64,
-    prefix: Vec<u8>,
-    batch: sled::Batch,
-    in_batch: usize,
-    members: u64,
+    dir: PathBuf,
+    current: Option<(u64, PathBuf)>,
+    buffer: Vec<Vec<u8>>,
+    buffered_bytes: usize,
+    /// Spill to a sorted run past this many buffered bytes.
+    run_bytes: usize,
+    runs: Vec<PathBuf>,
 }
 
 impl Drop for SnapshotUpload<'_> {
@@ -103,7 +140,7 @@ impl Drop for SnapshotUpload<'_> {
             .0
             .lock()
             .expect("snapshot upload lock poisoned")
-            .remove(&self.key);
+            .remove(&self.dir);
     }
 }
 
@@ -115,147 +152,199 @@ impl Queue {
         audience: &str,
         split: &str,
     ) -> Result<SnapshotUpload<'_>, QueueError> {
-        let key = split_key(audience, split);
+        // Audience and split ids are letters, digits, '-' and '_' (checked at ingest), so
+        // they are safe in a file name and '.' cannot be part of either.
+        let dir = self.snapshot_dir.join(format!("{audience}.{split}"));
         if !self
             .uploads
             .0
             .lock()
             .expect("snapshot upload lock poisoned")
-            .insert(key.clone())
+            .insert(dir.clone())
         {
             return Err(QueueError::Conflict(format!(
                 "a snapshot of audience {audience} split {split} is already being uploaded"
             )));
         }
-        let upload = SnapshotUpload {
+        let mut upload = SnapshotUpload {
             queue: self,
             audience: audience.to_string(),
             split: split.to_string(),
-            current: 0,
-            generation: 0,
-            prefix: Vec::new(),
-            batch: sled::Batch::default(),
-            in_batch: 0,
-            members: 0,
-            key,
+            dir,
+            current: None,
+            buffer: Vec::new(),
+            buffered_bytes: 0,
+            run_bytes: RUN_BYTES,
+            runs: Vec::new(),
         };
-        upload.prepare()
+        upload.prepare()?;
+        Ok(upload)
     }
 }
 
-impl<'a> SnapshotUpload<'a> {
-    fn tree(&self) -> &sled::Tree {
-        &self.queue.state.snapshots
-    }
-
-    /// Reads the head and clears what earlier uploads left behind (any generation but it).
-    fn prepare(mut self) -> Result<SnapshotUpload<'a>, QueueError> {
-        let mut head_key = vec![HEAD];
-        head_key.extend_from_slice(&self.key);
-        self.current = match self.tree().get(&head_key)? {
-            Some(v) if v.first() == Some(&HEAD_V1) && v.len() >= 9 => {
-                u64::from_be_bytes(v[1..9].try_into().expect("8 bytes"))
+impl SnapshotUpload<'_> {
+    /// Reads `CURRENT` and removes what earlier uploads left behind.
+    fn prepare(&mut self) -> Result<(), QueueError> {
+        fs::create_dir_all(&self.dir)?;
+        let current = match fs::read_to_string(self.dir.join(CURRENT)) {
+            Ok(name) => {
+                let name = name.trim().to_string();
+                let generation = name
+                    .strip_prefix("gen-")
+                    .and_then(|n| n.strip_suffix(".members"))
+                    .and_then(|n| n.parse().ok())
+                    .ok_or_else(|| {
+                        QueueError::Corrupt(format!(
+                            "{} names {name:?}",
+                            self.dir.join(CURRENT).display()
+                        ))
+                    })?;
+                Some((generation, self.dir.join(name)))
             }
-            _ => 0,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e.into()),
         };
-        let mut all = vec![MEMBER];
-        all.extend_from_slice(&self.key);
-        let keep = generation_prefix(&self.key, self.current);
-        let mut batch = sled::Batch::default();
-        for item in self.tree().scan_prefix(&all).keys() {
-            let k = item?;
-            if !k.starts_with(&keep) {
-                batch.remove(k);
+        for entry in fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            let keep = path.file_name() == Some(CURRENT.as_ref())
+                || current.as_ref().is_some_and(|(_, p)| *p == path);
+            if !keep {
+                fs::remove_file(&path)?;
             }
         }
-        self.tree().apply_batch(batch)?;
-        self.generation = self.current + 1;
-        self.prefix = generation_prefix(&self.key, self.generation);
-        Ok(self)
+        self.current = current;
+        Ok(())
     }
 
-    /// Adds members (duplicates count once).
+    /// Sorts in runs of this many bytes instead of `RUN_BYTES` (tests use tiny runs to
+    /// exercise the merge).
+    pub fn with_run_bytes(mut self, bytes: usize) -> Self {
+        self.run_bytes = bytes.max(1);
+        self
+    }
+
+    /// Adds a member (duplicates count once).
     pub fn add(&mut self, user: &UserId) -> Result<(), QueueError> {
-        let mut k = self.prefix.clone();
-        k.extend_from_slice(&user_bytes(user));
-        self.batch.insert(k, &[]);
-        self.in_batch += 1;
-        if self.in_batch >= CHUNK {
-            self.flush_batch()?;
+        let m = user_bytes(user);
+        self.buffered_bytes += m.len() + 24;
+        self.buffer.push(m);
+        if self.buffered_bytes >= self.run_bytes {
+            self.spill()?;
         }
         Ok(())
     }
 
-    fn flush_batch(&mut self) -> Result<(), QueueError> {
-        let batch = std::mem::take(&mut self.batch);
-        self.in_batch = 0;
-        self.queue.state.snapshots.apply_batch(batch)?;
+    /// Sorts what is buffered into a run file.
+    fn spill(&mut self) -> Result<(), QueueError> {
+        self.buffer.sort_unstable();
+        self.buffer.dedup();
+        let path = self.dir.join(format!("run-{:04}.tmp", self.runs.len()));
+        write_members(&path, self.buffer.iter())?;
+        self.buffer.clear();
+        self.buffered_bytes = 0;
+        self.runs.push(path);
         Ok(())
     }
 
-    /// Diffs against the current snapshot, queues `true` for users who entered and `false`
-    /// for those who left (durably), then makes this snapshot the current one.
+    /// Merges the runs into the next generation while diffing it against the current one,
+    /// queues `true` for users who entered and `false` for those who left (durably), then
+    /// makes the new generation current.
     pub async fn finish(mut self, allow_empty: bool) -> Result<SnapshotReport, QueueError> {
-        self.flush_batch()?;
-        self.members = self.tree().scan_prefix(&self.prefix).keys().count() as u64;
-        if self.members == 0 && !allow_empty {
+        self.spill()?;
+        let generation = self.current.as_ref().map_or(1, |(g, _)| g + 1);
+        let name = format!("gen-{generation:06}.members");
+        let new_path = self.dir.join(&name);
+        let mut out = BufWriter::with_capacity(1 << 16, File::create(&new_path)?);
+        out.write_all(MAGIC)?;
+
+        // The new members, in order, without duplicates: a k-way merge of the runs.
+        let mut runs = self
+            .runs
+            .iter()
+            .map(|p| Members::open(p))
+            .collect::<io::Result<Vec<_>>>()?;
+        let mut heap = BinaryHeap::new();
+        for (i, run) in runs.iter_mut().enumerate() {
+            if let Some(m) = run.next()? {
+                heap.push(Reverse((m, i)));
+            }
+        }
+        let mut next_new = |heap: &mut BinaryHeap<Reverse<(Vec<u8>, usize)>>,
+                            last: &mut Option<Vec<u8>>|
+         -> io::Result<Option<Vec<u8>>> {
+            while let Some(Reverse((m, i))) = heap.pop() {
+                if let Some(n) = runs[i].next()? {
+                    heap.push(Reverse((n, i)));
+                }
+                if last.as_ref() != Some(&m) {
+                    *last = Some(m.clone());
+                    return Ok(Some(m));
+                }
+            }
+            Ok(None)
+        };
+        let mut old = match &self.current {
+            Some((_, path)) => Some(Members::open(path)?),
+            None => None,
+        };
+        let next_old = |old: &mut Option<Members>| -> io::Result<Option<Vec<u8>>> {
+            match old {
+                Some(o) => o.next(),
+                None => Ok(None),
+            }
+        };
+
+        let mut report = SnapshotReport {
+            generation,
+            ..SnapshotReport::default()
+        };
+        let mut last = None;
+        let (mut a, mut b) = (next_old(&mut old)?, next_new(&mut heap, &mut last)?);
+        if b.is_none() && !allow_empty {
             return Err(QueueError::Refused(
                 "the snapshot is empty; an empty export is more often a broken export than an \
                  emptied audience. To really empty the split, send it again with ?allow_empty=true"
                     .into(),
             ));
         }
-        let mut report = SnapshotReport {
-            members: self.members,
-            generation: self.generation,
-            ..SnapshotReport::default()
-        };
-        let old_prefix = generation_prefix(&self.key, self.current);
-        let mut old = self.tree().scan_prefix(&old_prefix);
-        let mut new = self.tree().scan_prefix(&self.prefix);
-        let next = |it: &mut sled::Iter, skip: usize| -> Result<Option<Vec<u8>>, QueueError> {
-            Ok(it.next().transpose()?.map(|(k, _)| k[skip..].to_vec()))
-        };
-        let (mut a, mut b) = (
-            next(&mut old, old_prefix.len())?,
-            next(&mut new, self.prefix.len())?,
-        );
         let mut chunk = Vec::with_capacity(CHUNK);
-        // Both generations iterate in the same sorted order: one merged pass finds the users
-        // only in the old one (exited) and only in the new one (entered).
         loop {
             let (user, member) = match (&a, &b) {
                 (None, None) => break,
                 (Some(x), Some(y)) if x == y => {
+                    write_member(&mut out, y)?;
+                    report.members += 1;
                     report.unchanged += 1;
-                    a = next(&mut old, old_prefix.len())?;
-                    b = next(&mut new, self.prefix.len())?;
+                    a = next_old(&mut old)?;
+                    b = next_new(&mut heap, &mut last)?;
                     continue;
                 }
                 (Some(x), Some(y)) if x < y => {
                     let user = x.clone();
-                    a = next(&mut old, old_prefix.len())?;
+                    a = next_old(&mut old)?;
                     (user, false)
                 }
                 (Some(x), None) => {
                     let user = x.clone();
-                    a = next(&mut old, old_prefix.len())?;
+                    a = next_old(&mut old)?;
                     (user, false)
                 }
                 (_, Some(y)) => {
+                    write_member(&mut out, y)?;
+                    report.members += 1;
                     let user = y.clone();
-                    b = next(&mut new, self.prefix.len())?;
+                    b = next_new(&mut heap, &mut last)?;
                     (user, true)
                 }
-            };
-            let Some(user) = user_from(&user) else {
-                continue;
             };
             if member {
                 report.entered += 1;
             } else {
                 report.exited += 1;
             }
+            let Some(user) = user_from(&user) else {
+                continue;
+            };
             chunk.push(Record::Membership(Membership {
                 user,
                 audience_id: self.audience.clone(),
@@ -270,19 +359,15 @@ impl<'a> SnapshotUpload<'a> {
         self.queue.enqueue(chunk).await?;
 
         // Only now, with every difference durable, does this snapshot become the reference.
-        let mut head_key = vec![HEAD];
-        head_key.extend_from_slice(&self.key);
-        let mut head = vec![HEAD_V1];
-        head.extend_from_slice(&self.generation.to_be_bytes());
-        head.extend_from_slice(&self.members.to_be_bytes());
-        self.tree().insert(head_key, head)?;
-        self.queue.state.sync()?;
-        // The old generation is garbage now; the next upload would clear it anyway.
-        let mut batch = sled::Batch::default();
-        for k in self.tree().scan_prefix(&old_prefix).keys() {
-            batch.remove(k?);
+        out.into_inner().map_err(|e| e.into_error())?.sync_data()?;
+        write_atomically(&self.dir.join(CURRENT), name.as_bytes())?;
+        sync_dir(&self.dir)?;
+        if let Some((_, path)) = &self.current {
+            fs::remove_file(path)?;
         }
-        self.tree().apply_batch(batch)?;
+        for run in &self.runs {
+            let _ = fs::remove_file(run);
+        }
         Ok(report)
     }
 }

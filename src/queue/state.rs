@@ -32,11 +32,9 @@ pub struct Settled {
 }
 
 pub struct State {
-    db: sled::Db,
-    dir: std::path::PathBuf,
+    /// Held so the database stays open; `settled` is a tree inside it.
+    _db: sled::Db,
     settled: sled::Tree,
-    /// Audience snapshots; see `snapshot.rs`.
-    pub snapshots: sled::Tree,
 }
 
 impl State {
@@ -48,20 +46,7 @@ impl State {
             .open()
             .map_err(|e| QueueError::from_sled_open(dir, e))?;
         let settled = db.open_tree("settled")?;
-        let snapshots = db.open_tree("snapshots")?;
-        Ok(State {
-            db,
-            dir: dir.to_path_buf(),
-            settled,
-            snapshots,
-        })
-    }
-
-    /// Makes everything written so far durable (sled's flush does not fsync; see the queue).
-    pub fn sync(&self) -> Result<(), QueueError> {
-        self.db.flush()?;
-        std::fs::File::open(self.dir.join("db"))?.sync_data()?;
-        Ok(())
+        Ok(State { _db: db, settled })
     }
 
     pub fn settled(&self, latest_key: &[u8]) -> Result<Option<Settled>, QueueError> {

@@ -147,12 +147,24 @@ pub fn read_current(queue_dir: &Path) -> Result<Option<u64>, QueueError> {
 
 /// Points CURRENT at a generation, atomically and durably.
 pub fn write_current(queue_dir: &Path, generation: u64) -> io::Result<()> {
-    let tmp = queue_dir.join("CURRENT.tmp");
+    write_atomically(
+        &queue_dir.join(CURRENT),
+        format!("{GEN_PREFIX}{generation:06}\n").as_bytes(),
+    )
+}
+
+/// Replaces a small file so that a crash leaves the old or the new contents, never a mix:
+/// write a temporary beside it, fsync, rename over it, fsync the directory.
+pub fn write_atomically(path: &Path, contents: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
     let mut f = File::create(&tmp)?;
-    writeln!(f, "{GEN_PREFIX}{generation:06}")?;
+    f.write_all(contents)?;
     f.sync_all()?;
-    fs::rename(&tmp, queue_dir.join(CURRENT))?;
-    sync_dir(queue_dir)
+    fs::rename(&tmp, path)?;
+    match path.parent() {
+        Some(dir) => sync_dir(dir),
+        None => Ok(()),
+    }
 }
 
 /// Removes every generation directory except the current one: leftovers of a rebuild that

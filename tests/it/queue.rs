@@ -221,3 +221,49 @@ async fn an_update_braze_already_has_is_not_queued_again() {
     q.enqueue(vec![member("u", true)]).await.unwrap();
     assert_eq!(q.pending(), 0);
 }
+
+#[tokio::test]
+async fn a_snapshot_larger_than_memory_is_merged_from_sorted_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), settings(1_000_000)).unwrap();
+    // 5,000 users in a scrambled order, each twice, sorted in runs of about 100 ids.
+    let users: Vec<u64> = (0..5000u64).map(|i| (i * 7919) % 5000).collect();
+    let mut upload = q.begin_snapshot("a", "1").unwrap().with_run_bytes(4096);
+    for u in users.iter().chain(users.iter()) {
+        upload.add(&UserId::External(format!("u{u}"))).unwrap();
+    }
+    let report = upload.finish(false).await.unwrap();
+    assert_eq!(
+        (
+            report.entered,
+            report.exited,
+            report.unchanged,
+            report.members
+        ),
+        (5000, 0, 0, 5000)
+    );
+    assert_eq!(q.pending(), 5000);
+
+    // Half leave, 100 enter.
+    let mut upload = q.begin_snapshot("a", "1").unwrap().with_run_bytes(4096);
+    for u in (2500..5100u64).rev() {
+        upload.add(&UserId::External(format!("u{u}"))).unwrap();
+    }
+    let report = upload.finish(false).await.unwrap();
+    assert_eq!(
+        (
+            report.entered,
+            report.exited,
+            report.unchanged,
+            report.members
+        ),
+        (100, 2500, 2500, 2600)
+    );
+    // Only the current generation's file remains.
+    let files: Vec<_> = std::fs::read_dir(dir.path().join("snapshots/a.1"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(files.len(), 2, "{files:?}");
+}
