@@ -210,7 +210,7 @@ impl Queue {
             missing,
             ..RetryReport::default()
         };
-        let mut staging = Staging::new(&store.tree, &self.state, *next_seq);
+        let mut staging = Staging::new(&store.tree, &self.state, &self.counters, &mut next_seq);
         // Original sequence numbers of the updates retried in this call, per attribute: a
         // retried update is compared with others by when it was first accepted.
         let mut retried_here: HashMap<Vec<u8>, u64> = HashMap::new();
@@ -243,7 +243,7 @@ impl Queue {
                 report.superseded.push(id);
             }
         }
-        *next_seq = staging.apply(&self.counters)?;
+        staging.apply()?;
         let gone = (report.retried.len() + report.superseded.len()) as u64;
         self.counters.dead.fetch_sub(gone, Ordering::Relaxed);
         Ok(report)

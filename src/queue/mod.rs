@@ -73,6 +73,9 @@ use format::{
 };
 use store::Store;
 
+/// Records per sled batch within one enqueue; see `Staging::flush`.
+const SUB_BATCH: usize = 1000;
+
 /// A rebuild copies the live keys with ingest paused, so it waits until at most this many are
 /// left (a few milliseconds of copying).
 const COMPACT_MAX_LIVE: u64 = 10_000;
@@ -346,11 +349,11 @@ impl Queue {
         let store = self.read_store()?;
         let mut next_seq = self.writer.lock().expect("queue writer lock poisoned");
         let accepted_at = now_ms();
-        let mut staging = Staging::new(&store.tree, &self.state, *next_seq);
+        let mut staging = Staging::new(&store.tree, &self.state, &self.counters, &mut next_seq);
         for record in records {
             staging.add(record, encode(record, accepted_at))?;
         }
-        *next_seq = staging.apply(&self.counters)?;
+        staging.apply()?;
         self.counters
             .accepted
             .fetch_add(records.len() as u64, Ordering::Relaxed);
@@ -697,6 +700,12 @@ fn attribute_json(record: &Record) -> Option<&'static [u8]> {
 /// this same batch.
 struct Staging<'a> {
     tree: &'a sled::Tree,
+    counters: &'a Counters,
+    /// The queue's next sequence number (behind the writer lock), moved forward as each
+    /// sub-batch lands, so numbers already written are never handed out again.
+    applied_seq: &'a mut u64,
+    /// Records in `batch` not yet applied.
+    staged: usize,
     /// Consulted to skip an update whose value Braze already has.
     state: &'a state::State,
     batch: sled::Batch,
@@ -710,9 +719,18 @@ struct Staging<'a> {
 }
 
 impl<'a> Staging<'a> {
-    fn new(tree: &'a sled::Tree, state: &'a state::State, next_seq: u64) -> Staging<'a> {
+    fn new(
+        tree: &'a sled::Tree,
+        state: &'a state::State,
+        counters: &'a Counters,
+        applied_seq: &'a mut u64,
+    ) -> Staging<'a> {
+        let next_seq = *applied_seq;
         Staging {
             tree,
+            counters,
+            applied_seq,
+            staged: 0,
             state,
             batch: sled::Batch::default(),
             latest_here: HashMap::new(),
@@ -764,25 +782,40 @@ impl<'a> Staging<'a> {
             }
         }
         self.next_seq += 1;
+        self.staged += 1;
+        if self.staged >= SUB_BATCH {
+            self.flush()?;
+        }
         Ok(true)
     }
 
+    /// Applies what is staged. Big requests go to sled in sub-batches: sled 0.34.7 holds
+    /// several KB of memory per small value given to it in one huge batch. Nothing is
+    /// acknowledged before the commit that follows, so a crash between sub-batches only
+    /// means the client's retry sends some records twice (at least once), never a loss.
+    fn flush(&mut self) -> Result<(), QueueError> {
+        let mut batch = std::mem::take(&mut self.batch);
+        batch.insert(META_NEXT_SEQ, &self.next_seq.to_be_bytes());
+        self.tree.apply_batch(batch)?;
+        *self.applied_seq = self.next_seq;
+        // Applied: later records find these in the tree.
+        self.latest_here.clear();
+        self.staged = 0;
+        let c = self.counters;
+        c.events
+            .fetch_add(std::mem::take(&mut self.events), Ordering::Relaxed);
+        c.attributes
+            .fetch_add(std::mem::take(&mut self.attributes), Ordering::Relaxed);
+        c.coalesced
+            .fetch_add(std::mem::take(&mut self.coalesced), Ordering::Relaxed);
+        c.unchanged
+            .fetch_add(std::mem::take(&mut self.unchanged), Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Applies the batch atomically with the new sequence high-water mark; returns it.
-    fn apply(mut self, counters: &Counters) -> Result<u64, QueueError> {
-        self.batch
-            .insert(META_NEXT_SEQ, &self.next_seq.to_be_bytes());
-        self.tree.apply_batch(self.batch)?;
-        counters.events.fetch_add(self.events, Ordering::Relaxed);
-        counters
-            .attributes
-            .fetch_add(self.attributes, Ordering::Relaxed);
-        counters
-            .coalesced
-            .fetch_add(self.coalesced, Ordering::Relaxed);
-        counters
-            .unchanged
-            .fetch_add(self.unchanged, Ordering::Relaxed);
-        Ok(self.next_seq)
+    fn apply(mut self) -> Result<(), QueueError> {
+        self.flush()
     }
 }
 
