@@ -47,6 +47,7 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
             // Snapshots stream in: tens of millions of ids, read line by line, not buffered.
             put(put_snapshot).layer(DefaultBodyLimit::disable()),
         )
+        .route("/users/export/ids", post(export_ids))
         .route("/v1/admin/queue/stats", get(admin_stats))
         .route("/v1/admin/queue/peek", get(admin_peek))
         .route("/v1/admin/queue/dead", get(admin_dead))
@@ -209,6 +210,35 @@ async fn admin_stats(
     authorize(&state, &headers)?;
     let queue = state.queue.stats().map_err(ApiError::Queue)?;
     Ok(Json(json!({"queue": queue, "delivery": state.delivery.stats()})).into_response())
+}
+
+/// `POST /users/export/ids`, Braze-compatible: forwarded to Braze synchronously (a read needs
+/// no queue), so a Braze client pointed at the daemon can still look users up. The client
+/// authenticates with the ingest token as its "API key"; Braze sees the real key.
+async fn export_ids(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    match state
+        .delivery
+        .client
+        .forward_export_ids(body.to_vec())
+        .await
+    {
+        Ok((status, body)) => Ok((
+            StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+            [(header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response()),
+        Err(why) => Ok((
+            StatusCode::BAD_GATEWAY,
+            Json(json!({ "message": format!("Braze could not be reached: {why}") })),
+        )
+            .into_response()),
+    }
 }
 
 #[derive(serde::Deserialize)]

@@ -209,6 +209,28 @@ impl BrazeClient {
         self.probe(&self.export_ids_url, &body).await
     }
 
+    /// Forwards a `/users/export/ids` request as it came and returns Braze's answer as it
+    /// came (status, JSON body). It is a read: nothing is queued, and a client that checks
+    /// users through the daemon sees exactly what Braze says. `Err` when Braze could not be
+    /// reached at all.
+    pub async fn forward_export_ids(&self, body: Vec<u8>) -> Result<(u16, Vec<u8>), String> {
+        let response = self
+            .http
+            .post(&self.export_ids_url)
+            .header(CONTENT_TYPE, "application/json")
+            .header(AUTHORIZATION, format!("Bearer {}", self.api_key.expose()))
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| describe_transport_error(&e))?;
+        let status = response.status().as_u16();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| describe_transport_error(&e))?;
+        Ok((status, body.to_vec()))
+    }
+
     async fn probe(&self, url: &str, body: &serde_json::Value) -> ProbeOutcome {
         let sent = self
             .http

@@ -157,3 +157,48 @@ async fn a_record_braze_refuses_alone_is_dead_lettered_and_the_rest_delivered() 
     assert_eq!(fake.requests().len(), 1, "a refused record is not retried");
     env.shutdown().await;
 }
+
+/// `POST /users/export/ids` is forwarded to Braze as it came, with the real key, and Braze's
+/// answer comes back as it was: a Braze client checking users through the daemon still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_export_ids_lookup_is_forwarded_to_braze_and_answered_as_braze_answered() {
+    let mut env = Env::start().await;
+    // Make "u1" known to Braze first.
+    let (status, _) = env
+        .post(
+            "/v1/memberships",
+            array(&[membership("u1", "a", "1", true)]),
+        )
+        .await;
+    assert_eq!(status, 202);
+    let fake = env.fake.clone();
+    assert!(wait_until(Duration::from_secs(10), || !fake.attributes().is_empty()).await);
+
+    let body =
+        serde_json::json!({"external_ids": ["u1", "nobody"], "fields_to_export": ["external_id"]});
+    let (status, answer) = env.post("/users/export/ids", body.to_string()).await;
+    assert!((200..300).contains(&status), "{status} {answer}");
+    assert_eq!(answer["message"], "success", "{answer}");
+    assert_eq!(
+        answer["invalid_user_ids"],
+        serde_json::json!(["nobody"]),
+        "{answer}"
+    );
+    assert_eq!(fake.export_requests().len(), 1);
+
+    // Braze's refusals come back as they were (fields_to_export is mandatory).
+    let (status, _) = env
+        .post("/users/export/ids", r#"{"external_ids":["u1"]}"#)
+        .await;
+    assert_eq!(status, 400);
+    // And the daemon's own token guards it.
+    let r = env
+        .client
+        .post(format!("{}/users/export/ids", env.base))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    env.shutdown().await;
+}
