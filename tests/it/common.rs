@@ -187,3 +187,15 @@ pub fn dead_letters(env: &Env) -> Vec<(String, String)> {
         .map(|d| (d.user, d.reason.unwrap_or_default()))
         .collect()
 }
+
+/// A membership record of audience `a` split `1`, for tests that drive the queue directly.
+pub fn member(user: &str, member: bool) -> aiq_braze_sync::record::Record {
+    use aiq_braze_sync::record::{Membership, Record, UserId};
+    Record::Membership(Membership {
+        user: UserId::External(user.into()),
+        audience_id: "a".into(),
+        split_id: "1".into(),
+        member,
+        time: None,
+    })
+}

@@ -85,18 +85,7 @@ fn free_port() -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_acknowledged_record_is_lost_across_sigkills() {
     let dir = tempfile::tempdir().unwrap();
-    let fake = FakeBraze::start(API_KEY).await.unwrap();
-    let port = free_port();
-    let mut daemon = Daemon {
-        config: write_config(dir.path(), &fake, port),
-        log: dir.path().join("daemon.log"),
-        child: None,
-        starts: 0,
-    };
-    daemon.spawn();
-    let base = format!("http://127.0.0.1:{port}");
-    let client = http();
-    wait_healthy(&client, &base).await;
+    let (fake, mut daemon, _port, base, client) = start_binary(dir.path()).await;
 
     // Four writers post events (unique ids) and memberships (unique users) until told to
     // stop, recording what was acknowledged.
@@ -205,6 +194,23 @@ async fn no_acknowledged_record_is_lost_across_sigkills() {
     );
 }
 
+/// A fake Braze and the real binary talking to it on a free port, healthy.
+async fn start_binary(dir: &Path) -> (FakeBraze, Daemon, u16, String, reqwest::Client) {
+    let fake = FakeBraze::start(API_KEY).await.unwrap();
+    let port = free_port();
+    let mut daemon = Daemon {
+        config: write_config(dir, &fake, port),
+        log: dir.join("daemon.log"),
+        child: None,
+        starts: 0,
+    };
+    daemon.spawn();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = http();
+    wait_healthy(&client, &base).await;
+    (fake, daemon, port, base, client)
+}
+
 async fn wait_healthy(client: &reqwest::Client, base: &str) {
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(30) {
@@ -224,18 +230,7 @@ async fn wait_healthy(client: &reqwest::Client, base: &str) {
 async fn a_sigkill_during_a_snapshot_upload_leaves_the_last_complete_snapshot_as_reference() {
     use crate::snapshot::{counts, half_upload, ndjson, put};
     let dir = tempfile::tempdir().unwrap();
-    let fake = FakeBraze::start(API_KEY).await.unwrap();
-    let port = free_port();
-    let mut daemon = Daemon {
-        config: write_config(dir.path(), &fake, port),
-        log: dir.path().join("daemon.log"),
-        child: None,
-        starts: 0,
-    };
-    daemon.spawn();
-    let base = format!("http://127.0.0.1:{port}");
-    let client = http();
-    wait_healthy(&client, &base).await;
+    let (_fake, mut daemon, port, base, client) = start_binary(dir.path()).await;
     let path = "/v1/audiences/77/splits/1/members";
     let users: Vec<String> = (0..1000).map(|i| format!("s{i}")).collect();
     let (status, v) = put(&base, path, ndjson(users.clone()), "application/x-ndjson").await;

@@ -3,7 +3,9 @@
 use std::sync::Arc;
 
 use aiq_braze_sync::queue::{BatchLimits, Outcome, Queue, QueueError, QueueSettings};
-use aiq_braze_sync::record::{Event, Membership, Record, UserId};
+use aiq_braze_sync::record::{Event, Record, UserId};
+
+use crate::common::member;
 
 fn settings(max_records: u64) -> QueueSettings {
     QueueSettings {
@@ -20,16 +22,6 @@ fn limits() -> BatchLimits {
         per_array: false,
         max_bytes: 3_500_000,
     }
-}
-
-fn member(user: &str, member: bool) -> Record {
-    Record::Membership(Membership {
-        user: UserId::External(user.into()),
-        audience_id: "a".into(),
-        split_id: "1".into(),
-        member,
-        time: None,
-    })
 }
 
 fn event(n: u32) -> Record {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use aiq_braze_sync::config::Config;
 use aiq_braze_sync::fake_braze::FakeBraze;
 use aiq_braze_sync::queue::{BatchLimits, Outcome, Queue};
-use aiq_braze_sync::record::{Event, Membership, Record, UserId};
+use aiq_braze_sync::record::{Event, Record, UserId};
 use serde_json::Value;
 
 use crate::common::*;
@@ -38,16 +38,6 @@ async fn cli_json(config: &Path, args: &[&str]) -> Value {
     .unwrap();
     assert!(ok, "{stderr}");
     serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
-}
-
-fn member(user: &str, member: bool) -> Record {
-    Record::Membership(Membership {
-        user: UserId::External(user.into()),
-        audience_id: "a".into(),
-        split_id: "1".into(),
-        member,
-        time: None,
-    })
 }
 
 /// Queues `record` and gives it `outcome` as a worker would; returns its id.
