@@ -202,3 +202,51 @@ async fn a_users_export_ids_lookup_is_forwarded_to_braze_and_answered_as_braze_a
     assert_eq!(r.status(), 401);
     env.shutdown().await;
 }
+
+/// Past the queue's bound ingest answers 503 with Retry-After and queues nothing of that
+/// request; what was accepted before is kept and delivered, and ingest recovers once it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_bound_ingest_answers_503_and_loses_nothing_accepted() {
+    use aiq_braze_sync::fake_braze::Behaviour;
+    let mut env = Env::start_with(|c| c.queue.max_records = 100).await;
+    env.fake.set_behaviour(Behaviour::FailStatus {
+        status: 503,
+        until: std::time::Instant::now() + Duration::from_secs(3600),
+    });
+    let (status, _) = env
+        .post("/v1/events", array(&(0..80).map(event).collect::<Vec<_>>()))
+        .await;
+    assert_eq!(status, 202);
+    let r = env
+        .client
+        .post(format!("{}/v1/events", env.base))
+        .bearer_auth(TOKEN)
+        .body(array(&(80..120).map(event).collect::<Vec<_>>()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().get("retry-after").is_some());
+    assert_eq!(env.stats().await["queue"]["pending"], 80);
+
+    env.fake.set_behaviour(Behaviour::Accept);
+    let fake = env.fake.clone();
+    assert!(wait_until(Duration::from_secs(20), || event_counts(&fake).len() == 80).await);
+    let mut status = 0;
+    for _ in 0..100 {
+        status = env
+            .post(
+                "/v1/events",
+                array(&(80..120).map(event).collect::<Vec<_>>()),
+            )
+            .await
+            .0;
+        if status == 202 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 202, "ingest recovers once the queue drains");
+    assert!(wait_until(Duration::from_secs(20), || event_counts(&fake).len() == 120).await);
+    env.shutdown().await;
+}
