@@ -604,7 +604,9 @@ impl Queue {
             in_flight: self.leases.lock().expect("lease lock").seqs.len() as u64,
             dead: c.dead.load(Ordering::Relaxed),
             oldest_pending_age_ms: oldest.map(|t| now_ms().saturating_sub(t)),
-            disk_bytes: store.disk_bytes(),
+            // Measured by `maintain` every second (and at open): stats and /metrics are
+            // polled, and walking the directory on every call is I/O for nothing.
+            disk_bytes: c.disk_bytes.load(Ordering::Relaxed),
             generation: store.generation,
             accepted_total: c.accepted.load(Ordering::Relaxed),
             coalesced_total: c.coalesced.load(Ordering::Relaxed),
