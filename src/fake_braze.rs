@@ -8,8 +8,9 @@
 //! with optional `attributes`/`events`/`purchases` arrays (400); at most 75 objects in total
 //! (400 `Max Input Length Exceeded`, nothing applied); no object for a poison `external_id`
 //! (400, nothing applied; see [`FakeBraze::poison_ids`]); then per object: exactly one primary
-//! identifier (or an `email`/`phone`), an `external_id` of at most 987 bytes, and events with a
-//! `name`, an RFC 3339 `time` and object `properties`. Failing objects become non-fatal `errors`
+//! identifier (or an `email`/`phone`), an `external_id` of at most 987 bytes, events with a
+//! `name`, purchases with a `product_id`, a three-letter `currency`, a numeric `price` and a
+//! `quantity` of 1 to 100 if given, and both with an ISO 8601 `time` and object `properties`. Failing objects become non-fatal `errors`
 //! in a 201 and the rest are applied; if all fail, it is a 400 and nothing is applied. An
 //! object with `"_update_existing_only": true` whose `external_id` the fake has never accepted
 //! an object for is counted as processed but neither recorded nor applied: Braze creates no
@@ -26,10 +27,10 @@
 //! chosen `external_id`s the way Braze rejects blocklisted users, to refuse every request that
 //! carries a "poison" `external_id` (a whole-request 400), and to take a smaller body limit. It
 //! records every request and every accepted object, and replays accepted attributes to say
-//! what Braze holds for a user.
+//! what Braze holds for a user, applying `null`, array `add`/`remove`, `inc` and
+//! `_merge_objects` as Braze does.
 //!
-//! Not modelled: purchase fields, attribute array operators (`add`/`remove` are stored as
-//! sent), update-only mode for identifiers other than `external_id`, future event times,
+//! Not modelled: nested `$add`/`$update` operators (they replace), update-only mode for identifiers other than `external_id`, future event times,
 //! export lookups by anything but `external_ids` (and their limit of 50), export fields
 //! other than `external_id` and `custom_attributes`, and actually enforcing the rate limit.
 
@@ -46,7 +47,6 @@ use axum::response::{IntoResponse, Response};
 use axum::{routing::post, Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 use tokio::{net::TcpListener, sync::watch};
 
 /// Braze's payload limit for every endpoint (the default; see [`FakeBraze::set_max_body_bytes`]).
@@ -308,30 +308,32 @@ impl FakeBraze {
             return None;
         }
         let state = self.shared.lock();
-        // One pass under the lock, no copies: tests call this in polling loops. Later arrival
-        // wins; within one request, the later object wins (`>=` on equal arrival numbers).
-        let mut latest: Option<(u64, &Value)> = None;
+        // Under the lock, without copying objects: tests call this in polling loops. Later
+        // arrival wins; within one request, the later object (a stable sort keeps them).
+        let mut writes: Vec<(u64, &Value, bool)> = Vec::new();
         for (seq, array, object) in &state.accepted {
             if *array != "attributes" || user_key(object).as_deref() != Some(user) {
                 continue;
             }
             if let Some(v) = object.get(attribute) {
-                if latest.is_none_or(|(s, _)| *seq >= s) {
-                    latest = Some((*seq, v));
-                }
+                writes.push((*seq, v, merges(object)));
             }
         }
-        latest.map(|(_, v)| v.clone()).filter(|v| !v.is_null())
+        writes.sort_by_key(|(seq, _, _)| *seq);
+        writes
+            .into_iter()
+            .fold(None, |held, (_, v, merge)| apply(held, v, merge))
     }
 
     /// Every custom attribute Braze holds now, as (user, attribute) -> value, where user is
     /// written as for [`FakeBraze::attribute_value`]. Computed in one pass, for bulk checks.
     pub fn attribute_state(&self) -> HashMap<(String, String), Value> {
-        let mut held = HashMap::new();
+        let mut held: HashMap<(String, String), Value> = HashMap::new();
         for object in self.attributes() {
             let Some(user) = user_key(&object) else {
                 continue;
             };
+            let merge = merges(&object);
             let Some(fields) = object.as_object() else {
                 continue;
             };
@@ -339,11 +341,11 @@ impl FakeBraze {
                 if PRIMARY_IDS.contains(&k.as_str()) || k.starts_with('_') {
                     continue;
                 }
-                if v.is_null() {
-                    held.remove(&(user.clone(), k.clone()));
-                } else {
-                    held.insert((user.clone(), k.clone()), v.clone());
-                }
+                let key = (user.clone(), k.clone());
+                match apply(held.remove(&key), v, merge) {
+                    Some(now) => held.insert(key, now),
+                    None => None,
+                };
             }
         }
         held
@@ -761,8 +763,27 @@ fn check(array: &str, object: &Value, rejected_ids: &HashSet<String>) -> Result<
         if name.is_none_or(str::is_empty) {
             return Err("'name' is required");
         }
+    }
+    if array == "purchases" {
+        let product = object.get("product_id").and_then(Value::as_str);
+        if product.is_none_or(str::is_empty) {
+            return Err("'product_id' is required");
+        }
+        let currency = object.get("currency").and_then(Value::as_str);
+        if currency.is_none_or(|c| c.len() != 3) {
+            return Err("'currency' is not valid");
+        }
+        if !object.get("price").is_some_and(Value::is_number) {
+            return Err("'price' is not valid");
+        }
+        let quantity = object.get("quantity").filter(|q| !q.is_null());
+        if quantity.is_some_and(|q| q.as_u64().is_none_or(|q| !(1..=100).contains(&q))) {
+            return Err("'quantity' is not valid");
+        }
+    }
+    if array == "events" || array == "purchases" {
         let time = object.get("time").and_then(Value::as_str);
-        if time.is_none_or(|t| OffsetDateTime::parse(t, &Rfc3339).is_err()) {
+        if !time.is_some_and(crate::relay::is_braze_time) {
             return Err("'time' is not valid");
         }
         if object.get("properties").is_some_and(|p| !p.is_object()) {
@@ -770,6 +791,55 @@ fn check(array: &str, object: &Value, rejected_ids: &HashSet<String>) -> Result<
         }
     }
     Ok(())
+}
+
+/// Whether an attributes object asks for nested objects to be merged rather than replaced.
+fn merges(object: &Value) -> bool {
+    object.get("_merge_objects") == Some(&Value::Bool(true))
+}
+
+/// What an attribute holds after a write, as Braze applies one: `null` unsets; `{"add": [..]}`
+/// and `{"remove": [..]}` change an array (Braze keeps arrays free of duplicates); `{"inc": n}`
+/// adds to a number; with `_merge_objects` an object is merged into the one held; anything
+/// else replaces the value. Nested `$add`/`$update` operators are not modelled: they replace.
+fn apply(held: Option<Value>, write: &Value, merge: bool) -> Option<Value> {
+    let ops = write
+        .as_object()
+        .filter(|o| !o.is_empty() && o.keys().all(|k| k == "add" || k == "remove" || k == "inc"));
+    if let Some(ops) = ops {
+        if let Some(n) = ops.get("inc").and_then(Value::as_f64) {
+            let now = held.as_ref().and_then(Value::as_f64).unwrap_or(0.0) + n;
+            return Some(serde_json::Number::from_f64(now).map_or(Value::Null, Value::Number));
+        }
+        let mut items = match held {
+            Some(Value::Array(items)) => items,
+            _ => Vec::new(),
+        };
+        for item in ops
+            .get("add")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if !items.contains(item) {
+                items.push(item.clone());
+            }
+        }
+        if let Some(gone) = ops.get("remove").and_then(Value::as_array) {
+            items.retain(|i| !gone.contains(i));
+        }
+        return Some(Value::Array(items));
+    }
+    match (held, write) {
+        (_, Value::Null) => None,
+        (Some(Value::Object(mut old)), Value::Object(new)) if merge => {
+            for (k, v) in new {
+                old.insert(k.clone(), v.clone());
+            }
+            Some(Value::Object(old))
+        }
+        (_, v) => Some(v.clone()),
+    }
 }
 
 /// Which profile an object addresses, in the form [`FakeBraze::attribute_value`] takes.

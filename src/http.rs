@@ -22,6 +22,7 @@ use crate::ingest::{self, BadInput};
 use crate::members;
 use crate::queue::{Queue, QueueError, Selection};
 use crate::record::Record;
+use crate::relay;
 use futures_util::StreamExt;
 
 /// Bodies bigger than this are parsed on the blocking pool so that a 16 MB upload does not
@@ -47,6 +48,7 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
             // Snapshots stream in: tens of millions of ids, read line by line, not buffered.
             put(put_snapshot).layer(DefaultBodyLimit::disable()),
         )
+        .route("/users/track", post(users_track))
         .route("/users/export/ids", post(export_ids))
         .route("/v1/admin/queue/stats", get(admin_stats))
         .route("/v1/admin/queue/peek", get(admin_peek))
@@ -201,6 +203,65 @@ async fn post_events(
             .collect())
     })
     .await
+}
+
+/// `POST /users/track`, Braze-compatible: the body Braze takes, answered the way Braze
+/// answers, but 201 means "durably queued here" rather than "queued at Braze". Failures get
+/// Braze-shaped bodies (`message`, `errors`) so a Braze client reports them as it would
+/// Braze's own.
+async fn users_track(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let braze_shaped = |status: StatusCode, message: String, errors: Vec<relay::ObjectError>| {
+        (
+            status,
+            Json(json!({ "message": message, "errors": errors })),
+        )
+            .into_response()
+    };
+    if authorize(&state, &headers).is_err() {
+        return braze_shaped(
+            StatusCode::UNAUTHORIZED,
+            "Invalid API key".into(),
+            Vec::new(),
+        );
+    }
+    if state.stopping.load(Ordering::Relaxed) {
+        return ApiError::Stopping.into_response();
+    }
+    let parsed = if body.len() <= PARSE_INLINE_MAX {
+        relay::parse(&body)
+    } else {
+        tokio::task::spawn_blocking(move || relay::parse(&body))
+            .await
+            .expect("relay parser panicked")
+    };
+    let relayed = match parsed {
+        Ok(r) => r,
+        Err(refused) => {
+            return braze_shaped(StatusCode::BAD_REQUEST, refused.message, refused.errors)
+        }
+    };
+    let answer = relayed.answer();
+    if let Err(e) = state.queue.enqueue(relayed.records).await {
+        let mut r = ApiError::Queue(e).into_response();
+        if r.status() == StatusCode::SERVICE_UNAVAILABLE {
+            // Braze's clients read `message`; keep the Retry-After header as it is.
+            let retry = r.headers().get(header::RETRY_AFTER).cloned();
+            r = braze_shaped(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the relay cannot queue this request now; retry".into(),
+                Vec::new(),
+            );
+            if let Some(v) = retry {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        return r;
+    }
+    (StatusCode::CREATED, Json(answer)).into_response()
 }
 
 async fn admin_stats(

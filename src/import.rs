@@ -353,7 +353,7 @@ impl Sink {
 fn to_json(record: &Record) -> Value {
     let mut o = Map::new();
     let user = record.user();
-    o.insert(user.field().into(), user.value().into());
+    o.insert(user.field().into(), user.json_value());
     match record {
         Record::Membership(Membership {
             audience_id,
@@ -384,6 +384,14 @@ fn to_json(record: &Record) -> Value {
                 o.insert("properties".into(), p);
             }
         }
+        Record::Attribute(a) => {
+            let value = serde_json::from_str(&a.value).unwrap_or(Value::Null);
+            o.insert(
+                "attributes".into(),
+                Value::Object(Map::from_iter([(a.name.clone(), value)])),
+            );
+        }
+        Record::Tracked(t) => return serde_json::from_str(&t.json).unwrap_or(Value::Null),
     }
     Value::Object(o)
 }

@@ -25,6 +25,8 @@
 //!   outcome.
 //! - [`delivery`]: the workers and the shared retry policy (backoff, `Retry-After`, rate
 //!   ceiling).
+//! - [`relay`]: the Braze-compatible `/users/track` body, checked as Braze checks it and
+//!   split into records.
 //! - [`http`]: the ingest, health, metrics and admin endpoints.
 //! - [`daemon`]: start and stop in pipeline order.
 //! - [`import`]: CSV and NDJSON exports into the queue, checked whole before anything is
@@ -51,3 +53,4 @@ pub mod ingest;
 pub mod members;
 pub mod queue;
 pub mod record;
+pub mod relay;

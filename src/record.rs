@@ -5,13 +5,23 @@
 
 use std::fmt;
 
-/// A Braze primary identifier. Braze takes exactly one per object, so a record carries one.
+/// The identifier a Braze object is addressed by. Braze takes exactly one per object, so a
+/// record carries one. `/v1` records use the first two; the `/users/track` relay passes on
+/// whichever form the client used.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum UserId {
     /// The customer's own id; Braze creates a profile for an unknown one.
     External(String),
     /// Braze's internal id; it can only address a profile that exists.
     Braze(String),
+    /// A `user_alias` object.
+    Alias {
+        name: String,
+        label: String,
+    },
+    /// A secondary identifier, used by Braze only when no primary one is given.
+    Email(String),
+    Phone(String),
 }
 
 impl UserId {
@@ -20,19 +30,37 @@ impl UserId {
         match self {
             UserId::External(_) => "external_id",
             UserId::Braze(_) => "braze_id",
+            UserId::Alias { .. } => "user_alias",
+            UserId::Email(_) => "email",
+            UserId::Phone(_) => "phone",
         }
     }
 
+    /// The identifier as the JSON value Braze takes in its field.
+    pub fn json_value(&self) -> serde_json::Value {
+        match self {
+            UserId::Alias { name, label } => {
+                serde_json::json!({"alias_name": name, "alias_label": label})
+            }
+            _ => self.value().into(),
+        }
+    }
+
+    /// The identifier's text; for an alias, its name (the label is in `Display`).
     pub fn value(&self) -> &str {
         match self {
-            UserId::External(v) | UserId::Braze(v) => v,
+            UserId::External(v) | UserId::Braze(v) | UserId::Email(v) | UserId::Phone(v) => v,
+            UserId::Alias { name, .. } => name,
         }
     }
 }
 
 impl fmt::Display for UserId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.field(), self.value())
+        match self {
+            UserId::Alias { name, label } => write!(f, "user_alias:{label}/{name}"),
+            _ => write!(f, "{}:{}", self.field(), self.value()),
+        }
     }
 }
 
@@ -67,10 +95,63 @@ pub struct Event {
     pub properties: Option<String>,
 }
 
+/// One custom (or standard) attribute of one user set to a value. State, like a membership:
+/// a newer plain value replaces a pending one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttributeUpdate {
+    pub user: UserId,
+    pub name: String,
+    /// The value as JSON text, exactly as accepted (bincode cannot carry a JSON value).
+    pub value: String,
+    /// The object-level fields it travelled with through the relay (`_update_existing_only`,
+    /// `_merge_objects`, `push_token_import`) as a JSON object's text. `None` for records
+    /// that came in on `/v1`, which get the configured policy at delivery instead.
+    pub object_fields: Option<String>,
+}
+
+impl AttributeUpdate {
+    /// A plain value replaces whatever Braze had, so it may replace a pending update and be
+    /// compared with the value last delivered. An object value is an operation (`add`,
+    /// `remove`, `inc`, nested `$add`/`$update`, a merge) whose effect depends on what came
+    /// before, so it is never coalesced or skipped.
+    pub fn is_plain(&self) -> bool {
+        !self.value.trim_start().starts_with('{')
+    }
+}
+
+/// Which array of `/users/track` a relayed object belongs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrackArray {
+    Events,
+    Purchases,
+}
+
+impl TrackArray {
+    pub fn name(self) -> &'static str {
+        match self {
+            TrackArray::Events => "events",
+            TrackArray::Purchases => "purchases",
+        }
+    }
+}
+
+/// An `events` or `purchases` object that came through the `/users/track` relay, kept as the
+/// client sent it so that Braze receives it unchanged. A log entry, like `Event`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackObject {
+    pub array: TrackArray,
+    /// Its identifier, for operators and for the queue's per-user bookkeeping.
+    pub user: UserId,
+    /// The whole object as JSON text.
+    pub json: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
     Membership(Membership),
     Event(Event),
+    Attribute(AttributeUpdate),
+    Tracked(TrackObject),
 }
 
 impl Record {
@@ -78,6 +159,8 @@ impl Record {
         match self {
             Record::Membership(m) => &m.user,
             Record::Event(e) => &e.user,
+            Record::Attribute(a) => &a.user,
+            Record::Tracked(t) => &t.user,
         }
     }
 
@@ -85,6 +168,37 @@ impl Record {
         match self {
             Record::Membership(_) => "membership",
             Record::Event(_) => "event",
+            Record::Attribute(_) => "attribute",
+            Record::Tracked(t) if t.array == TrackArray::Purchases => "purchase",
+            Record::Tracked(_) => "event",
+        }
+    }
+
+    /// For state records, the Braze attribute it sets; `None` for log entries.
+    pub fn attribute_name(&self) -> Option<std::borrow::Cow<'_, str>> {
+        match self {
+            Record::Membership(m) => Some(m.attribute().into()),
+            Record::Attribute(a) => Some(a.name.as_str().into()),
+            Record::Event(_) | Record::Tracked(_) => None,
+        }
+    }
+
+    /// The value a state record sets, as JSON text, when it is a plain value that may be
+    /// compared with what Braze has; `None` for operations and log entries.
+    pub fn plain_value(&self) -> Option<&str> {
+        match self {
+            Record::Membership(m) if m.member => Some("true"),
+            Record::Membership(_) => Some("false"),
+            Record::Attribute(a) if a.is_plain() => Some(&a.value),
+            _ => None,
+        }
+    }
+
+    /// The object-level fields a state record travels with, as stored (empty for none).
+    pub fn object_fields(&self) -> &str {
+        match self {
+            Record::Attribute(a) => a.object_fields.as_deref().unwrap_or(""),
+            _ => "",
         }
     }
 }

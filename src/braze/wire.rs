@@ -1,15 +1,16 @@
 //! The `/users/track` request body, built from leased records.
 //!
-//! Events become `events` objects. Membership updates become `attributes` objects, one per
-//! user: several updates of one user in a batch travel as one object, which is one object
-//! against Braze's 75. Each object remembers which records it came from, so Braze's per-object
-//! `errors` (index into the array as sent) map back to records.
+//! Events become `events` objects, relayed purchases `purchases` objects, both as they were
+//! accepted. Attribute updates (memberships included) become `attributes` objects, one per
+//! user and set of object-level fields: several updates of one user in a batch travel as one
+//! object, which is one object against Braze's 75. Each object remembers which records it
+//! came from, so Braze's per-object `errors` (index into the array as sent) map back to
+//! records.
 
 use std::collections::HashMap;
-use std::io::Write;
 
 use crate::queue::Leased;
-use crate::record::{Record, UserId};
+use crate::record::{Record, TrackArray, UserId};
 
 /// A request body ready to send, and where each object in it came from.
 #[derive(Debug)]
@@ -19,11 +20,13 @@ pub struct TrackBody {
     pub attributes: Vec<Vec<usize>>,
     /// For each object in `events`, the position of its record.
     pub events: Vec<usize>,
+    /// For each object in `purchases`, the position of its record.
+    pub purchases: Vec<usize>,
 }
 
 impl TrackBody {
     pub fn objects(&self) -> usize {
-        self.attributes.len() + self.events.len()
+        self.attributes.len() + self.events.len() + self.purchases.len()
     }
 
     /// Positions of the records behind an object Braze named in an error.
@@ -31,8 +34,15 @@ impl TrackBody {
         match input_array {
             "attributes" => self.attributes.get(index).map_or(&[], |v| v.as_slice()),
             "events" => self.events.get(index).map_or(&[], std::slice::from_ref),
+            "purchases" => self.purchases.get(index).map_or(&[], std::slice::from_ref),
             _ => &[],
         }
+    }
+
+    /// Every object's records, attributes first, in the order they are sent.
+    fn objects_in_order(&self) -> Vec<Vec<usize>> {
+        let singles = self.events.iter().chain(&self.purchases).map(|&p| vec![p]);
+        self.attributes.iter().cloned().chain(singles).collect()
     }
 }
 
@@ -43,83 +53,143 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
 }
 
 fn write_user(out: &mut Vec<u8>, user: &UserId) {
-    out.push(b'"');
-    out.extend_from_slice(user.field().as_bytes());
-    out.extend_from_slice(b"\":");
-    json_str(out, user.value());
+    json_str(out, user.field());
+    out.push(b':');
+    match user {
+        UserId::Alias { name, label } => {
+            out.extend_from_slice(b"{\"alias_name\":");
+            json_str(out, name);
+            out.extend_from_slice(b",\"alias_label\":");
+            json_str(out, label);
+            out.push(b'}');
+        }
+        _ => json_str(out, user.value()),
+    }
 }
 
-/// Builds the body for `items`, in their order. Attribute objects are ordered by each user's
-/// first record, so within one user later records come later.
+/// Writes the members of a JSON object's text (`{"a":1}` gives `,"a":1`), for object-level
+/// fields stored as an object.
+fn write_members(out: &mut Vec<u8>, object: &str) {
+    let inner = object
+        .trim()
+        .strip_prefix('{')
+        .and_then(|o| o.strip_suffix('}'))
+        .unwrap_or("")
+        .trim();
+    if !inner.is_empty() {
+        out.push(b',');
+        out.extend_from_slice(inner.as_bytes());
+    }
+}
+
+/// Appends one `"name":value` member for an attribute update.
+fn write_attribute(out: &mut Vec<u8>, record: &Record) {
+    match record {
+        Record::Membership(m) => {
+            out.push(b',');
+            json_str(out, &m.attribute());
+            out.extend_from_slice(if m.member { b":true" } else { b":false" });
+        }
+        Record::Attribute(a) => {
+            out.push(b',');
+            json_str(out, &a.name);
+            out.push(b':');
+            // Stored as the JSON text accepted at ingest, checked there: valid as is.
+            out.extend_from_slice(a.value.as_bytes());
+        }
+        Record::Event(_) | Record::Tracked(_) => {}
+    }
+}
+
+fn write_event(out: &mut Vec<u8>, record: &Record) {
+    match record {
+        Record::Event(e) => {
+            out.push(b'{');
+            write_user(out, &e.user);
+            out.extend_from_slice(b",\"name\":");
+            json_str(out, &e.name);
+            out.extend_from_slice(b",\"time\":");
+            json_str(out, &e.time);
+            if let Some(p) = &e.properties {
+                // Stored as JSON text re-encoded by serde_json at ingest: valid as is.
+                out.extend_from_slice(b",\"properties\":");
+                out.extend_from_slice(p.as_bytes());
+            }
+            out.push(b'}');
+        }
+        // Relayed objects go out exactly as the client sent them.
+        Record::Tracked(t) => out.extend_from_slice(t.json.as_bytes()),
+        Record::Membership(_) | Record::Attribute(_) => {}
+    }
+}
+
+fn write_array(out: &mut Vec<u8>, name: &str, items: &[usize], each: impl Fn(&mut Vec<u8>, usize)) {
+    if items.is_empty() {
+        return;
+    }
+    if out.len() > 1 {
+        out.push(b',');
+    }
+    json_str(out, name);
+    out.extend_from_slice(b":[");
+    for (n, &pos) in items.iter().enumerate() {
+        if n > 0 {
+            out.push(b',');
+        }
+        each(out, pos);
+    }
+    out.push(b']');
+}
+
+/// Builds the body for `items`, in their order. Attribute objects are ordered by each
+/// object's first record, so within one user later records come later.
 pub fn build(items: &[Leased]) -> TrackBody {
-    let mut users: Vec<(&UserId, Vec<usize>)> = Vec::new();
-    let mut user_index: HashMap<&UserId, usize> = HashMap::new();
-    let mut events = Vec::new();
+    type ObjectKey<'a> = (&'a UserId, &'a str);
+    let mut objects: Vec<(ObjectKey, Vec<usize>)> = Vec::new();
+    let mut object_index: HashMap<ObjectKey, usize> = HashMap::new();
+    let (mut events, mut purchases) = (Vec::new(), Vec::new());
     for (pos, item) in items.iter().enumerate() {
-        match &item.stored.record {
-            Record::Event(_) => events.push(pos),
-            Record::Membership(m) => {
-                let i = *user_index.entry(&m.user).or_insert_with(|| {
-                    users.push((&m.user, Vec::new()));
-                    users.len() - 1
+        let record = &item.stored.record;
+        match record {
+            Record::Tracked(t) if t.array == TrackArray::Purchases => purchases.push(pos),
+            Record::Event(_) | Record::Tracked(_) => events.push(pos),
+            Record::Membership(_) | Record::Attribute(_) => {
+                let key = (record.user(), record.object_fields());
+                let i = *object_index.entry(key).or_insert_with(|| {
+                    objects.push((key, Vec::new()));
+                    objects.len() - 1
                 });
-                users[i].1.push(pos);
+                objects[i].1.push(pos);
             }
         }
     }
 
     let mut json = Vec::with_capacity(items.len() * 160 + 32);
     json.push(b'{');
-    if !users.is_empty() {
-        json.extend_from_slice(b"\"attributes\":[");
-        for (n, (user, positions)) in users.iter().enumerate() {
-            if n > 0 {
-                json.push(b',');
-            }
-            json.push(b'{');
-            write_user(&mut json, user);
-            for &pos in positions {
-                if let Record::Membership(m) = &items[pos].stored.record {
-                    json.push(b',');
-                    json_str(&mut json, &m.attribute());
-                    let _ = write!(json, ":{}", m.member);
-                }
-            }
-            json.push(b'}');
+    let attributes: Vec<Vec<usize>> = objects.iter().map(|(_, p)| p.clone()).collect();
+    let order: Vec<usize> = (0..objects.len()).collect();
+    write_array(&mut json, "attributes", &order, |out, i| {
+        let ((user, fields), positions) = &objects[i];
+        out.push(b'{');
+        write_user(out, user);
+        write_members(out, fields);
+        for &pos in positions {
+            write_attribute(out, &items[pos].stored.record);
         }
-        json.push(b']');
-    }
-    if !events.is_empty() {
-        if !users.is_empty() {
-            json.push(b',');
-        }
-        json.extend_from_slice(b"\"events\":[");
-        for (n, &pos) in events.iter().enumerate() {
-            if n > 0 {
-                json.push(b',');
-            }
-            if let Record::Event(e) = &items[pos].stored.record {
-                json.push(b'{');
-                write_user(&mut json, &e.user);
-                json.extend_from_slice(b",\"name\":");
-                json_str(&mut json, &e.name);
-                json.extend_from_slice(b",\"time\":");
-                json_str(&mut json, &e.time);
-                if let Some(p) = &e.properties {
-                    // Stored as JSON text re-encoded by serde_json at ingest: valid as is.
-                    json.extend_from_slice(b",\"properties\":");
-                    json.extend_from_slice(p.as_bytes());
-                }
-                json.push(b'}');
-            }
-        }
-        json.push(b']');
-    }
+        out.push(b'}');
+    });
+    write_array(&mut json, "events", &events, |out, pos| {
+        write_event(out, &items[pos].stored.record)
+    });
+    write_array(&mut json, "purchases", &purchases, |out, pos| {
+        write_event(out, &items[pos].stored.record)
+    });
     json.push(b'}');
     TrackBody {
         json,
-        attributes: users.into_iter().map(|(_, p)| p).collect(),
+        attributes,
         events,
+        purchases,
     }
 }
 
@@ -127,13 +197,7 @@ pub fn build(items: &[Leased]) -> TrackBody {
 /// together), for finding the record Braze refuses a whole request for. Returns `None` when the
 /// records form a single object and cannot be split further.
 pub fn split_in_half(items: Vec<Leased>) -> Result<(Vec<Leased>, Vec<Leased>), Vec<Leased>> {
-    let body = build(&items);
-    let objects: Vec<Vec<usize>> = body
-        .attributes
-        .iter()
-        .cloned()
-        .chain(body.events.iter().map(|&p| vec![p]))
-        .collect();
+    let objects = build(&items).objects_in_order();
     if objects.len() < 2 {
         return Err(items);
     }

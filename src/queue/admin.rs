@@ -66,6 +66,8 @@ fn view(id: u64, stored: &Stored, attempts: u32) -> RecordView {
     let what = match &stored.record {
         Record::Membership(m) => format!("{} = {}", m.attribute(), m.member),
         Record::Event(e) => format!("{} at {}", e.name, e.time),
+        Record::Attribute(a) => format!("{} = {}", a.name, a.value),
+        Record::Tracked(t) => t.json.clone(),
     };
     RecordView {
         id,
@@ -221,11 +223,17 @@ impl Queue {
                 report.undecodable.push(id);
                 continue;
             };
-            if let Record::Membership(m) = &stored.record {
-                let lk = latest_key(&m.user, &m.attribute());
+            // Only a plain value can be superseded; an operation (`add`, `remove`, ...) still
+            // means something after newer updates, so it is retried at the back of the lane.
+            let attribute = stored
+                .record
+                .attribute_name()
+                .filter(|_| stored.record.plain_value().is_some());
+            if let Some(attribute) = attribute {
+                let lk = latest_key(stored.record.user(), &attribute);
                 let pending = match retried_here.get(&lk) {
                     Some(original) => Some(*original),
-                    None => staging.pending_seq(&lk)?,
+                    None => staging.pending(&lk)?.map(|(seq, _)| seq),
                 };
                 let newest = pending.max(self.state.settled_seq(&lk)?);
                 if newest.is_some_and(|n| n > id) {

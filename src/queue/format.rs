@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::record::{Event, Membership, Record, UserId};
+use crate::record::{AttributeUpdate, Event, Membership, Record, TrackArray, TrackObject, UserId};
 
 /// Key prefixes inside the `queue` tree. One tree so that every change a request makes
 /// (records, the latest-value index, the sequence high-water mark) lands in one atomic batch.
@@ -22,6 +22,10 @@ pub const META_NEXT_SEQ: &[u8] = &[META, b'n'];
 
 /// Version byte of `StoredV1`.
 const V1: u8 = 1;
+/// Version byte of `StoredV2`: every record kind and identifier form. Records V1 can carry
+/// are still written as V1, so a database stays readable by the release before V2 for as
+/// long as only those records are in it.
+const V2: u8 = 2;
 /// Version byte of `DeadV1`.
 const DEAD_V1: u8 = 1;
 
@@ -47,16 +51,38 @@ pub fn seq_of(key: &[u8]) -> Option<u64> {
 /// The key of the latest-value index entry for one user's one attribute. Length-prefixed so
 /// that no id can run into the attribute name.
 pub fn latest_key(user: &UserId, attribute: &str) -> Vec<u8> {
-    let id = user.value().as_bytes();
-    let mut k = Vec::with_capacity(4 + id.len() + attribute.len());
+    let mut k = Vec::with_capacity(8 + user.value().len() + attribute.len());
     k.push(LATEST);
-    k.push(match user {
-        UserId::External(_) => b'e',
-        UserId::Braze(_) => b'b',
-    });
-    // Ids are at most 987 bytes (checked at ingest), so the length fits in two bytes.
-    k.extend_from_slice(&(id.len() as u16).to_be_bytes());
-    k.extend_from_slice(id);
+    // Ids are length-checked at ingest (external ids at most 987 bytes, the others far below
+    // 64 KB), so each length fits in two bytes; `part` clamps rather than wrap if not.
+    let part = |k: &mut Vec<u8>, s: &str| {
+        let b = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+        k.extend_from_slice(&(b.len() as u16).to_be_bytes());
+        k.extend_from_slice(b);
+    };
+    match user {
+        UserId::External(id) => {
+            k.push(b'e');
+            part(&mut k, id);
+        }
+        UserId::Braze(id) => {
+            k.push(b'b');
+            part(&mut k, id);
+        }
+        UserId::Email(id) => {
+            k.push(b'm');
+            part(&mut k, id);
+        }
+        UserId::Phone(id) => {
+            k.push(b'p');
+            part(&mut k, id);
+        }
+        UserId::Alias { name, label } => {
+            k.push(b'a');
+            part(&mut k, name);
+            part(&mut k, label);
+        }
+    }
     k.extend_from_slice(attribute.as_bytes());
     k
 }
@@ -88,6 +114,52 @@ enum RecordV1 {
 struct StoredV1 {
     accepted_at_ms: u64,
     record: RecordV1,
+}
+
+/// Identifiers in V2. Variants may only ever be appended.
+#[derive(Serialize, Deserialize)]
+enum UserIdV2 {
+    External(String),
+    Braze(String),
+    Alias { name: String, label: String },
+    Email(String),
+    Phone(String),
+}
+
+/// Records in V2. Variants may only ever be appended.
+#[derive(Serialize, Deserialize)]
+enum RecordV2 {
+    Membership {
+        user: UserIdV2,
+        audience_id: String,
+        split_id: String,
+        member: bool,
+        time: Option<String>,
+    },
+    Event {
+        user: UserIdV2,
+        name: String,
+        time: String,
+        properties: Option<String>,
+    },
+    Attribute {
+        user: UserIdV2,
+        name: String,
+        value: String,
+        object_fields: Option<String>,
+    },
+    /// `purchase` false: an `events` object; true: a `purchases` object.
+    Tracked {
+        user: UserIdV2,
+        purchase: bool,
+        json: String,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredV2 {
+    accepted_at_ms: u64,
+    record: RecordV2,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -131,10 +203,12 @@ fn config() -> bincode::config::Configuration {
     bincode::config::standard()
 }
 
-fn user_v1(u: &UserId) -> UserIdV1 {
+/// The V1 form of an identifier, if V1 can carry it.
+fn user_v1(u: &UserId) -> Option<UserIdV1> {
     match u {
-        UserId::External(s) => UserIdV1::External(s.clone()),
-        UserId::Braze(s) => UserIdV1::Braze(s.clone()),
+        UserId::External(s) => Some(UserIdV1::External(s.clone())),
+        UserId::Braze(s) => Some(UserIdV1::Braze(s.clone())),
+        _ => None,
     }
 }
 
@@ -145,34 +219,159 @@ fn user_of(u: UserIdV1) -> UserId {
     }
 }
 
-pub fn encode(record: &Record, accepted_at_ms: u64) -> Vec<u8> {
-    let record = match record {
+fn user_v2(u: &UserId) -> UserIdV2 {
+    match u.clone() {
+        UserId::External(s) => UserIdV2::External(s),
+        UserId::Braze(s) => UserIdV2::Braze(s),
+        UserId::Alias { name, label } => UserIdV2::Alias { name, label },
+        UserId::Email(s) => UserIdV2::Email(s),
+        UserId::Phone(s) => UserIdV2::Phone(s),
+    }
+}
+
+fn user_of_v2(u: UserIdV2) -> UserId {
+    match u {
+        UserIdV2::External(s) => UserId::External(s),
+        UserIdV2::Braze(s) => UserId::Braze(s),
+        UserIdV2::Alias { name, label } => UserId::Alias { name, label },
+        UserIdV2::Email(s) => UserId::Email(s),
+        UserIdV2::Phone(s) => UserId::Phone(s),
+    }
+}
+
+/// The V1 form of a record, if V1 can carry it.
+fn record_v1(record: &Record) -> Option<RecordV1> {
+    Some(match record {
         Record::Membership(m) => RecordV1::Membership {
-            user: user_v1(&m.user),
+            user: user_v1(&m.user)?,
             audience_id: m.audience_id.clone(),
             split_id: m.split_id.clone(),
             member: m.member,
             time: m.time.clone(),
         },
         Record::Event(e) => RecordV1::Event {
-            user: user_v1(&e.user),
+            user: user_v1(&e.user)?,
             name: e.name.clone(),
             time: e.time.clone(),
             properties: e.properties.clone(),
         },
-    };
-    let mut out = vec![V1];
-    // Encoding plain structs of strings into a Vec cannot fail.
-    bincode::serde::encode_into_std_write(
-        StoredV1 {
-            accepted_at_ms,
-            record,
+        Record::Attribute(_) | Record::Tracked(_) => return None,
+    })
+}
+
+fn record_v2(record: &Record) -> RecordV2 {
+    match record {
+        Record::Membership(m) => RecordV2::Membership {
+            user: user_v2(&m.user),
+            audience_id: m.audience_id.clone(),
+            split_id: m.split_id.clone(),
+            member: m.member,
+            time: m.time.clone(),
         },
-        &mut out,
-        config(),
-    )
-    .expect("bincode encoding into a Vec cannot fail");
-    out
+        Record::Event(e) => RecordV2::Event {
+            user: user_v2(&e.user),
+            name: e.name.clone(),
+            time: e.time.clone(),
+            properties: e.properties.clone(),
+        },
+        Record::Attribute(a) => RecordV2::Attribute {
+            user: user_v2(&a.user),
+            name: a.name.clone(),
+            value: a.value.clone(),
+            object_fields: a.object_fields.clone(),
+        },
+        Record::Tracked(t) => RecordV2::Tracked {
+            user: user_v2(&t.user),
+            purchase: t.array == TrackArray::Purchases,
+            json: t.json.clone(),
+        },
+    }
+}
+
+fn record_of_v2(r: RecordV2) -> Record {
+    match r {
+        RecordV2::Membership {
+            user,
+            audience_id,
+            split_id,
+            member,
+            time,
+        } => Record::Membership(Membership {
+            user: user_of_v2(user),
+            audience_id,
+            split_id,
+            member,
+            time,
+        }),
+        RecordV2::Event {
+            user,
+            name,
+            time,
+            properties,
+        } => Record::Event(Event {
+            user: user_of_v2(user),
+            name,
+            time,
+            properties,
+        }),
+        RecordV2::Attribute {
+            user,
+            name,
+            value,
+            object_fields,
+        } => Record::Attribute(AttributeUpdate {
+            user: user_of_v2(user),
+            name,
+            value,
+            object_fields,
+        }),
+        RecordV2::Tracked {
+            user,
+            purchase,
+            json,
+        } => Record::Tracked(TrackObject {
+            array: if purchase {
+                TrackArray::Purchases
+            } else {
+                TrackArray::Events
+            },
+            user: user_of_v2(user),
+            json,
+        }),
+    }
+}
+
+pub fn encode(record: &Record, accepted_at_ms: u64) -> Vec<u8> {
+    // Encoding plain structs of strings into a Vec cannot fail.
+    let fail = "bincode encoding into a Vec cannot fail";
+    match record_v1(record) {
+        Some(record) => {
+            let mut out = vec![V1];
+            bincode::serde::encode_into_std_write(
+                StoredV1 {
+                    accepted_at_ms,
+                    record,
+                },
+                &mut out,
+                config(),
+            )
+            .expect(fail);
+            out
+        }
+        None => {
+            let mut out = vec![V2];
+            bincode::serde::encode_into_std_write(
+                StoredV2 {
+                    accepted_at_ms,
+                    record: record_v2(record),
+                },
+                &mut out,
+                config(),
+            )
+            .expect(fail);
+            out
+        }
+    }
 }
 
 pub fn decode(bytes: &[u8]) -> Result<Stored, DecodeError> {
@@ -210,6 +409,14 @@ pub fn decode(bytes: &[u8]) -> Result<Stored, DecodeError> {
             Ok(Stored {
                 accepted_at_ms: v1.accepted_at_ms,
                 record,
+            })
+        }
+        V2 => {
+            let (v2, _): (StoredV2, usize) = bincode::serde::decode_from_slice(body, config())
+                .map_err(|e| DecodeError::Corrupt(e.to_string()))?;
+            Ok(Stored {
+                accepted_at_ms: v2.accepted_at_ms,
+                record: record_of_v2(v2.record),
             })
         }
         other => Err(DecodeError::UnknownVersion(other)),
@@ -280,6 +487,55 @@ mod tests {
         let bytes = encode(&m, 7);
         assert_eq!(bytes, vec![1, 7, 0, 0, 1, b'u', 1, b'a', 1, b's', 1, 0]);
         assert_eq!(decode(&bytes).unwrap().record, m);
+    }
+
+    #[test]
+    fn relay_records_round_trip_as_version_two() {
+        let records = [
+            Record::Attribute(AttributeUpdate {
+                user: UserId::Alias {
+                    name: "n".into(),
+                    label: "l".into(),
+                },
+                name: "tags".into(),
+                value: r#"{"add":["a"]}"#.into(),
+                object_fields: Some(r#"{"_update_existing_only":true}"#.into()),
+            }),
+            Record::Tracked(TrackObject {
+                array: TrackArray::Purchases,
+                user: UserId::Email("a@b.co".into()),
+                json: r#"{"email":"a@b.co","product_id":"p"}"#.into(),
+            }),
+            Record::Event(Event {
+                user: UserId::Phone("+15550100".into()),
+                name: "e".into(),
+                time: "2026-01-01T00:00:00.000Z".into(),
+                properties: None,
+            }),
+        ];
+        for r in records {
+            let bytes = encode(&r, 9);
+            assert_eq!(bytes[0], V2);
+            assert_eq!(decode(&bytes).unwrap().record, r);
+        }
+    }
+
+    #[test]
+    fn latest_keys_of_different_identifier_forms_never_collide() {
+        let alias = |n: &str, l: &str| UserId::Alias {
+            name: n.into(),
+            label: l.into(),
+        };
+        let keys = [
+            latest_key(&UserId::External("ab".into()), "x"),
+            latest_key(&UserId::Braze("ab".into()), "x"),
+            latest_key(&UserId::Email("ab".into()), "x"),
+            latest_key(&alias("a", "bx"), ""),
+            latest_key(&alias("ab", "x"), ""),
+            latest_key(&alias("ab", ""), "x"),
+        ];
+        let distinct: std::collections::HashSet<_> = keys.iter().collect();
+        assert_eq!(distinct.len(), keys.len());
     }
 
     #[test]

@@ -16,16 +16,19 @@
 //! | `00 'n'` | next sequence number, u64 big-endian (ids never repeat) |
 //! | `01 seq` | a pending event (lane 1, real time) |
 //! | `02 seq` | a pending membership update (lane 2, backfills) |
-//! | `03 kind len id attribute` | the seq of the one pending update of that user's attribute |
+//! | `03 kind len id attribute` | the seq of the newest pending update of that user's attribute, then its object fields |
 //! | `04 seq` | a dead-lettered record with Braze's reason |
 //!
 //! `seq` is big-endian so iteration order is acceptance order. Values start with a format
 //! version byte (`format.rs`); bincode is not self-describing, so a new record shape gets a
 //! new version instead of a changed struct.
 //!
-//! **Memberships are state, events are a log.** A membership update replaces the pending
-//! update of the same user and attribute (the `03` index), so a flip-flopping user costs one
-//! Braze write, and only the latest accepted value is ever pending. Events are all kept.
+//! **Attributes are state, events are a log.** A membership or attribute update with a plain
+//! value replaces the pending update of the same user and attribute (the `03` index), so a
+//! flip-flopping user costs one Braze write. Operations (`add`/`remove` on arrays, nested
+//! `$` operators, `inc`) and updates with different object fields (`_update_existing_only`)
+//! are not replaced: several may be pending, and they are leased strictly in acceptance
+//! order. Events and purchases are all kept.
 //!
 //! **Leases** live in memory only. A worker leases records; they stay in sled until the worker
 //! completes them: delivered (removed), dead (moved to `04` with the reason) or retry (left in
@@ -411,14 +414,14 @@ impl Queue {
         } else {
             limits.max_objects - events
         };
-        let mut users: HashSet<UserId> = HashSet::new();
+        let mut users: HashSet<(UserId, String)> = HashSet::new();
         if memberships && max_user_objects > 0 && bytes < limits.max_bytes {
             for item in store.tree.scan_prefix([LANE_ATTRIBUTES]) {
                 let Some((seq, value, stored)) = candidate(item, &leases, &mut undecodable)? else {
                     continue;
                 };
-                let Record::Membership(m) = &stored.record else {
-                    let why = "an event in the membership lane".to_string();
+                let Some(attribute) = stored.record.attribute_name() else {
+                    let why = "a log entry in the attribute lane".to_string();
                     undecodable.push((
                         record_key(LANE_ATTRIBUTES, seq).to_vec(),
                         value.to_vec(),
@@ -426,14 +429,18 @@ impl Queue {
                     ));
                     continue;
                 };
-                let lk = latest_key(&m.user, &m.attribute());
+                let user = stored.record.user();
+                let lk = latest_key(user, &attribute);
                 if leases.attributes.contains(&lk) {
                     continue;
                 }
-                let new_user = !users.contains(&m.user);
+                // Updates of one user travel as one Braze object only when their
+                // object-level fields agree; each distinct set is its own object.
+                let object = (user.clone(), stored.record.object_fields().to_string());
+                let new_user = !users.contains(&object);
                 let size = value.len()
                     + if new_user {
-                        64 + m.user.value().len()
+                        64 + user.value().len() + object.1.len()
                     } else {
                         16
                     };
@@ -445,7 +452,7 @@ impl Queue {
                 }
                 bytes += size;
                 if new_user {
-                    users.insert(m.user.clone());
+                    users.insert(object);
                 }
                 leases.seqs.insert(seq);
                 leases.attributes.insert(lk.clone());
@@ -545,7 +552,11 @@ impl Queue {
                 match outcome {
                     Outcome::Retry => None,
                     Outcome::Dead(_) => Some((lk, item.seq, None)),
-                    Outcome::Delivered => Some((lk, item.seq, attribute_json(&item.stored.record))),
+                    Outcome::Delivered => Some((
+                        lk,
+                        item.seq,
+                        item.stored.record.plain_value().map(str::as_bytes),
+                    )),
                 }
             }))?;
         let c = &self.counters;
@@ -688,15 +699,6 @@ impl Queue {
     }
 }
 
-/// The value an attribute update sets, as the JSON text Braze receives; `None` for events.
-fn attribute_json(record: &Record) -> Option<&'static [u8]> {
-    match record {
-        Record::Membership(m) if m.member => Some(b"true"),
-        Record::Membership(_) => Some(b"false"),
-        Record::Event(_) => None,
-    }
-}
-
 /// One atomic batch of new pending records. Memberships coalesce: a record replaces the
 /// pending update of the same user and attribute, whether that is in the tree or earlier in
 /// this same batch.
@@ -712,7 +714,7 @@ struct Staging<'a> {
     state: &'a state::State,
     batch: sled::Batch,
     /// Latest-index entries this batch already set, so later records see them.
-    latest_here: HashMap<Vec<u8>, u64>,
+    latest_here: HashMap<Vec<u8>, (u64, Vec<u8>)>,
     next_seq: u64,
     events: u64,
     attributes: u64,
@@ -744,11 +746,14 @@ impl<'a> Staging<'a> {
         }
     }
 
-    /// The seq of the pending update of this user's attribute, if any.
-    fn pending_seq(&self, latest: &[u8]) -> Result<Option<u64>, QueueError> {
+    /// The pending update of this user's attribute, if any: its seq and object fields.
+    fn pending(&self, latest: &[u8]) -> Result<Option<(u64, Vec<u8>)>, QueueError> {
         Ok(match self.latest_here.get(latest) {
-            Some(s) => Some(*s),
-            None => self.tree.get(latest)?.and_then(|v| seq_of_value(&v)),
+            Some(p) => Some(p.clone()),
+            None => self
+                .tree
+                .get(latest)?
+                .and_then(|v| Some((seq_of_value(&v)?, v[8..].to_vec()))),
         })
     }
 
@@ -757,30 +762,47 @@ impl<'a> Staging<'a> {
     /// and Braze was last sent this very value (Braze bills every attribute write).
     fn add(&mut self, record: &Record, value: Vec<u8>) -> Result<bool, QueueError> {
         let seq = self.next_seq;
-        match record {
-            Record::Event(_) => {
+        match record.attribute_name() {
+            None => {
                 self.batch.insert(&record_key(LANE_EVENTS, seq), value);
                 self.events += 1;
             }
-            Record::Membership(m) => {
-                let lk = latest_key(&m.user, &m.attribute());
-                if let Some(old) = self.pending_seq(&lk)? {
-                    self.batch.remove(&record_key(LANE_ATTRIBUTES, old));
-                    self.coalesced += 1;
-                } else if self
-                    .state
-                    .settled(&lk)?
-                    .and_then(|s| s.delivered)
-                    .is_some_and(|d| Some(d.as_slice()) == attribute_json(record))
-                {
-                    self.unchanged += 1;
-                    return Ok(false);
-                } else {
-                    self.attributes += 1;
+            Some(attribute) => {
+                let lk = latest_key(record.user(), &attribute);
+                let fields = record.object_fields().as_bytes();
+                let plain = record.plain_value();
+                let pending = self.pending(&lk)?;
+                let unchanged = match (&pending, plain) {
+                    (None, Some(p)) => self
+                        .state
+                        .settled(&lk)?
+                        .and_then(|s| s.delivered)
+                        .is_some_and(|d| d == p.as_bytes()),
+                    _ => false,
+                };
+                match pending {
+                    // A plain value replaces whatever is pending before it, operations
+                    // included, as long as both travel with the same object fields (an
+                    // update-only write must not swallow one that creates the profile).
+                    Some((old, old_fields)) if plain.is_some() && old_fields == fields => {
+                        self.batch.remove(&record_key(LANE_ATTRIBUTES, old));
+                        self.coalesced += 1;
+                    }
+                    // Otherwise both stay, in order: the lease never takes a newer update
+                    // of an attribute while an older one is pending or in flight.
+                    Some(_) => self.attributes += 1,
+                    None if unchanged => {
+                        self.unchanged += 1;
+                        return Ok(false);
+                    }
+                    None => self.attributes += 1,
                 }
                 self.batch.insert(&record_key(LANE_ATTRIBUTES, seq), value);
-                self.batch.insert(lk.as_slice(), &seq.to_be_bytes());
-                self.latest_here.insert(lk, seq);
+                let mut index = Vec::with_capacity(8 + fields.len());
+                index.extend_from_slice(&seq.to_be_bytes());
+                index.extend_from_slice(fields);
+                self.batch.insert(lk.as_slice(), index);
+                self.latest_here.insert(lk, (seq, fields.to_vec()));
             }
         }
         self.next_seq += 1;
@@ -844,8 +866,10 @@ fn candidate(
     }
 }
 
+/// The seq at the start of a latest-index value (or the sequence high-water mark). An index
+/// value may go on with the pending update's object fields.
 fn seq_of_value(v: &[u8]) -> Option<u64> {
-    Some(u64::from_be_bytes(v.try_into().ok()?))
+    Some(u64::from_be_bytes(v.get(..8)?.try_into().ok()?))
 }
 
 /// The next sequence number: the stored high-water mark, or past the largest key if that is

@@ -54,22 +54,52 @@ pub struct SnapshotReport {
 #[derive(Default)]
 pub struct Uploads(Mutex<HashSet<PathBuf>>);
 
+/// A member's bytes in a member file: a kind byte, then the id. Snapshots address users by
+/// `external_id` or `braze_id` (`members.rs`); the other forms are encoded so the mapping
+/// stays total, with the alias name length-prefixed so it cannot run into the label.
 fn user_bytes(user: &UserId) -> Vec<u8> {
-    let mut k = Vec::with_capacity(1 + user.value().len());
-    k.push(match user {
-        UserId::External(_) => b'e',
-        UserId::Braze(_) => b'b',
-    });
-    k.extend_from_slice(user.value().as_bytes());
+    let mut k = Vec::with_capacity(3 + user.value().len());
+    match user {
+        UserId::External(id) => {
+            k.push(b'e');
+            k.extend_from_slice(id.as_bytes());
+        }
+        UserId::Braze(id) => {
+            k.push(b'b');
+            k.extend_from_slice(id.as_bytes());
+        }
+        UserId::Email(id) => {
+            k.push(b'm');
+            k.extend_from_slice(id.as_bytes());
+        }
+        UserId::Phone(id) => {
+            k.push(b'p');
+            k.extend_from_slice(id.as_bytes());
+        }
+        UserId::Alias { name, label } => {
+            k.push(b'a');
+            k.extend_from_slice(&(name.len().min(u16::MAX as usize) as u16).to_be_bytes());
+            k.extend_from_slice(name.as_bytes());
+            k.extend_from_slice(label.as_bytes());
+        }
+    }
     k
 }
 
 fn user_from(bytes: &[u8]) -> Option<UserId> {
-    let (kind, id) = bytes.split_first()?;
-    let id = String::from_utf8(id.to_vec()).ok()?;
+    let (kind, rest) = bytes.split_first()?;
+    let text = |b: &[u8]| String::from_utf8(b.to_vec()).ok();
     match kind {
-        b'e' => Some(UserId::External(id)),
-        b'b' => Some(UserId::Braze(id)),
+        b'e' => Some(UserId::External(text(rest)?)),
+        b'b' => Some(UserId::Braze(text(rest)?)),
+        b'm' => Some(UserId::Email(text(rest)?)),
+        b'p' => Some(UserId::Phone(text(rest)?)),
+        b'a' => {
+            let len = u16::from_be_bytes(rest.get(..2)?.try_into().ok()?) as usize;
+            let name = text(rest.get(2..2 + len)?)?;
+            let label = text(rest.get(2 + len..)?)?;
+            Some(UserId::Alias { name, label })
+        }
         _ => None,
     }
 }

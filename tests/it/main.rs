@@ -16,4 +16,5 @@ mod ordering;
 mod outage;
 mod queue;
 mod queue_tools;
+mod relay;
 mod snapshot;
