@@ -4,6 +4,7 @@
 //! the library, and for crashes the real binary killed with SIGKILL.
 
 mod bad_input;
+mod braze_client;
 mod check;
 mod common;
 mod crash;
