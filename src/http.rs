@@ -464,7 +464,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         metric(
             "aiq_queue_pending_memberships",
             "gauge",
-            "Membership updates waiting for Braze.",
+            "Attribute updates (memberships included) waiting for Braze.",
             q.pending_memberships,
         );
         metric(
@@ -494,13 +494,13 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         metric(
             "aiq_records_coalesced_total",
             "counter",
-            "Membership updates replaced by a newer one before delivery.",
+            "Attribute updates replaced by a newer value before delivery.",
             q.coalesced_total,
         );
         metric(
             "aiq_records_skipped_unchanged_total",
             "counter",
-            "Membership updates not sent: Braze already had that value.",
+            "Attribute updates not sent: Braze already had that value.",
             q.skipped_unchanged_total,
         );
         metric(
