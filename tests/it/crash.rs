@@ -87,15 +87,18 @@ async fn no_acknowledged_record_is_lost_across_sigkills() {
     let dir = tempfile::tempdir().unwrap();
     let (fake, mut daemon, _port, base, client) = start_binary(dir.path()).await;
 
-    // Four writers post events (unique ids) and memberships (unique users) until told to
-    // stop, recording what was acknowledged.
+    // Four writers post events (unique ids), memberships (unique users) and Braze-shaped
+    // `/users/track` bodies (an attribute and an event each) until told to stop, recording
+    // what was acknowledged.
     let acked_events: Arc<Mutex<HashSet<u64>>> = Default::default();
     let acked_members: Arc<Mutex<HashSet<u64>>> = Default::default();
+    let acked_relayed: Arc<Mutex<HashSet<u64>>> = Default::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut writers = Vec::new();
     for w in 0..4u64 {
         let (client, base, stop) = (client.clone(), base.clone(), stop.clone());
         let (acked_events, acked_members) = (acked_events.clone(), acked_members.clone());
+        let acked_relayed = acked_relayed.clone();
         writers.push(tokio::spawn(async move {
             let mut n = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -107,6 +110,20 @@ async fn no_acknowledged_record_is_lost_across_sigkills() {
                         .map(|i| membership(&format!("m{i}"), "crash", "1", true))
                         .collect();
                     ("/v1/memberships", array(&items))
+                } else if n % 200 == 150 {
+                    let attributes: Vec<_> = ids
+                        .iter()
+                        .map(|i| json!({"external_id": format!("r{i}"), "relayed": i}))
+                        .collect();
+                    let events: Vec<_> = ids
+                        .iter()
+                        .map(|i| {
+                            json!({"external_id": format!("r{i}"), "name": "relayed",
+                                        "time": "2026-11-28T10:00:00Z", "properties": {"rid": i}})
+                        })
+                        .collect();
+                    let body = json!({"attributes": attributes, "events": events});
+                    ("/users/track", body.to_string())
                 } else {
                     let items: Vec<_> = ids.iter().map(|&i| event(i)).collect();
                     ("/v1/events", array(&items))
@@ -118,11 +135,11 @@ async fn no_acknowledged_record_is_lost_across_sigkills() {
                     .send()
                     .await;
                 match sent {
-                    Ok(r) if r.status().as_u16() == 202 => {
-                        let set = if path == "/v1/events" {
-                            &acked_events
-                        } else {
-                            &acked_members
+                    Ok(r) if r.status().is_success() => {
+                        let set = match path {
+                            "/v1/events" => &acked_events,
+                            "/users/track" => &acked_relayed,
+                            _ => &acked_members,
                         };
                         set.lock().unwrap().extend(ids);
                         n += 50;
@@ -149,6 +166,7 @@ async fn no_acknowledged_record_is_lost_across_sigkills() {
     }
     let events: HashSet<u64> = acked_events.lock().unwrap().clone();
     let members: HashSet<u64> = acked_members.lock().unwrap().clone();
+    let relayed: HashSet<u64> = acked_relayed.lock().unwrap().clone();
     assert!(
         events.len() > 1000,
         "too little was acknowledged to mean anything: {}",
@@ -166,7 +184,20 @@ async fn no_acknowledged_record_is_lost_across_sigkills() {
                     != Some(&json!(true))
             })
             .count();
-        (missing_events, missing_members, got)
+        let relayed_events: HashSet<u64> = fake
+            .events()
+            .iter()
+            .filter_map(|e| e["properties"]["rid"].as_u64())
+            .collect();
+        let missing_relayed = relayed
+            .iter()
+            .filter(|&&i| {
+                !relayed_events.contains(&i)
+                    || held.get(&(format!("external_id:r{i}"), "relayed".to_string()))
+                        != Some(&json!(i))
+            })
+            .count();
+        (missing_events, missing_members + missing_relayed, got)
     };
     let fake2 = fake.clone();
     let complete = wait_until(Duration::from_secs(90), || {
@@ -177,12 +208,12 @@ async fn no_acknowledged_record_is_lost_across_sigkills() {
     let (missing_events, missing_members, got) = arrived(&fake);
     let duplicates: usize = got.values().map(|n| n - 1).sum();
     eprintln!(
-        "crash test: {} starts, {} events and {} memberships acknowledged, {duplicates} duplicate events, {missing_events}/{missing_members} missing",
-        daemon.starts, events.len(), members.len()
+        "crash test: {} starts, {} events, {} memberships and {} relayed attribute+event pairs acknowledged, {duplicates} duplicate events, {missing_events}/{missing_members} missing",
+        daemon.starts, events.len(), members.len(), relayed.len()
     );
     assert!(
         complete,
-        "lost acknowledged records: {missing_events} events, {missing_members} memberships; log: {}",
+        "lost acknowledged records: {missing_events} events, {missing_members} memberships or relayed; log: {}",
         std::fs::read_to_string(&daemon.log).unwrap_or_default()
     );
     // A clean stop after all that exits 0, as systemd expects.
