@@ -115,6 +115,15 @@ pub enum ImportWhat {
     Memberships(ImportArgs),
     /// Events: name, external_id or braze_id, time, properties (CSV: other columns too).
     Events(ImportArgs),
+    /// Custom attributes: external_id or braze_id, then one column per attribute, typed in
+    /// the header as name:string|number|boolean|date|array (NDJSON: as /v1/attributes).
+    Attributes {
+        #[command(flatten)]
+        args: ImportArgs,
+        /// What an empty CSV cell means: skip (leave the attribute alone) or unset (null).
+        #[arg(long, value_enum, default_value = "skip")]
+        empty_cells: crate::import::EmptyCells,
+    },
     /// A split's whole membership (one external_id or braze_id per row): only who entered
     /// and who left since the last snapshot is queued.
     Snapshot {

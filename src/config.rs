@@ -127,6 +127,49 @@ pub struct Config {
     pub queue: QueueConfig,
     /// `[log]`: what the daemon logs.
     pub log: LogConfig,
+    /// `[identity]`: which identifier a record that carries both is sent with.
+    pub identity: PreferId,
+    /// `[update_existing_only]`: whether each kind of record may create a Braze profile.
+    pub update_existing_only: UpdateExistingOnly,
+}
+
+/// `identity.prefer`: the identifier a `/v1` record or import row that carries both
+/// `external_id` and `braze_id` (as ActionIQ's activation does) is sent with. Braze takes
+/// exactly one per object.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PreferId {
+    /// The customer's own stable key: it survives Braze profile merges and can address a
+    /// profile Braze creates for it. The default.
+    #[default]
+    External,
+    /// Braze's internal id: it only ever addresses a profile that exists.
+    Braze,
+}
+
+/// `[update_existing_only]`: the `_update_existing_only` flag sent with each kind of `/v1`
+/// record (`true`: Braze only updates profiles it has and creates none). Objects relayed
+/// through `/users/track` carry their own flag and are sent as they came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpdateExistingOnly {
+    /// Default `true`: an audience flag on a stub profile for a user Braze has never seen
+    /// helps no campaign, and the stub counts as a profile.
+    pub memberships: bool,
+    /// Default `false`: ActionIQ's attributes (email, names, traits) are what a profile is
+    /// made of, and a CDP is commonly the system that creates them.
+    pub attributes: bool,
+    /// Default `false`: an event can be the first thing Braze hears of a user (a sign-up),
+    /// and a campaign triggered by it needs the profile.
+    pub events: bool,
+}
+
+impl Default for UpdateExistingOnly {
+    fn default() -> Self {
+        UpdateExistingOnly {
+            memberships: true,
+            attributes: false,
+            events: false,
+        }
+    }
 }
 
 /// `[braze]`: the Braze REST API the workers deliver to.
@@ -323,6 +366,8 @@ impl Config {
         let delivery = read_delivery(&root, &mut p);
         let queue = read_queue(&root, &mut p);
         let log = read_log(&root, &mut p);
+        let identity = read_identity(&root, &mut p);
+        let update_existing_only = read_update_existing_only(&root, &mut p);
 
         // Every check above has run; the `?`s below only assemble. A `Reported` always comes
         // with a line in `p`, so an `Err` here never yields an empty `Invalid`.
@@ -334,6 +379,8 @@ impl Config {
                 delivery: delivery?,
                 queue: queue?,
                 log: log?,
+                identity: identity?,
+                update_existing_only: update_existing_only?,
             })
         })();
         match config {
@@ -366,6 +413,8 @@ impl Config {
             delivery: DeliveryConfig::default(),
             queue: QueueConfig::default(),
             log: LogConfig::default(),
+            identity: PreferId::default(),
+            update_existing_only: UpdateExistingOnly::default(),
         }
     }
 }
@@ -374,7 +423,18 @@ impl Config {
 // Reading the sections
 // ---------------------------------------------------------------------------------------------
 
-const TOP_KEYS: &[&str] = &["data_dir", "braze", "ingest", "delivery", "queue", "log"];
+const TOP_KEYS: &[&str] = &[
+    "data_dir",
+    "braze",
+    "ingest",
+    "delivery",
+    "queue",
+    "log",
+    "identity",
+    "update_existing_only",
+];
+const IDENTITY_KEYS: &[&str] = &["prefer"];
+const UPDATE_EXISTING_ONLY_KEYS: &[&str] = &["memberships", "attributes", "events"];
 const BRAZE_KEYS: &[&str] = &[
     "endpoint",
     "api_key",
@@ -588,6 +648,32 @@ fn read_queue(root: &Table, p: &mut Problems) -> Checked<QueueConfig> {
         max_disk_bytes: max_disk_bytes?,
         cache_bytes: cache_mb? * MIB,
         compact_min_bytes: compact_min_mb? * MIB,
+    })
+}
+
+fn read_identity(root: &Table, p: &mut Problems) -> Checked<PreferId> {
+    let s = Section::open(root, "identity", IDENTITY_KEYS, p);
+    s.string(p, "prefer")
+        .and_then(|prefer| match prefer.map(str::trim) {
+            None | Some("external_id") => Ok(PreferId::External),
+            Some("braze_id") => Ok(PreferId::Braze),
+            Some(other) => Err(p.report(
+                "identity.prefer",
+                format!("must be \"external_id\" or \"braze_id\", got {other:?}"),
+            )),
+        })
+}
+
+fn read_update_existing_only(root: &Table, p: &mut Problems) -> Checked<UpdateExistingOnly> {
+    let s = Section::open(root, "update_existing_only", UPDATE_EXISTING_ONLY_KEYS, p);
+    let d = UpdateExistingOnly::default();
+    let memberships = s.boolean(p, "memberships", d.memberships);
+    let attributes = s.boolean(p, "attributes", d.attributes);
+    let events = s.boolean(p, "events", d.events);
+    Ok(UpdateExistingOnly {
+        memberships: memberships?,
+        attributes: attributes?,
+        events: events?,
     })
 }
 
@@ -1107,6 +1193,41 @@ mod tests {
         assert_eq!(c.queue.cache_bytes, 64 * MIB);
         assert_eq!(c.queue.compact_min_bytes, 256 * MIB);
         assert_eq!(c.log.level, LevelFilter::INFO);
+        assert_eq!(c.identity, PreferId::External);
+        assert_eq!(c.update_existing_only, UpdateExistingOnly::default());
+        assert!(c.update_existing_only.memberships);
+    }
+
+    #[test]
+    fn identity_and_profile_policy_are_read_and_checked() {
+        let text = format!(
+            "{}[identity]\nprefer = \"braze_id\"\n\
+             [update_existing_only]\nmemberships = false\nevents = true\n",
+            minimal()
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.identity, PreferId::Braze);
+        assert_eq!(
+            c.update_existing_only,
+            UpdateExistingOnly {
+                memberships: false,
+                attributes: false,
+                events: true
+            }
+        );
+        let bad = format!(
+            "{}[identity]\nprefer = \"email\"\n[update_existing_only]\nevents = \"yes\"\npurchases = true\n",
+            minimal()
+        );
+        let lines = problems(&bad);
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        assert!(lines.iter().any(|l| l.starts_with("identity.prefer:")));
+        assert!(lines
+            .iter()
+            .any(|l| l.starts_with("update_existing_only.events:")));
+        assert!(lines
+            .iter()
+            .any(|l| l.contains("update_existing_only.purchases")));
     }
 
     #[test]

@@ -84,6 +84,7 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
             config.delivery.backoff_max,
             config.delivery.max_requests_per_second,
         ),
+        policy: config.update_existing_only,
         limits: BatchLimits {
             max_objects: config.braze.max_objects_per_request,
             per_array: config.braze.per_array_limit,
@@ -123,6 +124,7 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
         delivery: Arc::clone(&delivery),
         token: config.ingest.token.clone(),
         stopping: Default::default(),
+        prefer: config.identity,
     });
     let addr = listener.local_addr()?;
     let app = http::router(Arc::clone(&state), config.ingest.max_body_bytes);

@@ -54,6 +54,9 @@ async fn demo(
     let mut config = Config::for_local(work.join("data"), fake.url(), DEMO_KEY);
     config.delivery.backoff_initial = Duration::from_millis(200);
     config.delivery.backoff_max = Duration::from_secs(2);
+    // The stand-in starts with no profiles and, like Braze, applies an update-only write to
+    // no one it has not seen; here memberships may create the profiles they describe.
+    config.update_existing_only.memberships = false;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let running = daemon::start(&config, listener).await?;
     let base = format!("http://{}", running.addr);

@@ -15,7 +15,7 @@ use axum::{Json, Router};
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
-use crate::config::Secret;
+use crate::config::{PreferId, Secret};
 use crate::delivery::gate::Health;
 use crate::delivery::Delivery;
 use crate::ingest::{self, BadInput};
@@ -37,12 +37,15 @@ pub struct AppState {
     pub token: Option<Secret>,
     /// Set when shutdown begins: new requests get 503 so clients retry against the next start.
     pub stopping: AtomicBool,
+    /// Which id a `/v1` record carrying both is sent with (`identity.prefer`).
+    pub prefer: PreferId,
 }
 
 pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/v1/memberships", post(post_memberships))
         .route("/v1/events", post(post_events))
+        .route("/v1/attributes", post(post_attributes))
         .route(
             "/v1/audiences/{audience_id}/splits/{split_id}/members",
             // Snapshots stream in: tens of millions of ids, read line by line, not buffered.
@@ -182,8 +185,9 @@ async fn post_memberships(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    ingest_with(&state, &headers, body, |b| {
-        Ok(ingest::parse_memberships(b)?
+    let prefer = state.prefer;
+    ingest_with(&state, &headers, body, move |b| {
+        Ok(ingest::parse_memberships(b, prefer)?
             .into_iter()
             .map(Record::Membership)
             .collect())
@@ -196,10 +200,26 @@ async fn post_events(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    ingest_with(&state, &headers, body, |b| {
-        Ok(ingest::parse_events(b)?
+    let prefer = state.prefer;
+    ingest_with(&state, &headers, body, move |b| {
+        Ok(ingest::parse_events(b, prefer)?
             .into_iter()
             .map(Record::Event)
+            .collect())
+    })
+    .await
+}
+
+async fn post_attributes(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let prefer = state.prefer;
+    ingest_with(&state, &headers, body, move |b| {
+        Ok(ingest::parse_attributes(b, prefer)?
+            .into_iter()
+            .map(Record::Attribute)
             .collect())
     })
     .await
@@ -347,7 +367,7 @@ async fn put_snapshot(
         .queue
         .begin_snapshot(&audience, &split)
         .map_err(ApiError::Queue)?;
-    let mut reader = members::MemberReader::new(format);
+    let mut reader = members::MemberReader::new(format, state.prefer);
     let mut add = |user| upload.add(&user).map_err(ApiError::Queue);
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {

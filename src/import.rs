@@ -1,4 +1,5 @@
-//! `import memberships|events FILE`: ActionIQ's exports, CSV or NDJSON, into the queue.
+//! `import memberships|events|attributes FILE`: ActionIQ's exports, CSV or NDJSON, into the
+//! queue.
 //!
 //! All or nothing, like ingest: the file is read twice. The first pass checks every row
 //! (with ingest's own validation) and queues nothing; only a clean file (or, with
@@ -11,6 +12,13 @@
 //! `member` takes true/false, 1/0 or yes/no. An empty cell is a missing value. For events, a
 //! `properties` cell holds a JSON object, and every other column becomes a string property
 //! (ActionIQ's "additional attributes").
+//!
+//! Attributes CSV: an `external_id` and/or `braze_id` column, and one column per attribute.
+//! A cell is text, so a column's type goes in its header as `name:type`: `string` (the
+//! default), `number`, `boolean` (true/false, 1/0, yes/no), `date` (ISO 8601 date or time,
+//! sent as UTC RFC 3339) or `array` (items separated by `;`). An empty cell leaves the
+//! attribute alone, or with `--empty-cells unset` sets it to null (Braze removes it). A row
+//! whose cells are all empty is nothing to do, not an error.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, IsTerminal, Read, Seek, Write};
@@ -20,7 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::{Map, Value};
 
-use crate::config::Config;
+use crate::config::{Config, PreferId};
 use crate::ingest::{self, BadInput};
 use crate::queue::{Queue, QueueError};
 use crate::record::{Event, Membership, Record};
@@ -34,6 +42,17 @@ const LIST_BAD: usize = 50;
 pub enum Kind {
     Memberships,
     Events,
+    Attributes,
+}
+
+/// What an empty CSV cell in an attributes file means.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum EmptyCells {
+    /// Leave the attribute as Braze has it (an export's blank is usually "unknown").
+    #[default]
+    Skip,
+    /// Set the attribute to null, which removes it from the profile.
+    Unset,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -50,6 +69,8 @@ pub struct Options {
     /// Guessed from the extension (or the first byte) when not given.
     pub format: Option<Format>,
     pub skip_bad: bool,
+    /// Attributes CSV only.
+    pub empty_cells: EmptyCells,
 }
 
 impl Kind {
@@ -57,13 +78,27 @@ impl Kind {
         match self {
             Kind::Memberships => "memberships",
             Kind::Events => "events",
+            Kind::Attributes => "attributes",
         }
     }
 
-    fn record(self, index: usize, line: usize, value: Value) -> Result<Record, BadInput> {
+    /// A row's records: one for a membership or event, one per attribute for attributes.
+    fn records(
+        self,
+        index: usize,
+        line: usize,
+        value: Value,
+        prefer: PreferId,
+    ) -> Result<Vec<Record>, BadInput> {
         Ok(match self {
-            Kind::Memberships => Record::Membership(ingest::membership(index, line, value)?),
-            Kind::Events => Record::Event(ingest::event(index, line, value)?),
+            Kind::Memberships => vec![Record::Membership(ingest::membership(
+                index, line, value, prefer,
+            )?)],
+            Kind::Events => vec![Record::Event(ingest::event(index, line, value, prefer)?)],
+            Kind::Attributes => ingest::attributes(index, line, value, prefer)?
+                .into_iter()
+                .map(Record::Attribute)
+                .collect(),
         })
     }
 }
@@ -82,9 +117,10 @@ pub async fn run(config: &Config, options: Options) -> anyhow::Result<()> {
     let mut bad: Vec<BadInput> = Vec::new();
     let mut bad_lines = std::collections::HashSet::new();
     let mut good = 0usize;
-    for (index, (line, value)) in rows(&mut file, format, options.kind)?.enumerate() {
-        match value.and_then(|v| options.kind.record(index, line, v)) {
-            Ok(_) => good += 1,
+    let prefer = config.identity;
+    for (index, (line, value)) in rows(&mut file, format, &options)?.enumerate() {
+        match value.and_then(|v| options.kind.records(index, line, v, prefer)) {
+            Ok(records) => good += records.len(),
             Err(e) => {
                 if !options.skip_bad {
                     bail!("{name}: {e}; nothing was queued (--skip-bad queues the good rows)");
@@ -113,16 +149,16 @@ pub async fn run(config: &Config, options: Options) -> anyhow::Result<()> {
     let mut sink = Sink::open(config, options.kind).await?;
     let mut chunk = Vec::with_capacity(CHUNK);
     let mut queued = 0usize;
-    for (index, (line, value)) in rows(&mut file, format, options.kind)?.enumerate() {
+    for (index, (line, value)) in rows(&mut file, format, &options)?.enumerate() {
         if bad_lines.contains(&line) {
             continue;
         }
         // Pass 1 accepted this row; reading the same bytes again cannot fail differently.
-        let record = value
-            .and_then(|v| options.kind.record(index, line, v))
+        let records = value
+            .and_then(|v| options.kind.records(index, line, v, prefer))
             .with_context(|| format!("{name} changed while it was being imported"))?;
-        chunk.push(record);
-        if chunk.len() == CHUNK {
+        chunk.extend(records);
+        if chunk.len() >= CHUNK {
             queued += sink.send(std::mem::take(&mut chunk)).await?;
             progress.tick("queued", queued);
         }
@@ -173,8 +209,9 @@ type Row = (usize, Result<Value, BadInput>);
 fn rows<'a>(
     file: &'a mut File,
     format: Format,
-    kind: Kind,
+    options: &Options,
 ) -> anyhow::Result<Box<dyn Iterator<Item = Row> + 'a>> {
+    let (kind, empty_cells) = (options.kind, options.empty_cells);
     let reader = BufReader::with_capacity(1 << 20, file);
     Ok(match format {
         Format::Ndjson => Box::new(reader.lines().enumerate().filter_map(|(n, line)| {
@@ -200,14 +237,23 @@ fn rows<'a>(
                 .headers()
                 .context("cannot read the CSV header row")?
                 .clone();
-            Box::new(csv.into_records().map(move |row| match row {
+            let columns = match kind {
+                Kind::Attributes => Some(attribute_columns(&headers)?),
+                _ => None,
+            };
+            Box::new(csv.into_records().filter_map(move |row| match row {
                 Ok(r) => {
                     let line = r.position().map_or(0, |p| p.line() as usize);
-                    (line, Ok(csv_object(&headers, &r, kind)))
+                    match &columns {
+                        Some(columns) => attribute_row(columns, &r, line, empty_cells)
+                            .transpose()
+                            .map(|value| (line, value)),
+                        None => Some((line, Ok(csv_object(&headers, &r, kind)))),
+                    }
                 }
                 Err(e) => {
                     let line = e.position().map_or(0, |p| p.line() as usize);
-                    (line, Err(whole(line, format!("bad CSV row: {e}"))))
+                    Some((line, Err(whole(line, format!("bad CSV row: {e}")))))
                 }
             }))
         }
@@ -260,6 +306,142 @@ fn csv_object(headers: &csv::StringRecord, row: &csv::StringRecord, kind: Kind) 
         object.remove("properties");
     }
     Value::Object(object)
+}
+
+/// A column of an attributes CSV, read from its header.
+enum Column {
+    /// `external_id` or `braze_id`.
+    Id(String),
+    Attribute {
+        name: String,
+        kind: CellType,
+    },
+}
+
+#[derive(Clone, Copy)]
+enum CellType {
+    String,
+    Number,
+    Boolean,
+    Date,
+    Array,
+}
+
+/// Reads `name:type` headers; an unknown type is refused before any row is read.
+fn attribute_columns(headers: &csv::StringRecord) -> anyhow::Result<Vec<Column>> {
+    let mut columns = Vec::with_capacity(headers.len());
+    for header in headers.iter() {
+        let header = header.trim();
+        if header == "external_id" || header == "braze_id" {
+            columns.push(Column::Id(header.to_string()));
+            continue;
+        }
+        let (name, kind) = match header.rsplit_once(':') {
+            None => (header, CellType::String),
+            Some((name, kind)) => (
+                name,
+                match kind.trim() {
+                    "string" => CellType::String,
+                    "number" => CellType::Number,
+                    "boolean" => CellType::Boolean,
+                    "date" => CellType::Date,
+                    "array" => CellType::Array,
+                    other => bail!(
+                        "line 1, column {header:?}: unknown type {other:?}; use string, number, boolean, date or array"
+                    ),
+                },
+            ),
+        };
+        ingest::check_attribute_name(name).map_err(|why| anyhow::anyhow!("line 1: {why}"))?;
+        columns.push(Column::Attribute {
+            name: name.to_string(),
+            kind,
+        });
+    }
+    if !columns.iter().any(|c| matches!(c, Column::Id(_))) {
+        bail!("line 1: the CSV header must name an external_id or braze_id column");
+    }
+    Ok(columns)
+}
+
+/// One attributes CSV row as the JSON `/v1/attributes` takes, with each cell typed by its
+/// column; `None` when the row sets nothing.
+fn attribute_row(
+    columns: &[Column],
+    row: &csv::StringRecord,
+    line: usize,
+    empty: EmptyCells,
+) -> Result<Option<Value>, BadInput> {
+    let mut object = Map::new();
+    let mut attributes = Map::new();
+    for (column, cell) in columns.iter().zip(row.iter()) {
+        match column {
+            Column::Id(field) => {
+                if !cell.is_empty() {
+                    object.insert(field.clone(), Value::String(cell.into()));
+                }
+            }
+            Column::Attribute { name, kind } => {
+                if cell.is_empty() {
+                    if empty == EmptyCells::Unset {
+                        attributes.insert(name.clone(), Value::Null);
+                    }
+                    continue;
+                }
+                let bad = |why: String| BadInput {
+                    index: None,
+                    line: Some(line),
+                    field: Some(name.clone()),
+                    message: why,
+                };
+                let value = match kind {
+                    CellType::String => Value::String(cell.into()),
+                    CellType::Number => serde_json::from_str::<serde_json::Number>(cell.trim())
+                        .map(Value::Number)
+                        .map_err(|_| bad(format!("{cell:?} is not a number")))?,
+                    CellType::Boolean => match cell.trim().to_ascii_lowercase().as_str() {
+                        "true" | "1" | "yes" => Value::Bool(true),
+                        "false" | "0" | "no" => Value::Bool(false),
+                        _ => return Err(bad(format!("{cell:?} is not true or false"))),
+                    },
+                    CellType::Date => Value::String(
+                        date_cell(cell.trim())
+                            .ok_or_else(|| bad(format!("{cell:?} is not an ISO 8601 date")))?,
+                    ),
+                    CellType::Array => Value::Array(
+                        cell.split(';')
+                            .map(|item| Value::String(item.trim().into()))
+                            .collect(),
+                    ),
+                };
+                attributes.insert(name.clone(), value);
+            }
+        }
+    }
+    if attributes.is_empty() {
+        return Ok(None);
+    }
+    object.insert("attributes".into(), Value::Object(attributes));
+    Ok(Some(Value::Object(object)))
+}
+
+/// An ISO 8601 date (`2024-05-01`, taken as midnight UTC) or date and time, as the UTC
+/// RFC 3339 text Braze recognises as a time.
+fn date_cell(cell: &str) -> Option<String> {
+    use time::format_description::well_known::{Iso8601, Rfc3339};
+    use time::{Date, OffsetDateTime, PrimitiveDateTime, Time};
+    let at = OffsetDateTime::parse(cell, &Rfc3339)
+        .or_else(|_| OffsetDateTime::parse(cell, &Iso8601::DEFAULT))
+        .or_else(|_| PrimitiveDateTime::parse(cell, &Iso8601::DEFAULT).map(|t| t.assume_utc()))
+        .or_else(|_| {
+            Date::parse(
+                cell,
+                time::macros::format_description!("[year]-[month]-[day]"),
+            )
+            .map(|d| PrimitiveDateTime::new(d, Time::MIDNIGHT).assume_utc())
+        })
+        .ok()?;
+    Some(ingest::format_time(at))
 }
 
 /// Where the chunks go: the running daemon, or the database itself.
@@ -449,7 +631,7 @@ pub async fn snapshot(
     let (report, via) = match crate::daemon::open_queue_if_free(config).await {
         Ok(queue) => {
             let mut upload = queue.begin_snapshot(audience, split)?;
-            let mut reader = crate::members::MemberReader::new(None);
+            let mut reader = crate::members::MemberReader::new(None, config.identity);
             let mut add = |user| upload.add(&user).map_err(anyhow::Error::from);
             let mut input = BufReader::with_capacity(1 << 20, source);
             loop {

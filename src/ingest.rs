@@ -11,7 +11,8 @@ use serde_json::{Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::record::{Event, Membership, UserId};
+use crate::config::PreferId;
+use crate::record::{AttributeUpdate, Event, Membership, UserId};
 
 /// Braze refuses longer external ids (`EXTERNAL_USER_ID_TOO_LARGE`).
 pub const MAX_EXTERNAL_ID_BYTES: usize = 987;
@@ -74,32 +75,165 @@ impl RawRecord {
     }
 }
 
-pub fn parse_memberships(body: &[u8]) -> Result<Vec<Membership>, BadInput> {
-    split_records(body)?.iter().map(membership_of).collect()
+pub fn parse_memberships(body: &[u8], prefer: PreferId) -> Result<Vec<Membership>, BadInput> {
+    split_records(body)?
+        .iter()
+        .map(|r| membership_of(r, prefer))
+        .collect()
 }
 
-pub fn parse_events(body: &[u8]) -> Result<Vec<Event>, BadInput> {
-    split_records(body)?.iter().map(event_of).collect()
+pub fn parse_events(body: &[u8], prefer: PreferId) -> Result<Vec<Event>, BadInput> {
+    split_records(body)?
+        .iter()
+        .map(|r| event_of(r, prefer))
+        .collect()
+}
+
+/// `/v1/attributes`: one update per attribute of each record, in order.
+pub fn parse_attributes(body: &[u8], prefer: PreferId) -> Result<Vec<AttributeUpdate>, BadInput> {
+    let mut out = Vec::new();
+    for raw in split_records(body)? {
+        out.extend(attributes_of(&raw, prefer)?);
+    }
+    Ok(out)
 }
 
 /// One membership from an already-parsed JSON value: `index` and `line` say where it was.
-pub fn membership(index: usize, line: usize, value: Value) -> Result<Membership, BadInput> {
-    membership_of(&object_of(index, line, value)?)
+pub fn membership(
+    index: usize,
+    line: usize,
+    value: Value,
+    prefer: PreferId,
+) -> Result<Membership, BadInput> {
+    membership_of(&object_of(index, line, value)?, prefer)
 }
 
 /// One event from an already-parsed JSON value: `index` and `line` say where it was.
-pub fn event(index: usize, line: usize, value: Value) -> Result<Event, BadInput> {
-    event_of(&object_of(index, line, value)?)
+pub fn event(index: usize, line: usize, value: Value, prefer: PreferId) -> Result<Event, BadInput> {
+    event_of(&object_of(index, line, value)?, prefer)
+}
+
+/// One record's attribute updates from an already-parsed JSON value.
+pub fn attributes(
+    index: usize,
+    line: usize,
+    value: Value,
+    prefer: PreferId,
+) -> Result<Vec<AttributeUpdate>, BadInput> {
+    attributes_of(&object_of(index, line, value)?, prefer)
 }
 
 /// A snapshot member's user id from an already-parsed JSON value.
-pub fn user(index: usize, line: usize, value: Value) -> Result<UserId, BadInput> {
-    user_id(&object_of(index, line, value)?)
+pub fn user(index: usize, line: usize, value: Value, prefer: PreferId) -> Result<UserId, BadInput> {
+    user_id(&object_of(index, line, value)?, prefer)
 }
 
-fn membership_of(raw: &RawRecord) -> Result<Membership, BadInput> {
+/// Names that would change what an object means rather than set an attribute.
+const RESERVED_NAMES: [&str; 6] = [
+    "external_id",
+    "braze_id",
+    "user_alias",
+    "_update_existing_only",
+    "_merge_objects",
+    "push_token_import",
+];
+
+/// A custom attribute name Braze keeps as it is: not empty, at most 255 characters, and not
+/// starting with `$` (Braze's operator prefix in nested attributes).
+pub fn check_attribute_name(name: &str) -> Result<(), String> {
+    if name.trim().is_empty() {
+        return Err("an attribute name must not be empty".into());
+    }
+    if name.starts_with('$') {
+        return Err(format!(
+            "{name:?} is not a valid attribute name: names starting with '$' are Braze operators"
+        ));
+    }
+    if name.chars().count() > MAX_NAME_CHARS {
+        return Err(format!(
+            "attribute name {:?}… is longer than Braze's {MAX_NAME_CHARS} characters",
+            name.chars().take(40).collect::<String>()
+        ));
+    }
+    Ok(())
+}
+
+/// A `/v1` attribute value: what Braze stores as a plain value. Objects (nested attributes,
+/// `add`/`remove` operations) go through `/users/track`, where they are kept in order.
+fn check_attribute_value(value: &Value) -> Result<(), String> {
+    let long = |s: &str| s.chars().count() > MAX_NAME_CHARS;
+    match value {
+        Value::String(s) if long(s) => Err(format!(
+            "is a string of {} characters, over Braze's {MAX_NAME_CHARS}",
+            s.chars().count()
+        )),
+        Value::Object(_) => Err(
+            "an object is not a plain value; send nested attributes and add/remove operations to /users/track"
+                .into(),
+        ),
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                match item {
+                    Value::String(s) if long(s) => {
+                        return Err(format!(
+                            "item {i} is a string over Braze's {MAX_NAME_CHARS} characters"
+                        ))
+                    }
+                    Value::Array(_) | Value::Object(_) | Value::Null => {
+                        return Err(format!(
+                            "item {i} is {}; an array holds strings, numbers or booleans",
+                            type_name(item)
+                        ))
+                    }
+                    _ => {}
+                }
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn attributes_of(raw: &RawRecord, prefer: PreferId) -> Result<Vec<AttributeUpdate>, BadInput> {
+    let user = user_id(raw, prefer)?;
+    let map = match raw.object.get("attributes") {
+        Some(Value::Object(map)) if map.is_empty() => {
+            return Err(raw.bad("attributes", "holds no attributes"))
+        }
+        Some(Value::Object(map)) => map,
+        None | Some(Value::Null) => {
+            return Err(raw.bad("attributes", "is required: an object of name: value"))
+        }
+        Some(other) => {
+            return Err(raw.bad(
+                "attributes",
+                format!("must be an object, got {}", type_name(other)),
+            ))
+        }
+    };
+    let mut out = Vec::with_capacity(map.len());
+    for (name, value) in map {
+        check_attribute_name(name).map_err(|why| raw.bad("attributes", why))?;
+        let field = format!("attributes.{name}");
+        if RESERVED_NAMES.contains(&name.as_str()) {
+            return Err(raw.bad(&field, "is an identifier or object field, not an attribute"));
+        }
+        check_attribute_value(value).map_err(|why| raw.bad(&field, why))?;
+        out.push(AttributeUpdate {
+            user: user.clone(),
+            name: name.clone(),
+            // serde_json's compact text: the same value always has the same text, which is
+            // what the unchanged-value check compares.
+            value: value.to_string(),
+            object_fields: None,
+        });
+    }
+    Ok(out)
+}
+
+fn membership_of(raw: &RawRecord, prefer: PreferId) -> Result<Membership, BadInput> {
     Ok(Membership {
-        user: user_id(raw)?,
+        user: user_id(raw, prefer)?,
         audience_id: id_part(raw, "audience_id")?,
         split_id: id_part(raw, "split_id")?,
         member: match raw.object.get("member") {
@@ -119,7 +253,7 @@ fn membership_of(raw: &RawRecord) -> Result<Membership, BadInput> {
     })
 }
 
-fn event_of(raw: &RawRecord) -> Result<Event, BadInput> {
+fn event_of(raw: &RawRecord, prefer: PreferId) -> Result<Event, BadInput> {
     let name = match raw.object.get("name") {
         Some(Value::String(s)) if s.trim().is_empty() => {
             return Err(raw.bad("name", "must not be empty"))
@@ -168,7 +302,7 @@ fn event_of(raw: &RawRecord) -> Result<Event, BadInput> {
         }
     };
     Ok(Event {
-        user: user_id(raw)?,
+        user: user_id(raw, prefer)?,
         name,
         time,
         properties,
@@ -273,31 +407,46 @@ fn element_lines(body: &[u8], count: usize) -> Vec<usize> {
     lines
 }
 
-/// The record's one Braze identifier. ActionIQ's activation carries both ids; the external id
-/// wins because it is the customer's stable key and can create a profile, while a braze_id
-/// only addresses one that exists.
-fn user_id(raw: &RawRecord) -> Result<UserId, BadInput> {
+/// The record's one Braze identifier. ActionIQ's activation carries both ids; `prefer`
+/// (`identity.prefer`) says which one is sent. Both are checked either way: a malformed id
+/// is a malformed record.
+fn user_id(raw: &RawRecord, prefer: PreferId) -> Result<UserId, BadInput> {
     let get = |field: &str| -> Result<Option<String>, BadInput> {
         match raw.object.get(field) {
             None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) if s.is_empty() => Err(raw.bad(field, "must not be empty")),
+            Some(Value::String(s)) if s.trim().is_empty() => {
+                Err(raw.bad(field, "must not be empty"))
+            }
             Some(Value::String(s)) => Ok(Some(s.clone())),
             Some(other) => {
                 Err(raw.bad(field, format!("must be a string, got {}", type_name(other))))
             }
         }
     };
-    match (get("external_id")?, get("braze_id")?) {
-        (Some(id), _) if id.len() > MAX_EXTERNAL_ID_BYTES => Err(raw.bad(
+    let external = get("external_id")?;
+    if let Some(id) = external
+        .as_ref()
+        .filter(|id| id.len() > MAX_EXTERNAL_ID_BYTES)
+    {
+        return Err(raw.bad(
             "external_id",
             format!(
                 "is {} bytes, over Braze's {MAX_EXTERNAL_ID_BYTES}",
                 id.len()
             ),
-        )),
-        (Some(id), _) => Ok(UserId::External(id)),
-        (None, Some(id)) => Ok(UserId::Braze(id)),
-        (None, None) => Err(raw.bad(
+        ));
+    }
+    let braze = get("braze_id")?;
+    if let Some(id) = braze.as_ref().filter(|id| id.len() > MAX_EXTERNAL_ID_BYTES) {
+        return Err(raw.bad(
+            "braze_id",
+            format!("is {} bytes; a Braze id is far shorter", id.len()),
+        ));
+    }
+    match (external, braze, prefer) {
+        (Some(_), Some(id), PreferId::Braze) | (None, Some(id), _) => Ok(UserId::Braze(id)),
+        (Some(id), _, _) => Ok(UserId::External(id)),
+        (None, None, _) => Err(raw.bad(
             "external_id",
             "a user id is required: `external_id` or `braze_id`",
         )),
@@ -425,8 +574,8 @@ mod tests {
         let array = br#"[{"audience_id":"a1","split_id":2,"external_id":"u1","member":true},
             {"audience_id":"a1","split_id":"2","braze_id":"b9","member":false,"time":"2026-01-02T03:04:05+01:00"}]"#;
         let ndjson = b"{\"audience_id\":\"a1\",\"split_id\":2,\"external_id\":\"u1\",\"member\":true}\n\n{\"audience_id\":\"a1\",\"split_id\":\"2\",\"braze_id\":\"b9\",\"member\":false,\"time\":\"2026-01-02T03:04:05+01:00\"}\n";
-        let a = parse_memberships(array).unwrap();
-        assert_eq!(a, parse_memberships(ndjson).unwrap());
+        let a = parse_memberships(array, PreferId::External).unwrap();
+        assert_eq!(a, parse_memberships(ndjson, PreferId::External).unwrap());
         assert_eq!(a[0].attribute(), "AIQ_a1_2");
         assert_eq!(a[1].user, UserId::Braze("b9".into()));
         assert_eq!(a[1].time.as_deref(), Some("2026-01-02T02:04:05.000Z"));
@@ -435,7 +584,7 @@ mod tests {
     #[test]
     fn a_bad_record_is_named_by_index_line_and_field() {
         let body = b"{\"audience_id\":\"a\",\"split_id\":\"s\",\"external_id\":\"u\",\"member\":true}\n{\"audience_id\":\"a\",\"split_id\":\"s\",\"external_id\":\"u\",\"member\":\"yes\"}\n";
-        let err = parse_memberships(body).unwrap_err();
+        let err = parse_memberships(body, PreferId::External).unwrap_err();
         assert_eq!(err.index, Some(1));
         assert_eq!(err.line, Some(2));
         assert_eq!(err.field.as_deref(), Some("member"));
@@ -447,7 +596,7 @@ mod tests {
     #[test]
     fn array_elements_report_the_line_they_start_on() {
         let body = b"[\n {\"name\":\"a\",\"external_id\":\"u\",\"time\":1},\n {\"name\":\"[,]\",\n  \"external_id\":\"u\",\"time\":\"nope\"}\n]";
-        let err = parse_events(body).unwrap_err();
+        let err = parse_events(body, PreferId::External).unwrap_err();
         assert_eq!((err.index, err.line), (Some(1), Some(3)));
         assert_eq!(err.field.as_deref(), Some("time"));
     }
@@ -468,17 +617,17 @@ mod tests {
             ),
         ];
         for (body, field) in cases {
-            let err = parse_events(body).unwrap_err();
+            let err = parse_events(body, PreferId::External).unwrap_err();
             assert_eq!(err.field.as_deref(), Some(field), "{err}");
         }
     }
 
     #[test]
     fn malformed_json_is_refused_with_its_line() {
-        let err = parse_events(b"[\n{\"name\": }\n]").unwrap_err();
+        let err = parse_events(b"[\n{\"name\": }\n]", PreferId::External).unwrap_err();
         assert_eq!(err.line, Some(2));
         assert!(err.message.starts_with("invalid JSON"));
-        assert!(parse_events(b"  \n ").is_err());
+        assert!(parse_events(b"  \n ", PreferId::External).is_err());
     }
 
     #[test]
@@ -486,7 +635,79 @@ mod tests {
         let id = "x".repeat(988);
         let body =
             format!(r#"[{{"audience_id":"a","split_id":"s","external_id":"{id}","member":true}}]"#);
-        let err = parse_memberships(body.as_bytes()).unwrap_err();
+        let err = parse_memberships(body.as_bytes(), PreferId::External).unwrap_err();
         assert_eq!(err.field.as_deref(), Some("external_id"));
+    }
+
+    #[test]
+    fn a_record_with_both_ids_is_sent_with_the_preferred_one() {
+        let body = br#"{"external_id":"e1","braze_id":"b1","attributes":{"tier":"gold"}}"#;
+        let by = |prefer| parse_attributes(body, prefer).unwrap()[0].user.clone();
+        assert_eq!(by(PreferId::External), UserId::External("e1".into()));
+        assert_eq!(by(PreferId::Braze), UserId::Braze("b1".into()));
+        // A malformed id is refused even when the other one is used.
+        let bad = br#"{"external_id":"","braze_id":"b1","attributes":{"tier":"gold"}}"#;
+        assert!(parse_attributes(bad, PreferId::Braze).is_err());
+    }
+
+    #[test]
+    fn attributes_become_one_update_each_with_compact_json_values() {
+        let body = br#"{"external_id":"u","attributes":{"ltv":12.5,"vip":true,"tags":["a","b"],"signup":"2024-05-01T00:00:00Z","gone":null}}"#;
+        let updates = parse_attributes(body, PreferId::External).unwrap();
+        let got: Vec<(&str, &str)> = updates
+            .iter()
+            .map(|u| (u.name.as_str(), u.value.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("gone", "null"),
+                ("ltv", "12.5"),
+                ("signup", "\"2024-05-01T00:00:00Z\""),
+                ("tags", "[\"a\",\"b\"]"),
+                ("vip", "true"),
+            ]
+        );
+        assert!(updates.iter().all(|u| u.object_fields.is_none()));
+    }
+
+    #[test]
+    fn bad_attribute_names_and_values_are_named() {
+        let long = "x".repeat(256);
+        let cases = [
+            (
+                r#"{"external_id":"u","attributes":{"$set":1}}"#.to_string(),
+                "attributes",
+            ),
+            (
+                format!(r#"{{"external_id":"u","attributes":{{"{long}":1}}}}"#),
+                "attributes",
+            ),
+            (
+                format!(r#"{{"external_id":"u","attributes":{{"s":"{long}"}}}}"#),
+                "attributes.s",
+            ),
+            (
+                r#"{"external_id":"u","attributes":{"o":{"add":[1]}}}"#.to_string(),
+                "attributes.o",
+            ),
+            (
+                r#"{"external_id":"u","attributes":{"a":[[1]]}}"#.to_string(),
+                "attributes.a",
+            ),
+            (
+                r#"{"external_id":"u","attributes":{"braze_id":"x"}}"#.to_string(),
+                "attributes.braze_id",
+            ),
+            (
+                r#"{"external_id":"u","attributes":{}}"#.to_string(),
+                "attributes",
+            ),
+            (r#"{"external_id":"u"}"#.to_string(), "attributes"),
+        ];
+        for (body, field) in cases {
+            let err = parse_attributes(body.as_bytes(), PreferId::External).unwrap_err();
+            assert_eq!(err.field.as_deref(), Some(field), "{body}: {err}");
+        }
     }
 }

@@ -52,9 +52,14 @@ fn main() -> ExitCode {
             }
             (Command::Run, Some(config)) => commands::run(config).await,
             (Command::Import { what }, Some(config)) => {
-                let (kind, args) = match what {
-                    ImportWhat::Memberships(a) => (import::Kind::Memberships, a),
-                    ImportWhat::Events(a) => (import::Kind::Events, a),
+                let (kind, args, empty_cells) = match what {
+                    ImportWhat::Memberships(a) => {
+                        (import::Kind::Memberships, a, Default::default())
+                    }
+                    ImportWhat::Events(a) => (import::Kind::Events, a, Default::default()),
+                    ImportWhat::Attributes { args, empty_cells } => {
+                        (import::Kind::Attributes, args, empty_cells)
+                    }
                     ImportWhat::Snapshot {
                         audience,
                         split,
@@ -70,6 +75,7 @@ fn main() -> ExitCode {
                     file: args.file,
                     format: args.format,
                     skip_bad: args.skip_bad,
+                    empty_cells,
                 };
                 import::run(&config, options).await
             }

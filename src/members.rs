@@ -4,6 +4,7 @@
 
 use serde_json::{Map, Value};
 
+use crate::config::PreferId;
 use crate::ingest::{self, BadInput};
 use crate::record::UserId;
 
@@ -19,6 +20,8 @@ pub enum Format {
 /// Turns the lines of a member list into user ids.
 pub struct MemberReader {
     format: Option<Format>,
+    /// Which id a line with both is taken by (`identity.prefer`).
+    prefer: PreferId,
     header: Option<Vec<String>>,
     /// 1-based number of the last line seen.
     line: usize,
@@ -28,9 +31,10 @@ pub struct MemberReader {
 
 impl MemberReader {
     /// `format` when the content type said; otherwise the first non-blank line decides.
-    pub fn new(format: Option<Format>) -> MemberReader {
+    pub fn new(format: Option<Format>, prefer: PreferId) -> MemberReader {
         MemberReader {
             format,
+            prefer,
             header: None,
             line: 0,
             members: 0,
@@ -133,7 +137,7 @@ impl MemberReader {
                 Value::Object(object)
             }
         };
-        ingest::user(self.members, self.line, value).map(Some)
+        ingest::user(self.members, self.line, value, self.prefer).map(Some)
     }
 }
 
@@ -154,7 +158,7 @@ mod tests {
 
     fn read(format: Option<Format>, chunks: &[&str]) -> Result<Vec<UserId>, BadInput> {
         let mut out = Vec::new();
-        let mut reader = MemberReader::new(format);
+        let mut reader = MemberReader::new(format, PreferId::External);
         let mut push = |u| {
             out.push(u);
             Ok::<(), BadInput>(())

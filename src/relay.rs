@@ -23,7 +23,9 @@ use serde_json::Value;
 use time::format_description::well_known::{Iso8601, Rfc3339};
 use time::{OffsetDateTime, PrimitiveDateTime};
 
-use crate::ingest::{MAX_EXTERNAL_ID_BYTES, MAX_NAME_CHARS, MAX_PROPERTIES_BYTES};
+use crate::ingest::{
+    check_attribute_name, MAX_EXTERNAL_ID_BYTES, MAX_NAME_CHARS, MAX_PROPERTIES_BYTES,
+};
 use crate::record::{AttributeUpdate, Record, TrackArray, TrackObject, UserId};
 
 /// Braze's message when no object in the body is usable.
@@ -310,20 +312,7 @@ fn attributes_object(raw: &RawValue) -> Result<Vec<Record>, String> {
             fields.push_str(value.get());
             continue;
         }
-        if name.is_empty() {
-            return Err("an attribute name must not be empty".into());
-        }
-        if name.starts_with('$') {
-            return Err(format!(
-                "'{name}' is not a valid attribute name: names starting with '$' are Braze operators"
-            ));
-        }
-        if name.chars().count() > MAX_NAME_CHARS {
-            return Err(format!(
-                "attribute name '{}…' is longer than {MAX_NAME_CHARS} characters",
-                name.chars().take(40).collect::<String>()
-            ));
-        }
+        check_attribute_name(name)?;
         let parsed: Value = serde_json::from_str(value.get())
             .map_err(|_| format!("'{name}' does not hold a JSON value"))?;
         check_strings(name, &parsed)?;

@@ -6,9 +6,14 @@
 //! object, which is one object against Braze's 75. Each object remembers which records it
 //! came from, so Braze's per-object `errors` (index into the array as sent) map back to
 //! records.
+//!
+//! `/v1` records get the configured `_update_existing_only` for their kind, always written
+//! out (Braze's defaults differ by identifier form); relayed objects carry their own fields.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
+use crate::config::UpdateExistingOnly;
 use crate::queue::Leased;
 use crate::record::{Record, TrackArray, UserId};
 
@@ -101,11 +106,32 @@ fn write_attribute(out: &mut Vec<u8>, record: &Record) {
     }
 }
 
-fn write_event(out: &mut Vec<u8>, record: &Record) {
+/// The object-level fields an attribute update is sent with, as a JSON object's text.
+fn object_fields<'a>(record: &'a Record, policy: &UpdateExistingOnly) -> Cow<'a, str> {
+    let flag = |on: bool| {
+        Cow::Borrowed(if on {
+            r#"{"_update_existing_only":true}"#
+        } else {
+            r#"{"_update_existing_only":false}"#
+        })
+    };
+    match record {
+        Record::Membership(_) => flag(policy.memberships),
+        Record::Attribute(a) => match &a.object_fields {
+            Some(fields) => Cow::Borrowed(fields),
+            None => flag(policy.attributes),
+        },
+        Record::Event(_) => flag(policy.events),
+        Record::Tracked(_) => Cow::Borrowed(""),
+    }
+}
+
+fn write_event(out: &mut Vec<u8>, record: &Record, policy: &UpdateExistingOnly) {
     match record {
         Record::Event(e) => {
             out.push(b'{');
             write_user(out, &e.user);
+            write_members(out, &object_fields(record, policy));
             out.extend_from_slice(b",\"name\":");
             json_str(out, &e.name);
             out.extend_from_slice(b",\"time\":");
@@ -143,8 +169,8 @@ fn write_array(out: &mut Vec<u8>, name: &str, items: &[usize], each: impl Fn(&mu
 
 /// Builds the body for `items`, in their order. Attribute objects are ordered by each
 /// object's first record, so within one user later records come later.
-pub fn build(items: &[Leased]) -> TrackBody {
-    type ObjectKey<'a> = (&'a UserId, &'a str);
+pub fn build(items: &[Leased], policy: &UpdateExistingOnly) -> TrackBody {
+    type ObjectKey<'a> = (&'a UserId, Cow<'a, str>);
     let mut objects: Vec<(ObjectKey, Vec<usize>)> = Vec::new();
     let mut object_index: HashMap<ObjectKey, usize> = HashMap::new();
     let (mut events, mut purchases) = (Vec::new(), Vec::new());
@@ -154,8 +180,8 @@ pub fn build(items: &[Leased]) -> TrackBody {
             Record::Tracked(t) if t.array == TrackArray::Purchases => purchases.push(pos),
             Record::Event(_) | Record::Tracked(_) => events.push(pos),
             Record::Membership(_) | Record::Attribute(_) => {
-                let key = (record.user(), record.object_fields());
-                let i = *object_index.entry(key).or_insert_with(|| {
+                let key = (record.user(), object_fields(record, policy));
+                let i = *object_index.entry(key.clone()).or_insert_with(|| {
                     objects.push((key, Vec::new()));
                     objects.len() - 1
                 });
@@ -179,10 +205,10 @@ pub fn build(items: &[Leased]) -> TrackBody {
         out.push(b'}');
     });
     write_array(&mut json, "events", &events, |out, pos| {
-        write_event(out, &items[pos].stored.record)
+        write_event(out, &items[pos].stored.record, policy)
     });
     write_array(&mut json, "purchases", &purchases, |out, pos| {
-        write_event(out, &items[pos].stored.record)
+        write_event(out, &items[pos].stored.record, policy)
     });
     json.push(b'}');
     TrackBody {
@@ -196,8 +222,11 @@ pub fn build(items: &[Leased]) -> TrackBody {
 /// Splits leased records into two halves by Braze object (a user's attribute updates stay
 /// together), for finding the record Braze refuses a whole request for. Returns `None` when the
 /// records form a single object and cannot be split further.
-pub fn split_in_half(items: Vec<Leased>) -> Result<(Vec<Leased>, Vec<Leased>), Vec<Leased>> {
-    let objects = build(&items).objects_in_order();
+pub fn split_in_half(
+    items: Vec<Leased>,
+    policy: &UpdateExistingOnly,
+) -> Result<(Vec<Leased>, Vec<Leased>), Vec<Leased>> {
+    let objects = build(&items, policy).objects_in_order();
     if objects.len() < 2 {
         return Err(items);
     }

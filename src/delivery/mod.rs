@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::braze::{wire, BrazeClient, TrackOutcome};
+use crate::config::UpdateExistingOnly;
 use crate::queue::format::LANE_EVENTS;
 use crate::queue::{BatchLimits, Leased, Outcome, Queue, QueueError};
 use gate::{Failure, Gate, Permit};
@@ -47,6 +48,8 @@ pub struct Delivery {
     pub client: BrazeClient,
     pub gate: Gate,
     pub limits: BatchLimits,
+    /// The `_update_existing_only` flag each kind of `/v1` record is sent with.
+    pub policy: UpdateExistingOnly,
     pub counters: DeliveryCounters,
     /// How many workers may send membership-only batches at once: workers - 1 (at least 1).
     pub backfill_slots: usize,
@@ -177,7 +180,7 @@ impl Delivery {
                     }
                 },
             };
-            let mut body = wire::build(&part);
+            let mut body = wire::build(&part, &self.policy);
             let outcome = self.client.track(std::mem::take(&mut body.json)).await;
             match outcome {
                 TrackOutcome::Accepted { errors, rate } => {
@@ -210,7 +213,7 @@ impl Delivery {
                         }
                         _ => "the record alone is over Braze's 4 MB request limit (413)".into(),
                     };
-                    match wire::split_in_half(part) {
+                    match wire::split_in_half(part, &self.policy) {
                         Ok((first, second)) => {
                             // Popped first-half first, so order is kept.
                             todo.push(second);

@@ -35,6 +35,10 @@ pub fn config(dir: &Path, fake: &FakeBraze) -> Config {
     c.braze.request_timeout = Duration::from_secs(5);
     c.queue.cache_bytes = 16 << 20;
     c.ingest.token = Some(aiq_braze_sync::config::Secret::new(TOKEN));
+    // The fake Braze starts with no profiles, and in update-only mode it applies nothing to
+    // a user it has never seen, as Braze does. Tests of delivery let memberships create the
+    // profile; `attributes.rs` checks the shipped defaults.
+    c.update_existing_only.memberships = false;
     c
 }
 

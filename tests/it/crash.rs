@@ -62,7 +62,8 @@ fn write_config(dir: &Path, fake: &FakeBraze, port: u16) -> PathBuf {
         format!(
             "data_dir = {:?}\n[braze]\nendpoint = {:?}\napi_key = {API_KEY:?}\nrequest_timeout_ms = 5000\n\
              [ingest]\nlisten = \"127.0.0.1:{port}\"\ntoken = {TOKEN:?}\n\
-             [delivery]\nworkers = 4\nbackoff_initial_ms = 20\nbackoff_max_ms = 300\n[queue]\ncache_mb = 16\n",
+             [delivery]\nworkers = 4\nbackoff_initial_ms = 20\nbackoff_max_ms = 300\n[queue]\ncache_mb = 16\n\
+             [update_existing_only]\nmemberships = false\n",
             dir.join("data"),
             fake.url()
         ),

@@ -1,4 +1,4 @@
-//! `import memberships|events FILE` through the real binary: CSV and NDJSON, good and bad
+//! `import memberships|events|attributes FILE` through the real binary: CSV and NDJSON, good and bad
 //! rows, stdin, with the daemon stopped (straight into the database) and running (through it).
 
 use std::io::Write;
@@ -21,6 +21,11 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
+    setup_with("").await
+}
+
+/// A stopped daemon's config (plus `extra` TOML), a fake Braze, and a listener for later.
+async fn setup_with(extra: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let fake = FakeBraze::start(API_KEY).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -28,10 +33,16 @@ async fn setup() -> Setup {
     std::fs::write(
         &config_path,
         format!(
-            "data_dir = {:?}\n[braze]\nendpoint = {:?}\napi_key = {API_KEY:?}\n[ingest]\nlisten = \"{}\"\ntoken = {TOKEN:?}\n",
+            "data_dir = {:?}\n[braze]\nendpoint = {:?}\napi_key = {API_KEY:?}\n[ingest]\nlisten = \"{}\"\ntoken = {TOKEN:?}\n{}",
             dir.path().join("data"),
             fake.url(),
-            listener.local_addr().unwrap()
+            listener.local_addr().unwrap(),
+            // The fake starts with no profiles; let memberships create them (see common.rs).
+            if extra.is_empty() {
+                "[update_existing_only]\nmemberships = false\n"
+            } else {
+                extra
+            }
         ),
     )
     .unwrap();
@@ -301,5 +312,107 @@ async fn a_snapshot_file_is_diffed_stopped_and_running_and_a_bad_one_changes_not
     // Empty needs --allow-empty, through the daemon too.
     let (ok, _, stderr) = run(&s.config_path, &[&args[..], &["-"]].concat(), "").await;
     assert!(!ok && stderr.contains("allow_empty"), "{stderr}");
+    daemon.shutdown().await.unwrap();
+}
+
+/// Typed attribute columns: each cell reaches Braze as its column's JSON type; an empty cell
+/// is left alone by default and unsets with `--empty-cells unset`; a bad cell is refused
+/// with its line and column and nothing from the file is queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attribute_csv_cells_are_typed_by_their_header() {
+    let mut s = setup().await;
+    let csv = s.dir.path().join("attributes.csv");
+    std::fs::write(
+        &csv,
+        "external_id,ltv:number,vip:boolean,signup:date,tags:array,tier\n\
+         c-1,12.50,yes,2024-05-01,a;b,gold\n\
+         c-2,-3,FALSE,2024-05-01T10:00:00+02:00,solo,\n\
+         c-3,,,,,\n",
+    )
+    .unwrap();
+    let bad = s.dir.path().join("bad.csv");
+    std::fs::write(
+        &bad,
+        "external_id,signup:date\nc-1,2024-05-01\nc-2,2024-13-45\n",
+    )
+    .unwrap();
+    let (ok, _, stderr) = run(
+        &s.config_path,
+        &["import", "attributes", bad.to_str().unwrap()],
+        "",
+    )
+    .await;
+    assert!(!ok);
+    assert!(
+        stderr.contains("line 3") && stderr.contains("signup") && stderr.contains("2024-13-45"),
+        "{stderr}"
+    );
+
+    let (ok, stdout, stderr) = run(
+        &s.config_path,
+        &["import", "attributes", csv.to_str().unwrap()],
+        "",
+    )
+    .await;
+    assert!(ok, "{stderr}");
+    // c-1: five cells, c-2: four (tier empty, skipped), c-3: nothing to do.
+    assert!(stdout.contains("imported 9 attributes"), "{stdout}");
+    // Nothing from the refused file was queued.
+    assert_eq!(pending(&s.config_path).await, 9);
+
+    let daemon = aiq_braze_sync::daemon::start(&s.config, s.listener.take().unwrap())
+        .await
+        .unwrap();
+    let fake = s.fake.clone();
+    assert!(
+        wait_until(Duration::from_secs(20), || fake.attribute_state().len()
+            == 9)
+        .await
+    );
+    let held = fake.attribute_state();
+    let get = |u: &str, a: &str| {
+        held.get(&(format!("external_id:{u}"), a.to_string()))
+            .cloned()
+    };
+    assert_eq!(get("c-1", "ltv"), Some(serde_json::json!(12.5)));
+    assert_eq!(get("c-1", "vip"), Some(Value::Bool(true)));
+    assert_eq!(
+        get("c-1", "signup"),
+        Some(serde_json::json!("2024-05-01T00:00:00.000Z"))
+    );
+    assert_eq!(get("c-1", "tags"), Some(serde_json::json!(["a", "b"])));
+    assert_eq!(get("c-1", "tier"), Some(serde_json::json!("gold")));
+    assert_eq!(get("c-2", "ltv"), Some(serde_json::json!(-3)));
+    assert_eq!(get("c-2", "vip"), Some(Value::Bool(false)));
+    assert_eq!(
+        get("c-2", "signup"),
+        Some(serde_json::json!("2024-05-01T08:00:00.000Z"))
+    );
+    assert_eq!(get("c-2", "tags"), Some(serde_json::json!(["solo"])));
+
+    // Through the running daemon: an empty cell now unsets.
+    let unset = s.dir.path().join("unset.csv");
+    std::fs::write(&unset, "external_id,tier,ltv:number\nc-1,,13\n").unwrap();
+    let (ok, stdout, stderr) = run(
+        &s.config_path,
+        &[
+            "import",
+            "attributes",
+            "--empty-cells",
+            "unset",
+            unset.to_str().unwrap(),
+        ],
+        "",
+    )
+    .await;
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("running daemon"), "{stdout}");
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            fake.attribute_value("external_id:c-1", "tier").is_none()
+                && fake.attribute_value("external_id:c-1", "ltv") == Some(serde_json::json!(13))
+        })
+        .await
+    );
     daemon.shutdown().await.unwrap();
 }

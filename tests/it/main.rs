@@ -3,6 +3,7 @@
 //! Everything is real: a sled database in a temp dir, HTTP over loopback, the fake Braze from
 //! the library, and for crashes the real binary killed with SIGKILL.
 
+mod attributes;
 mod bad_input;
 mod braze_client;
 mod check;

@@ -74,7 +74,7 @@ async fn queue_commands_work_stopped_and_running_and_retry_never_overwrites_a_ne
     std::fs::write(
         &path,
         format!(
-            "data_dir = {:?}\n[braze]\nendpoint = {:?}\napi_key = {API_KEY:?}\n[ingest]\nlisten = \"{addr}\"\ntoken = {TOKEN:?}\n[delivery]\nbackoff_initial_ms = 20\nbackoff_max_ms = 200\n",
+            "data_dir = {:?}\n[braze]\nendpoint = {:?}\napi_key = {API_KEY:?}\n[ingest]\nlisten = \"{addr}\"\ntoken = {TOKEN:?}\n[delivery]\nbackoff_initial_ms = 20\nbackoff_max_ms = 200\n[update_existing_only]\nmemberships = false\n",
             dir.path().join("data"),
             fake.url()
         ),
