@@ -19,6 +19,9 @@ pub struct Cli {
         default_value = "/etc/aiq-braze-sync/config.toml"
     )]
     pub config: PathBuf,
+    /// How log lines are written: readable text, or JSON objects for log shippers.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: crate::logging::Format,
     #[command(subcommand)]
     pub command: Command,
 }

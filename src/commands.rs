@@ -6,13 +6,14 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_tokio::Signals;
 
 use crate::cli::{QueueCommand, Which};
 use crate::config::Config;
 use crate::daemon;
 use crate::queue::{QueueError, Selection};
+use crate::service;
 
 /// Exit codes, so scripts can tell a bad setup from a failure at run time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,17 +31,37 @@ pub enum ExitCode {
     EndpointWrong = 6,
 }
 
-pub async fn run(config: Config) -> anyhow::Result<()> {
-    let mut signals = Signals::new([SIGTERM, SIGINT]).context("cannot install signal handlers")?;
+pub async fn run(
+    config: Config,
+    path: &std::path::Path,
+    log_level: crate::logging::LevelHandle,
+) -> anyhow::Result<()> {
+    let mut signals =
+        Signals::new([SIGTERM, SIGINT, SIGHUP]).context("cannot install signal handlers")?;
     let listener = tokio::net::TcpListener::bind(config.ingest.listen)
         .await
         .with_context(|| format!("cannot listen on {} (ingest.listen)", config.ingest.listen))?;
     let running = daemon::start(&config, listener).await?;
     // Only now is the database open and the listener bound: systemd may send traffic.
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-    let signal = signals.next().await;
+    service::ready();
+    let (stop_supervisor, stop_rx) = tokio::sync::watch::channel(false);
+    let supervisor = service::supervise(
+        &running,
+        service::Watchdog::from_env(),
+        config.braze.request_timeout,
+        stop_rx,
+    );
+    let mut current = config;
+    let signal = loop {
+        match signals.next().await {
+            Some(SIGHUP) => service::reload(&running, path, &mut current, &log_level),
+            other => break other,
+        }
+    };
     tracing::info!(signal = ?signal, "stopping: ingest first, then delivery, then a final sync");
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    service::stopping();
+    let _ = stop_supervisor.send(true);
+    let _ = supervisor.await;
     signals.handle().close();
     running.shutdown().await
 }

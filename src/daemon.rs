@@ -58,7 +58,8 @@ pub struct Running {
     pub addr: SocketAddr,
     pub queue: Arc<Queue>,
     pub delivery: Arc<Delivery>,
-    state: Arc<AppState>,
+    /// What the HTTP handlers share; a reload swaps the token in it.
+    pub state: Arc<AppState>,
     stop_ingest: Option<oneshot::Sender<()>>,
     server: JoinHandle<std::io::Result<()>>,
     stop_workers: watch::Sender<bool>,
@@ -85,6 +86,8 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
             config.delivery.max_requests_per_second,
         ),
         policy: config.update_existing_only,
+        // One slot per worker, and one for the maintenance task.
+        activity: crate::delivery::activity::Activity::new(config.delivery.workers + 1),
         limits: BatchLimits {
             max_objects: config.braze.max_objects_per_request,
             per_array: config.braze.per_array_limit,
@@ -99,10 +102,13 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
 
     let maintenance = {
         let queue = Arc::clone(&queue);
+        let delivery = Arc::clone(&delivery);
+        let slot = config.delivery.workers;
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(MAINTENANCE_EVERY).await;
                 let q = Arc::clone(&queue);
+                let _busy = delivery.activity.busy(slot);
                 match tokio::task::spawn_blocking(move || q.maintain()).await {
                     Ok(Ok(Some(c))) => tracing::info!(
                         from_bytes = c.from_bytes,
@@ -122,7 +128,7 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
     let state = Arc::new(AppState {
         queue: Arc::clone(&queue),
         delivery: Arc::clone(&delivery),
-        token: config.ingest.token.clone(),
+        token: std::sync::RwLock::new(config.ingest.token.clone()),
         stopping: Default::default(),
         prefer: config.identity,
     });

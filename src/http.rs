@@ -34,7 +34,7 @@ pub struct AppState {
     pub delivery: Arc<Delivery>,
     /// Required on every ingest and admin call when set. Health and metrics stay open: they
     /// carry no customer data and probes rarely carry credentials.
-    pub token: Option<Secret>,
+    pub token: std::sync::RwLock<Option<Secret>>,
     /// Set when shutdown begins: new requests get 503 so clients retry against the next start.
     pub stopping: AtomicBool,
     /// Which id a `/v1` record carrying both is sent with (`identity.prefer`).
@@ -58,7 +58,7 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/v1/admin/queue/dead", get(admin_dead))
         .route("/v1/admin/queue/retry-dead", post(admin_retry_dead))
         .route("/v1/admin/queue/purge-dead", post(admin_purge_dead))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(max_body_bytes))
@@ -134,7 +134,8 @@ impl IntoResponse for ApiError {
 }
 
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(token) = &state.token else {
+    let token = state.token.read().expect("token lock poisoned");
+    let Some(token) = token.as_ref() else {
         return Ok(());
     };
     let given = headers
@@ -448,6 +449,11 @@ async fn admin_purge_dead(
     Ok(Json(json!({ "report": report })).into_response())
 }
 
+/// Alive: the process answers. Says nothing about Braze; that is `/readyz`.
+async fn healthz() -> Response {
+    Json(json!({"alive": true})).into_response()
+}
+
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     if state.stopping.load(Ordering::Relaxed) {
         return (
@@ -468,109 +474,11 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 
 /// Prometheus text format, written out from the queue's and delivery's own counters.
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-        ));
-    };
-    if let Ok(q) = state.queue.stats() {
-        metric(
-            "aiq_queue_pending_events",
-            "gauge",
-            "Events waiting for Braze.",
-            q.pending_events,
-        );
-        metric(
-            "aiq_queue_pending_memberships",
-            "gauge",
-            "Attribute updates (memberships included) waiting for Braze.",
-            q.pending_memberships,
-        );
-        metric(
-            "aiq_queue_dead",
-            "gauge",
-            "Records in the dead-letter queue.",
-            q.dead,
-        );
-        metric(
-            "aiq_queue_disk_bytes",
-            "gauge",
-            "Bytes the queue occupies on disk.",
-            q.disk_bytes,
-        );
-        metric(
-            "aiq_queue_oldest_pending_age_seconds",
-            "gauge",
-            "Age of the oldest pending record.",
-            q.oldest_pending_age_ms.unwrap_or(0) / 1000,
-        );
-        metric(
-            "aiq_records_accepted_total",
-            "counter",
-            "Records durably accepted since start.",
-            q.accepted_total,
-        );
-        metric(
-            "aiq_records_coalesced_total",
-            "counter",
-            "Attribute updates replaced by a newer value before delivery.",
-            q.coalesced_total,
-        );
-        metric(
-            "aiq_records_skipped_unchanged_total",
-            "counter",
-            "Attribute updates not sent: Braze already had that value.",
-            q.skipped_unchanged_total,
-        );
-        metric(
-            "aiq_queue_compactions_total",
-            "counter",
-            "Queue rebuilds that gave disk space back.",
-            q.compactions_total,
-        );
-    }
-    let d = state.delivery.stats();
-    metric(
-        "aiq_records_delivered_total",
-        "counter",
-        "Records Braze took.",
-        d.records_delivered,
+    let queue = state.queue.stats().ok();
+    let text = crate::metrics::render(
+        queue.as_ref(),
+        &state.delivery.stats(),
+        &state.delivery.counters.latency,
     );
-    metric(
-        "aiq_records_dead_total",
-        "counter",
-        "Records Braze refused, moved to the dead letters.",
-        d.records_dead,
-    );
-    metric(
-        "aiq_braze_requests_accepted_total",
-        "counter",
-        "Braze requests answered 2xx.",
-        d.requests_accepted,
-    );
-    metric(
-        "aiq_braze_requests_refused_total",
-        "counter",
-        "Braze requests refused whole (400, 413).",
-        d.requests_refused,
-    );
-    metric(
-        "aiq_braze_requests_failed_total",
-        "counter",
-        "Braze requests that failed (network, 429, 5xx, 401/403/404).",
-        d.requests_failed,
-    );
-    let state_value = match d.health {
-        Health::Delivering => 0,
-        Health::Retrying { .. } => 1,
-        Health::Paused { .. } => 2,
-    };
-    metric(
-        "aiq_delivery_state",
-        "gauge",
-        "0 delivering, 1 retrying, 2 paused (key or endpoint refused).",
-        state_value,
-    );
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
 }

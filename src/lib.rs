@@ -27,8 +27,11 @@
 //!   ceiling).
 //! - [`relay`]: the Braze-compatible `/users/track` body, checked as Braze checks it and
 //!   split into records.
+//! - [`metrics`]: `/metrics` in the Prometheus exposition format.
 //! - [`http`]: the ingest, health, metrics and admin endpoints.
 //! - [`daemon`]: start and stop in pipeline order.
+//! - [`service`]: life under systemd: notify, watchdog, reload on SIGHUP.
+//! - [`logging`]: text or JSON log lines, the level changeable while running.
 //! - [`import`]: CSV and NDJSON exports into the queue, checked whole before anything is
 //!   queued.
 //! - [`cli`], [`commands`]: the command line.
@@ -50,7 +53,10 @@ pub mod fake_braze;
 pub mod http;
 pub mod import;
 pub mod ingest;
+pub mod logging;
 pub mod members;
+pub mod metrics;
 pub mod queue;
 pub mod record;
 pub mod relay;
+pub mod service;

@@ -30,11 +30,7 @@ fn main() -> ExitCode {
         },
     };
     let level = config.as_ref().map_or(LevelFilter::WARN, |c| c.log.level);
-    tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    let log_level = aiq_braze_sync::logging::init(level, cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -50,7 +46,7 @@ fn main() -> ExitCode {
             (Command::Demo { data, outage_secs }, _) => {
                 demo::run(&data, Duration::from_secs(outage_secs)).await
             }
-            (Command::Run, Some(config)) => commands::run(config).await,
+            (Command::Run, Some(config)) => commands::run(config, &cli.config, log_level).await,
             (Command::Import { what }, Some(config)) => {
                 let (kind, args, empty_cells) = match what {
                     ImportWhat::Memberships(a) => {

@@ -164,6 +164,19 @@ impl Record {
         }
     }
 
+    /// Every kind, in the order `/metrics` and the counters use.
+    pub const KINDS: [&'static str; 4] = ["membership", "attribute", "event", "purchase"];
+
+    /// This record's position in [`Record::KINDS`].
+    pub fn kind_index(&self) -> usize {
+        match self {
+            Record::Membership(_) => 0,
+            Record::Attribute(_) => 1,
+            Record::Tracked(t) if t.array == TrackArray::Purchases => 3,
+            Record::Event(_) | Record::Tracked(_) => 2,
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Record::Membership(_) => "membership",

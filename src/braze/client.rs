@@ -48,6 +48,8 @@ pub enum TrackOutcome {
     Retry {
         reason: String,
         after: Option<Duration>,
+        /// A 429: Braze's rate limit, not a failure of Braze.
+        rate_limited: bool,
     },
 }
 
@@ -98,7 +100,8 @@ pub struct BrazeClient {
     http: reqwest::Client,
     track_url: String,
     export_ids_url: String,
-    api_key: Secret,
+    /// Replaced by a reload; read for each request.
+    api_key: std::sync::RwLock<Secret>,
 }
 
 #[derive(Deserialize)]
@@ -139,8 +142,18 @@ impl BrazeClient {
             http,
             track_url: format!("{}/users/track", config.endpoint),
             export_ids_url: format!("{}/users/export/ids", config.endpoint),
-            api_key: config.api_key.clone(),
+            api_key: std::sync::RwLock::new(config.api_key.clone()),
         })
+    }
+
+    /// Uses `key` from the next request on (a reload).
+    pub fn set_api_key(&self, key: Secret) {
+        *self.api_key.write().expect("api key lock poisoned") = key;
+    }
+
+    fn bearer(&self) -> String {
+        let key = self.api_key.read().expect("api key lock poisoned");
+        format!("Bearer {}", key.expose())
     }
 
     pub async fn track(&self, body: Vec<u8>) -> TrackOutcome {
@@ -148,7 +161,7 @@ impl BrazeClient {
             .http
             .post(&self.track_url)
             .header(CONTENT_TYPE, "application/json")
-            .header(AUTHORIZATION, format!("Bearer {}", self.api_key.expose()))
+            .header(AUTHORIZATION, self.bearer())
             .body(body)
             .send()
             .await;
@@ -158,6 +171,7 @@ impl BrazeClient {
                 return TrackOutcome::Retry {
                     reason: describe_transport_error(&e),
                     after: None,
+                    rate_limited: false,
                 }
             }
         };
@@ -218,7 +232,7 @@ impl BrazeClient {
             .http
             .post(&self.export_ids_url)
             .header(CONTENT_TYPE, "application/json")
-            .header(AUTHORIZATION, format!("Bearer {}", self.api_key.expose()))
+            .header(AUTHORIZATION, self.bearer())
             .body(body)
             .send()
             .await
@@ -236,7 +250,7 @@ impl BrazeClient {
             .http
             .post(url)
             .header(CONTENT_TYPE, "application/json")
-            .header(AUTHORIZATION, format!("Bearer {}", self.api_key.expose()))
+            .header(AUTHORIZATION, self.bearer())
             .body(body.to_string())
             .send()
             .await;
@@ -376,10 +390,12 @@ pub fn classify(status: u16, headers: &HeaderMap, body: &str) -> TrackOutcome {
         429 => TrackOutcome::Retry {
             reason: format!("429 rate limited: {message}"),
             after: retry_after(headers),
+            rate_limited: true,
         },
         _ => TrackOutcome::Retry {
             reason: format!("{status}: {message}"),
             after: retry_after(headers),
+            rate_limited: false,
         },
     }
 }

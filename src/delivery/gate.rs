@@ -38,12 +38,20 @@ struct State {
     probe_in_flight: bool,
     health: Health,
     failures: u64,
+    /// The rate ceiling as a gap between requests; changed by a reload.
+    min_interval: Option<Duration>,
 }
 
 pub struct Gate {
     state: Mutex<State>,
-    min_interval: Option<Duration>,
     backoff_max: Duration,
+    /// Time workers spent waiting for a slot under the rate ceiling or Braze's pacing, for
+    /// `/metrics`.
+    paced_ms: std::sync::atomic::AtomicU64,
+}
+
+fn interval_of(max_requests_per_second: Option<f64>) -> Option<Duration> {
+    max_requests_per_second.map(|r| Duration::from_secs_f64(1.0 / r))
 }
 
 /// Permission to send one request. Report how it went with `Gate::success` / `failure`.
@@ -81,14 +89,27 @@ impl Gate {
                 probe_in_flight: false,
                 health: Health::Delivering,
                 failures: 0,
+                min_interval: interval_of(max_requests_per_second),
             }),
-            min_interval: max_requests_per_second.map(|r| Duration::from_secs_f64(1.0 / r)),
             backoff_max: max,
+            paced_ms: Default::default(),
         }
     }
 
     pub fn health(&self) -> Health {
         self.lock().health.clone()
+    }
+
+    /// Changes the rate ceiling (a reload); the next slot handed out follows it.
+    pub fn set_max_requests_per_second(&self, max_requests_per_second: Option<f64>) {
+        let mut s = self.lock();
+        s.min_interval = interval_of(max_requests_per_second);
+        s.next_slot = s.next_slot.min(Instant::now());
+    }
+
+    /// Total time workers waited for a slot under the rate ceiling or Braze's pacing.
+    pub fn paced(&self) -> Duration {
+        Duration::from_millis(self.paced_ms.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -117,7 +138,7 @@ impl Gate {
                         s.probe_in_flight = true;
                     }
                     let slot = s.next_slot.max(now);
-                    if let Some(interval) = self.min_interval {
+                    if let Some(interval) = s.min_interval {
                         s.next_slot = slot + interval;
                     }
                     (slot - now, Some(Permit { probe }))
@@ -125,6 +146,10 @@ impl Gate {
             };
             if let Some(permit) = granted {
                 if !wait.is_zero() {
+                    self.paced_ms.fetch_add(
+                        wait.as_millis() as u64,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
                     tokio::time::sleep(wait).await;
                     // A failure reported while we waited for our slot (a 429's Retry-After, a
                     // backoff) binds us too: give the permit up and wait again. Otherwise every

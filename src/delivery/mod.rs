@@ -6,6 +6,7 @@
 //! order). A whole-request 400 or a 413 is answered by splitting the batch in halves until the
 //! record at fault stands alone; it alone is dead-lettered.
 
+pub mod activity;
 pub mod gate;
 
 use std::collections::HashMap;
@@ -24,13 +25,44 @@ use crate::queue::{BatchLimits, Leased, Outcome, Queue, QueueError};
 use gate::{Failure, Gate, Permit};
 
 /// Counters for `queue stats` and `/metrics`.
-#[derive(Default)]
 pub struct DeliveryCounters {
     pub requests_accepted: AtomicU64,
     pub requests_refused: AtomicU64,
+    /// Transient failures and key/endpoint refusals alike; the two below are parts of it.
     pub requests_failed: AtomicU64,
+    pub requests_rate_limited: AtomicU64,
+    pub requests_misconfigured: AtomicU64,
     pub records_delivered: AtomicU64,
     pub records_dead: AtomicU64,
+    /// Per kind, in `Record::KINDS` order.
+    pub delivered_by_kind: [AtomicU64; 4],
+    pub dead_by_kind: [AtomicU64; 4],
+    /// Records handed back to the queue to be sent again.
+    pub records_retried: AtomicU64,
+    /// Seconds from sending a request to Braze's answer (or the transport error).
+    pub latency: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for DeliveryCounters {
+    fn default() -> Self {
+        DeliveryCounters {
+            requests_accepted: Default::default(),
+            requests_refused: Default::default(),
+            requests_failed: Default::default(),
+            requests_rate_limited: Default::default(),
+            requests_misconfigured: Default::default(),
+            records_delivered: Default::default(),
+            records_dead: Default::default(),
+            delivered_by_kind: Default::default(),
+            dead_by_kind: Default::default(),
+            records_retried: Default::default(),
+            // 5 ms to about 40 s: a healthy Braze answers in tens of milliseconds; the top
+            // buckets catch requests that end at the timeout.
+            latency: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.005, 2.0, 14),
+            ),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -39,8 +71,16 @@ pub struct DeliveryStats {
     pub requests_accepted: u64,
     pub requests_refused: u64,
     pub requests_failed: u64,
+    pub requests_rate_limited: u64,
+    pub requests_misconfigured: u64,
     pub records_delivered: u64,
     pub records_dead: u64,
+    pub records_retried: u64,
+    /// Per kind: membership, attribute, event, purchase.
+    pub delivered_by_kind: std::collections::BTreeMap<&'static str, u64>,
+    pub dead_by_kind: std::collections::BTreeMap<&'static str, u64>,
+    /// Seconds workers spent waiting under the rate ceiling or Braze's pacing.
+    pub rate_limit_wait_seconds: f64,
 }
 
 pub struct Delivery {
@@ -55,6 +95,8 @@ pub struct Delivery {
     pub backfill_slots: usize,
     /// Workers sending a membership-only batch right now.
     pub backfill_in_flight: AtomicUsize,
+    /// Which workers are inside a bounded step, and since when (the watchdog's evidence).
+    pub activity: activity::Activity,
 }
 
 impl Delivery {
@@ -65,8 +107,14 @@ impl Delivery {
             requests_accepted: c.requests_accepted.load(Ordering::Relaxed),
             requests_refused: c.requests_refused.load(Ordering::Relaxed),
             requests_failed: c.requests_failed.load(Ordering::Relaxed),
+            requests_rate_limited: c.requests_rate_limited.load(Ordering::Relaxed),
+            requests_misconfigured: c.requests_misconfigured.load(Ordering::Relaxed),
             records_delivered: c.records_delivered.load(Ordering::Relaxed),
             records_dead: c.records_dead.load(Ordering::Relaxed),
+            records_retried: c.records_retried.load(Ordering::Relaxed),
+            delivered_by_kind: by_kind(&c.delivered_by_kind),
+            dead_by_kind: by_kind(&c.dead_by_kind),
+            rate_limit_wait_seconds: self.gate.paced().as_secs_f64(),
         }
     }
 
@@ -98,7 +146,10 @@ impl Delivery {
                     (n < self.backfill_slots).then_some(n + 1)
                 })
                 .is_ok();
-            let leased = self.queue.lease_lanes(&self.limits, backfill_slot);
+            let leased = {
+                let _busy = self.activity.busy(id);
+                self.queue.lease_lanes(&self.limits, backfill_slot)
+            };
             let holds_slot = backfill_slot
                 && matches!(&leased, Ok(items) if !items.is_empty() && items.iter().all(|l| l.lane != LANE_EVENTS));
             if backfill_slot && !holds_slot {
@@ -128,11 +179,12 @@ impl Delivery {
                 }
                 continue;
             }
-            let results = self.deliver(items, permit, &mut stop).await;
+            let results = self.deliver(id, items, permit, &mut stop).await;
             if holds_slot {
                 self.backfill_in_flight.fetch_sub(1, Ordering::AcqRel);
             }
             self.record(&results);
+            let _busy = self.activity.busy(id);
             if let Err(e) = self.queue.complete(results) {
                 // The records stay queued and will be sent again: a duplicate, not a loss.
                 tracing::error!(error = %e, "could not record delivery outcomes; records will be resent");
@@ -142,26 +194,30 @@ impl Delivery {
     }
 
     fn record(&self, results: &[(Leased, Outcome)]) {
-        let (mut delivered, mut dead) = (0, 0);
-        for (_, o) in results {
+        let c = &self.counters;
+        for (item, o) in results {
+            let kind = item.stored.record.kind_index();
             match o {
-                Outcome::Delivered => delivered += 1,
-                Outcome::Dead(_) => dead += 1,
-                Outcome::Retry => {}
+                Outcome::Delivered => {
+                    c.records_delivered.fetch_add(1, Ordering::Relaxed);
+                    c.delivered_by_kind[kind].fetch_add(1, Ordering::Relaxed);
+                }
+                Outcome::Dead(_) => {
+                    c.records_dead.fetch_add(1, Ordering::Relaxed);
+                    c.dead_by_kind[kind].fetch_add(1, Ordering::Relaxed);
+                }
+                Outcome::Retry => {
+                    c.records_retried.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
-        self.counters
-            .records_delivered
-            .fetch_add(delivered, Ordering::Relaxed);
-        self.counters
-            .records_dead
-            .fetch_add(dead, Ordering::Relaxed);
     }
 
     /// Sends leased records, splitting on a whole-request refusal, and says what became of
     /// each. Stops at the first transient failure: what is left is `Retry`.
     pub async fn deliver(
         &self,
+        worker: usize,
         items: Vec<Leased>,
         permit: Permit,
         stop: &mut watch::Receiver<bool>,
@@ -181,7 +237,14 @@ impl Delivery {
                 },
             };
             let mut body = wire::build(&part, &self.policy);
-            let outcome = self.client.track(std::mem::take(&mut body.json)).await;
+            let sent_at = std::time::Instant::now();
+            let outcome = {
+                let _busy = self.activity.busy(worker);
+                self.client.track(std::mem::take(&mut body.json)).await
+            };
+            self.counters
+                .latency
+                .observe(sent_at.elapsed().as_secs_f64());
             match outcome {
                 TrackOutcome::Accepted { errors, rate } => {
                     self.gate.success(p, rate.remaining, rate.reset_in);
@@ -233,15 +296,27 @@ impl Delivery {
                     self.counters
                         .requests_failed
                         .fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .requests_misconfigured
+                        .fetch_add(1, Ordering::Relaxed);
                     self.gate
                         .failure(p, Failure::Misconfigured(format!("{status}: {message}")));
                     retry_all(&mut done, part, &mut todo);
                     break;
                 }
-                TrackOutcome::Retry { reason, after } => {
+                TrackOutcome::Retry {
+                    reason,
+                    after,
+                    rate_limited,
+                } => {
                     self.counters
                         .requests_failed
                         .fetch_add(1, Ordering::Relaxed);
+                    if rate_limited {
+                        self.counters
+                            .requests_rate_limited
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
                     self.gate.failure(p, Failure::Transient { reason, after });
                     retry_all(&mut done, part, &mut todo);
                     break;
@@ -250,6 +325,14 @@ impl Delivery {
         }
         done
     }
+}
+
+fn by_kind(counters: &[AtomicU64; 4]) -> std::collections::BTreeMap<&'static str, u64> {
+    crate::record::Record::KINDS
+        .iter()
+        .zip(counters)
+        .map(|(k, c)| (*k, c.load(Ordering::Relaxed)))
+        .collect()
 }
 
 fn retry_all(done: &mut Vec<(Leased, Outcome)>, part: Vec<Leased>, todo: &mut Vec<Vec<Leased>>) {

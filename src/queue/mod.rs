@@ -191,6 +191,9 @@ pub struct Stats {
     pub coalesced_total: u64,
     pub skipped_unchanged_total: u64,
     pub compactions_total: u64,
+    /// Per kind (membership, attribute, event, purchase), since the daemon started.
+    pub accepted_by_kind: std::collections::BTreeMap<String, u64>,
+    pub skipped_unchanged_by_kind: std::collections::BTreeMap<String, u64>,
 }
 
 /// What one rebuild did, for the log.
@@ -216,8 +219,11 @@ struct Counters {
     dead: AtomicU64,
     accepted: AtomicU64,
     coalesced: AtomicU64,
-    /// Membership updates not queued: Braze already had that value.
+    /// Attribute updates not queued: Braze already had that value.
     unchanged: AtomicU64,
+    /// Per kind, in `Record::KINDS` order.
+    accepted_by_kind: [AtomicU64; 4],
+    unchanged_by_kind: [AtomicU64; 4],
     compactions: AtomicU64,
     disk_bytes: AtomicU64,
     /// Size right after the last rebuild; the next one waits until the file has grown well
@@ -353,13 +359,18 @@ impl Queue {
         let mut next_seq = self.writer.lock().expect("queue writer lock poisoned");
         let accepted_at = now_ms();
         let mut staging = Staging::new(&store.tree, &self.state, &self.counters, &mut next_seq);
+        let mut by_kind = [0u64; 4];
         for record in records {
+            by_kind[record.kind_index()] += 1;
             staging.add(record, encode(record, accepted_at))?;
         }
         staging.apply()?;
         self.counters
             .accepted
             .fetch_add(records.len() as u64, Ordering::Relaxed);
+        for (counter, n) in self.counters.accepted_by_kind.iter().zip(by_kind) {
+            counter.fetch_add(n, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -622,6 +633,8 @@ impl Queue {
             accepted_total: c.accepted.load(Ordering::Relaxed),
             coalesced_total: c.coalesced.load(Ordering::Relaxed),
             skipped_unchanged_total: c.unchanged.load(Ordering::Relaxed),
+            accepted_by_kind: by_kind(&c.accepted_by_kind),
+            skipped_unchanged_by_kind: by_kind(&c.unchanged_by_kind),
             compactions_total: c.compactions.load(Ordering::Relaxed),
         })
     }
@@ -793,6 +806,8 @@ impl<'a> Staging<'a> {
                     Some(_) => self.attributes += 1,
                     None if unchanged => {
                         self.unchanged += 1;
+                        self.counters.unchanged_by_kind[record.kind_index()]
+                            .fetch_add(1, Ordering::Relaxed);
                         return Ok(false);
                     }
                     None => self.attributes += 1,
@@ -864,6 +879,14 @@ fn candidate(
             Ok(None)
         }
     }
+}
+
+fn by_kind(counters: &[AtomicU64; 4]) -> std::collections::BTreeMap<String, u64> {
+    Record::KINDS
+        .iter()
+        .zip(counters)
+        .map(|(k, c)| (k.to_string(), c.load(Ordering::Relaxed)))
+        .collect()
 }
 
 /// The seq at the start of a latest-index value (or the sequence high-water mark). An index

@@ -271,7 +271,7 @@ async fn unchanged_attribute_values_are_skipped_and_counted() {
         .await
         .unwrap();
     assert!(
-        metrics.contains("aiq_records_skipped_unchanged_total 3"),
+        metrics.contains("aiq_records_skipped_unchanged_total{kind=\"attribute\"} 3"),
         "{metrics}"
     );
 }

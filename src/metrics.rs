@@ -1,0 +1,190 @@
+//! `/metrics`: what the daemon has done and is doing, in the Prometheus exposition format
+//! (OpenMetrics text, through the `prometheus-client` crate).
+//!
+//! The counters live where the work happens (the queue counts what it accepts and skips,
+//! delivery what Braze took, refused or rate-limited) as plain atomics that `queue stats`
+//! reads too. A scrape copies them into a fresh registry, so there is one source for each
+//! number and nothing to keep in step. The request-latency histogram is the one live
+//! `prometheus-client` metric; the registry gets a handle to it.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::delivery::gate::Health;
+use crate::delivery::DeliveryStats;
+use crate::queue::Stats;
+
+/// The content type of what [`render`] returns.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+type Labels = Vec<(&'static str, String)>;
+
+fn counter_family<'a>(
+    label: &'static str,
+    values: impl IntoIterator<Item = (&'a str, u64)>,
+) -> Family<Labels, Counter> {
+    let family = Family::<Labels, Counter>::default();
+    for (value, n) in values {
+        family
+            .get_or_create(&vec![(label, value.to_string())])
+            .inc_by(n);
+    }
+    family
+}
+
+fn counter(n: u64) -> Counter {
+    let c = Counter::default();
+    c.inc_by(n);
+    c
+}
+
+fn gauge(n: u64) -> Gauge {
+    let g = Gauge::default();
+    g.set(i64::try_from(n).unwrap_or(i64::MAX));
+    g
+}
+
+/// Renders every metric. `queue` is `None` when the queue could not be read (it is being
+/// rebuilt); its metrics are then left out of this scrape rather than reported as zero.
+pub fn render(queue: Option<&Stats>, delivery: &DeliveryStats, latency: &Histogram) -> String {
+    let mut r = Registry::with_prefix("aiq");
+    if let Some(q) = queue {
+        r.register(
+            "records_accepted",
+            "Records durably accepted since the daemon started, by kind.",
+            counter_family(
+                "kind",
+                q.accepted_by_kind.iter().map(|(k, n)| (k.as_str(), *n)),
+            ),
+        );
+        r.register(
+            "records_skipped_unchanged",
+            "Attribute updates not sent because Braze already had that value, by kind.",
+            counter_family(
+                "kind",
+                q.skipped_unchanged_by_kind
+                    .iter()
+                    .map(|(k, n)| (k.as_str(), *n)),
+            ),
+        );
+        r.register(
+            "records_coalesced",
+            "Attribute updates replaced by a newer value before they were sent.",
+            counter(q.coalesced_total),
+        );
+        r.register("queue_pending", "Records waiting for Braze, by lane.", {
+            let f = Family::<Labels, Gauge>::default();
+            f.get_or_create(&vec![("lane", "events".into())])
+                .set(q.pending_events as i64);
+            f.get_or_create(&vec![("lane", "attributes".into())])
+                .set(q.pending_memberships as i64);
+            f
+        });
+        r.register(
+            "queue_in_flight",
+            "Records sent to Braze and not yet answered.",
+            gauge(q.in_flight),
+        );
+        r.register(
+            "queue_dead",
+            "Records in the dead-letter queue.",
+            gauge(q.dead),
+        );
+        r.register_with_unit(
+            "queue_disk",
+            "Space the queue occupies on disk.",
+            Unit::Bytes,
+            gauge(q.disk_bytes),
+        );
+        r.register_with_unit(
+            "queue_oldest_pending_age",
+            "Age of the oldest pending record (0 when none is pending).",
+            Unit::Seconds,
+            gauge(q.oldest_pending_age_ms.unwrap_or(0) / 1000),
+        );
+        r.register(
+            "queue_compactions",
+            "Queue rebuilds that gave disk space back.",
+            counter(q.compactions_total),
+        );
+    }
+    r.register(
+        "records_delivered",
+        "Records Braze took, by kind.",
+        counter_family(
+            "kind",
+            delivery.delivered_by_kind.iter().map(|(k, n)| (*k, *n)),
+        ),
+    );
+    r.register(
+        "records_dead",
+        "Records Braze refused on their own, moved to the dead letters, by kind.",
+        counter_family("kind", delivery.dead_by_kind.iter().map(|(k, n)| (*k, *n))),
+    );
+    r.register(
+        "records_retried",
+        "Records handed back to the queue to be sent again after a failed request.",
+        counter(delivery.records_retried),
+    );
+    let transient = delivery
+        .requests_failed
+        .saturating_sub(delivery.requests_rate_limited + delivery.requests_misconfigured);
+    r.register(
+        "braze_requests",
+        "Requests to Braze's /users/track by outcome: accepted (2xx), refused (400/413, the \
+         batch is split), rate_limited (429), failed (5xx, timeouts, network), \
+         misconfigured (401/403/404).",
+        counter_family(
+            "outcome",
+            [
+                ("accepted", delivery.requests_accepted),
+                ("refused", delivery.requests_refused),
+                ("rate_limited", delivery.requests_rate_limited),
+                ("failed", transient),
+                ("misconfigured", delivery.requests_misconfigured),
+            ],
+        ),
+    );
+    r.register_with_unit(
+        "braze_request_duration",
+        "Time from sending a request to Braze to its answer.",
+        Unit::Seconds,
+        latency.clone(),
+    );
+    r.register_with_unit(
+        "rate_limit_wait",
+        "Time workers waited under the rate ceiling or Braze's pacing.",
+        Unit::Seconds,
+        {
+            let c = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+            c.inc_by(delivery.rate_limit_wait_seconds);
+            c
+        },
+    );
+    r.register(
+        "delivery_state",
+        "1 for the state delivery is in: delivering, retrying (backing off after transient \
+         failures) or paused (Braze refuses the key or endpoint).",
+        {
+            let f = Family::<Labels, Gauge>::default();
+            let now = match delivery.health {
+                Health::Delivering => "delivering",
+                Health::Retrying { .. } => "retrying",
+                Health::Paused { .. } => "paused",
+            };
+            for state in ["delivering", "retrying", "paused"] {
+                f.get_or_create(&vec![("state", state.into())])
+                    .set(i64::from(state == now));
+            }
+            f
+        },
+    );
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    encode(&mut out, &r).expect("encoding metrics into a String cannot fail");
+    out
+}

@@ -1,0 +1,231 @@
+//! Life under systemd: the notify protocol, the watchdog, and reloading on SIGHUP.
+//!
+//! `READY=1` goes out once the queue is open and the listener bound (`commands::run`);
+//! `STATUS=` every few seconds says how much is pending and what delivery is doing;
+//! `WATCHDOG=1` goes out only while no worker is stuck inside a step that has its own bound
+//! (`delivery::activity`), so a wedged worker stops the pings and systemd restarts the
+//! service, queue intact. Outside systemd (no `NOTIFY_SOCKET`) every message is a no-op.
+
+use std::path::Path;
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::level_filters::LevelFilter;
+
+use crate::config::Config;
+use crate::daemon::Running;
+use crate::delivery::gate::Health;
+use crate::logging::LevelHandle;
+
+/// How often `STATUS=` is refreshed when there is no watchdog to pace it.
+const STATUS_EVERY: Duration = Duration::from_secs(2);
+
+fn notify(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::debug!(error = %e, "cannot reach systemd's notify socket");
+    }
+}
+
+pub fn ready() {
+    notify(&[NotifyState::Ready]);
+}
+
+pub fn stopping() {
+    notify(&[NotifyState::Stopping]);
+}
+
+/// The watchdog's settings, from `WATCHDOG_USEC` (systemd's `WatchdogSec=`).
+#[derive(Debug, Clone, Copy)]
+pub struct Watchdog {
+    /// How often to ping: a quarter of systemd's interval, so a late ping or two is harmless.
+    pub ping_every: Duration,
+    /// A bounded step running longer than this counts as wedged: three quarters of the
+    /// interval, leaving the last quarter for the final ping to be missed.
+    pub stall_limit: Duration,
+}
+
+impl Watchdog {
+    pub fn from_env() -> Option<Watchdog> {
+        sd_notify::watchdog_enabled().map(|interval| Watchdog {
+            ping_every: interval / 4,
+            stall_limit: interval * 3 / 4,
+        })
+    }
+}
+
+/// Sends `STATUS=` and, with a watchdog, `WATCHDOG=1` while delivery makes progress. Logs
+/// once when the pings stop and once when they resume.
+pub fn supervise(
+    running: &Running,
+    watchdog: Option<Watchdog>,
+    request_timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    if let Some(w) = watchdog {
+        if request_timeout >= w.stall_limit {
+            tracing::warn!(
+                request_timeout_ms = request_timeout.as_millis() as u64,
+                stall_limit_ms = w.stall_limit.as_millis() as u64,
+                "braze.request_timeout_ms is not below three quarters of WatchdogSec: a slow \
+                 Braze answer will look like a wedged worker and systemd will restart the service"
+            );
+        }
+    }
+    let delivery = std::sync::Arc::clone(&running.delivery);
+    let queue = std::sync::Arc::clone(&running.queue);
+    // One line: depth and delivery state, what an operator looks for in `systemctl status`.
+    let status_of = {
+        let delivery = std::sync::Arc::clone(&delivery);
+        move || {
+            let pending = queue.pending();
+            let dead = queue.stats().map(|s| s.dead).unwrap_or(0);
+            let state = match delivery.gate.health() {
+                Health::Delivering => "delivering".to_string(),
+                Health::Retrying { reason, failures } => {
+                    format!("retrying after {failures} failures ({reason})")
+                }
+                Health::Paused { reason, .. } => {
+                    format!("PAUSED: Braze refuses the key or endpoint ({reason})")
+                }
+            };
+            format!("{state}; {pending} pending, {dead} dead-lettered")
+        }
+    };
+    let tick = watchdog.map_or(STATUS_EVERY, |w| w.ping_every.min(STATUS_EVERY));
+    tokio::spawn(async move {
+        let mut last_status = String::new();
+        let mut wedged = false;
+        loop {
+            let status = status_of();
+            let mut states = Vec::new();
+            if status != last_status {
+                states.push(NotifyState::Status(&status));
+            }
+            if let Some(w) = watchdog {
+                let longest = delivery.activity.longest_step();
+                if longest <= w.stall_limit {
+                    states.push(NotifyState::Watchdog);
+                    if wedged {
+                        tracing::info!("delivery is making progress again; watchdog pings resumed");
+                        wedged = false;
+                    }
+                } else if !wedged {
+                    tracing::error!(
+                        stuck_for_ms = longest.as_millis() as u64,
+                        "a delivery step is stuck past its bound; watchdog pings stopped, \
+                         systemd will restart the service (nothing queued is lost)"
+                    );
+                    wedged = true;
+                }
+            }
+            if !states.is_empty() {
+                notify(&states);
+            }
+            last_status = status;
+            tokio::select! {
+                _ = tokio::time::sleep(tick) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    })
+}
+
+/// Re-reads the config file and applies what can change without a restart: the log level,
+/// the rate ceiling, the ingest token and the Braze API key. Says what it applied and what
+/// needs a restart; a file that does not load changes nothing. Never logs a secret.
+pub fn reload(running: &Running, path: &Path, current: &mut Config, log_level: &LevelHandle) {
+    notify(&[
+        NotifyState::Reloading,
+        NotifyState::monotonic_usec_now().unwrap_or(NotifyState::MonotonicUsec(0)),
+    ]);
+    let new = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            for line in e.to_string().lines() {
+                tracing::error!(config = %path.display(), "reload refused, running configuration kept: {line}");
+            }
+            ready();
+            return;
+        }
+    };
+    let mut applied = Vec::new();
+    if new.log.level != current.log.level {
+        match log_level.set(new.log.level) {
+            Ok(()) => applied.push(format!(
+                "log.level {} -> {}",
+                level_name(current.log.level),
+                level_name(new.log.level)
+            )),
+            Err(e) => tracing::error!(error = %e, "cannot change the log level"),
+        }
+    }
+    if new.delivery.max_requests_per_second != current.delivery.max_requests_per_second {
+        running
+            .delivery
+            .gate
+            .set_max_requests_per_second(new.delivery.max_requests_per_second);
+        let show = |r: Option<f64>| r.map_or("none".to_string(), |r| r.to_string());
+        applied.push(format!(
+            "delivery.max_requests_per_second {} -> {}",
+            show(current.delivery.max_requests_per_second),
+            show(new.delivery.max_requests_per_second)
+        ));
+    }
+    let token_of = |c: &Config| c.ingest.token.as_ref().map(|t| t.expose().to_string());
+    if token_of(&new) != token_of(current) {
+        *running.state.token.write().expect("token lock poisoned") = new.ingest.token.clone();
+        applied.push("ingest.token (changed)".into());
+    }
+    if new.braze.api_key.expose() != current.braze.api_key.expose() {
+        running
+            .delivery
+            .client
+            .set_api_key(new.braze.api_key.clone());
+        applied.push("braze.api_key (changed)".into());
+    }
+    let mut need_restart = Vec::new();
+    let mut differs = |name: &str, changed: bool| {
+        if changed {
+            need_restart.push(name.to_string());
+        }
+    };
+    differs("data_dir", new.data_dir != current.data_dir);
+    differs(
+        "braze.endpoint",
+        new.braze.endpoint != current.braze.endpoint,
+    );
+    differs(
+        "braze.request_timeout_ms",
+        new.braze.request_timeout != current.braze.request_timeout,
+    );
+    differs("ingest.listen", new.ingest.listen != current.ingest.listen);
+    differs(
+        "delivery.workers",
+        new.delivery.workers != current.delivery.workers,
+    );
+    differs(
+        "identity / update_existing_only",
+        new.identity != current.identity
+            || new.update_existing_only != current.update_existing_only,
+    );
+    if applied.is_empty() {
+        tracing::info!(config = %path.display(), "reloaded: nothing that can change live has changed");
+    } else {
+        tracing::info!(config = %path.display(), applied = %applied.join(", "), "reloaded");
+    }
+    if !need_restart.is_empty() {
+        tracing::warn!(settings = %need_restart.join(", "), "changed settings take effect only after a restart");
+    }
+    // What can change live now matches the file; the rest keeps running as it started.
+    current.log.level = new.log.level;
+    current.delivery.max_requests_per_second = new.delivery.max_requests_per_second;
+    current.ingest.token = new.ingest.token;
+    current.braze.api_key = new.braze.api_key;
+    ready();
+}
+
+fn level_name(level: LevelFilter) -> String {
+    level.to_string().to_ascii_lowercase()
+}

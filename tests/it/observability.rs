@@ -1,0 +1,270 @@
+//! What an operator sees: `/metrics` parsed and checked against a known workload, `/healthz`
+//! and `/readyz` with their reasons, and log lines in both formats.
+
+use std::collections::HashMap;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aiq_braze_sync::fake_braze::Behaviour;
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+/// `/metrics` as sample name (with labels) -> value; panics on a line that is not a sample,
+/// a comment or the end marker.
+async fn scrape(env: &Env) -> (HashMap<String, f64>, String) {
+    let r = env
+        .client
+        .get(format!("{}/metrics", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let content_type = r.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
+    let text = r.text().await.unwrap();
+    let mut samples = HashMap::new();
+    for line in text.lines() {
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (name, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("not a sample: {line}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("not a number: {line}"));
+        samples.insert(name.to_string(), value);
+    }
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    (samples, text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_a_known_workload() {
+    let env = Env::start().await;
+    env.fake.reject_ids(["refused-user".to_string()]);
+    let memberships: Vec<Value> = (0..10)
+        .map(|i| membership(&format!("m{i}"), "5", "1", true))
+        .collect();
+    assert_eq!(
+        env.post("/v1/memberships", array(&memberships)).await.0,
+        202
+    );
+    let attributes = array(&[
+        json!({"external_id": "a1", "attributes": {"tier": "gold", "n": 1}}),
+        json!({"external_id": "a2", "attributes": {"tier": "blue", "n": 2}}),
+    ]);
+    assert_eq!(env.post("/v1/attributes", attributes.clone()).await.0, 202);
+    let mut events: Vec<Value> = (0..5).map(event).collect();
+    events[4]["external_id"] = json!("refused-user");
+    assert_eq!(env.post("/v1/events", array(&events)).await.0, 202);
+    let fake = env.fake.clone();
+    assert!(wait_until(Duration::from_secs(10), || fake.events().len() == 4).await);
+    let (drained, _) = wait_for_stats(&env, Duration::from_secs(10), |s| {
+        s["queue"]["pending"] == 0
+    })
+    .await;
+    assert!(drained);
+    // The same attribute values again: accepted, and skipped.
+    assert_eq!(env.post("/v1/attributes", attributes).await.0, 202);
+    // Braze rate-limits the next request once.
+    env.fake.set_behaviour(Behaviour::RateLimited {
+        retry_after: Duration::from_secs(1),
+        until: Instant::now() + Duration::from_millis(300),
+    });
+    let track = json!({
+        "events": [
+            {"external_id": "r", "name": "a", "time": "2026-11-28T10:00:00Z"},
+            {"external_id": "r", "name": "b", "time": "2026-11-28T10:00:00Z"},
+            {"external_id": "r", "name": "c", "time": "2026-11-28T10:00:00Z"},
+        ],
+        "purchases": [
+            {"external_id": "r", "product_id": "p", "currency": "EUR", "price": 1, "time": "2026-11-28T10:00:00Z"},
+            {"external_id": "r", "product_id": "q", "currency": "EUR", "price": 2, "time": "2026-11-28T10:00:00Z"},
+        ],
+    });
+    assert_eq!(env.post("/users/track", track.to_string()).await.0, 201);
+    assert!(
+        wait_until(Duration::from_secs(15), || fake.purchases().len() == 2
+            && fake.events().len() == 7)
+        .await
+    );
+    let (drained, stats) = wait_for_stats(&env, Duration::from_secs(10), |s| {
+        s["queue"]["pending"] == 0
+    })
+    .await;
+    assert!(drained, "{stats}");
+
+    let (m, text) = scrape(&env).await;
+    let get = |name: &str| {
+        *m.get(name)
+            .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
+    };
+    for (kind, accepted, delivered) in [
+        ("membership", 10.0, 10.0),
+        ("attribute", 8.0, 4.0),
+        ("event", 8.0, 7.0),
+        ("purchase", 2.0, 2.0),
+    ] {
+        assert_eq!(
+            get(&format!("aiq_records_accepted_total{{kind=\"{kind}\"}}")),
+            accepted,
+            "{kind}"
+        );
+        assert_eq!(
+            get(&format!("aiq_records_delivered_total{{kind=\"{kind}\"}}")),
+            delivered,
+            "{kind}"
+        );
+    }
+    assert_eq!(get("aiq_records_dead_total{kind=\"event\"}"), 1.0);
+    assert_eq!(
+        get("aiq_records_skipped_unchanged_total{kind=\"attribute\"}"),
+        4.0
+    );
+    assert_eq!(get("aiq_queue_pending{lane=\"events\"}"), 0.0);
+    assert_eq!(get("aiq_queue_pending{lane=\"attributes\"}"), 0.0);
+    assert_eq!(get("aiq_queue_dead"), 1.0);
+    assert!(get("aiq_queue_disk_bytes") > 0.0);
+    assert_eq!(get("aiq_delivery_state{state=\"delivering\"}"), 1.0);
+    assert_eq!(get("aiq_delivery_state{state=\"paused\"}"), 0.0);
+    assert!(get("aiq_braze_requests_total{outcome=\"rate_limited\"}") >= 1.0);
+    assert!(get("aiq_records_retried_total") >= 1.0);
+    // Every request Braze answered is in the latency histogram, and in one outcome.
+    let requests: f64 = [
+        "accepted",
+        "refused",
+        "rate_limited",
+        "failed",
+        "misconfigured",
+    ]
+    .iter()
+    .map(|o| get(&format!("aiq_braze_requests_total{{outcome=\"{o}\"}}")))
+    .sum();
+    assert_eq!(requests, fake.requests().len() as f64, "{text}");
+    assert_eq!(get("aiq_braze_request_duration_seconds_count"), requests);
+    assert!(get("aiq_braze_request_duration_seconds_sum") > 0.0);
+    assert_eq!(
+        get("aiq_braze_request_duration_seconds_bucket{le=\"+Inf\"}"),
+        requests
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_says_alive_and_readyz_gives_its_reason_when_not_ready() {
+    let env = Env::start().await;
+    let get = |path: &'static str| {
+        let (client, base) = (env.client.clone(), env.base.clone());
+        async move {
+            let r = client.get(format!("{base}{path}")).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap())
+        }
+    };
+    assert_eq!(get("/healthz").await, (200, json!({"alive": true})));
+    let (status, ready) = get("/readyz").await;
+    assert_eq!(status, 200);
+    assert_eq!(ready["ready"], true);
+    assert_eq!(ready["delivery"]["state"], "delivering");
+
+    // Braze refuses the key: not ready, and it says why.
+    env.fake.set_behaviour(Behaviour::FailStatus {
+        status: 401,
+        until: Instant::now() + Duration::from_secs(2),
+    });
+    assert_eq!(env.post("/v1/events", array(&[event(1)])).await.0, 202);
+    let mut seen = None;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        let (status, body) = get("/readyz").await;
+        if status == 503 {
+            seen = Some(body);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let body = seen.expect("readyz never said not ready");
+    assert_eq!(body["ready"], false);
+    let reason = body["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("paused") && reason.contains("401"),
+        "{reason}"
+    );
+
+    // Once the key works again delivery resumes by itself, and readyz says so.
+    let fake = env.fake.clone();
+    assert!(wait_until(Duration::from_secs(15), || fake.events().len() == 1).await);
+    let (status, ready) = get("/readyz").await;
+    assert_eq!((status, &ready["ready"]), (200, &json!(true)));
+}
+
+/// Log lines: JSON objects with `--log-format json`; under journald, text without a
+/// timestamp of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_lines_are_json_for_shippers_and_unstamped_under_journald() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = aiq_braze_sync::fake_braze::FakeBraze::start(API_KEY)
+        .await
+        .unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[braze]\nendpoint = {:?}\napi_key = {API_KEY:?}\n[ingest]\nlisten = \"127.0.0.1:0\"\n",
+            dir.path().join("data"),
+            fake.url()
+        ),
+    )
+    .unwrap();
+    for (args, journald) in [(vec!["--log-format", "json"], false), (vec![], true)] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_aiq-braze-sync"));
+        cmd.arg("--config")
+            .arg(&config)
+            .args(&args)
+            .arg("run")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("JOURNAL_STREAM")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if journald {
+            cmd.env("JOURNAL_STREAM", "8:12345");
+        }
+        let mut child = cmd.spawn().unwrap();
+        // Let it start and log its ready line, then stop it.
+        let started = Instant::now();
+        while !dir.path().join("data/daemon.pid").exists()
+            && started.elapsed() < Duration::from_secs(20)
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert!(lines.len() >= 2, "{stderr}");
+        for line in lines {
+            if journald {
+                assert!(
+                    line.trim_start().starts_with("INFO") || line.trim_start().starts_with("WARN"),
+                    "a stamped or odd line under journald: {line}"
+                );
+            } else {
+                let v: Value =
+                    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+                assert!(v["timestamp"].is_string() && v["level"].is_string(), "{v}");
+                assert!(v["fields"]["message"].is_string(), "{v}");
+            }
+        }
+        assert!(stderr.contains("aiq-braze-sync ready"), "{stderr}");
+        assert!(!stderr.contains(API_KEY), "the API key was logged");
+    }
+}
