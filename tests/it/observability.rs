@@ -233,7 +233,7 @@ async fn log_lines_are_json_for_shippers_and_unstamped_under_journald() {
         if journald {
             cmd.env("JOURNAL_STREAM", "8:12345");
         }
-        let mut child = cmd.spawn().unwrap();
+        let child = cmd.spawn().unwrap();
         // Let it start and log its ready line, then stop it.
         let started = Instant::now();
         while !dir.path().join("data/daemon.pid").exists()
