@@ -33,7 +33,7 @@ pub enum Command {
     /// See it work: a local stand-in for Braze, the daemon, and the sample data in data/.
     /// Needs no configuration file.
     Demo {
-        /// Where the sample exports (memberships.ndjson, events.ndjson) are.
+        /// Where the sample exports (audience_export.csv, events.ndjson) are.
         #[arg(long, default_value = "data")]
         data: PathBuf,
         /// Seconds the stand-in Braze answers 503 at the start, to show retries (0: none).

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -20,26 +20,23 @@ const DEMO_KEY: &str = "demo-api-key";
 const REQUEST_RECORDS: usize = 250;
 
 pub async fn run(data: &Path, outage: Duration) -> anyhow::Result<()> {
-    let memberships = read_lines(&data.join("memberships.ndjson"))?;
-    let events = read_lines(&data.join("events.ndjson"))?;
+    let sample = |name: &str, kind| {
+        let path = data.join(name);
+        if !path.exists() {
+            bail!(
+                "cannot find the sample data {} (run from the checkout, or pass --data DIR)",
+                path.display()
+            );
+        }
+        crate::import::export_as_ndjson(&path, kind)
+    };
+    // An ActionIQ audience export (CSV) and a stream of events (NDJSON).
+    let memberships = sample("audience_export.csv", crate::import::Kind::Memberships)?;
+    let events = sample("events.ndjson", crate::import::Kind::Events)?;
     let work = std::env::temp_dir().join(format!("aiq-braze-sync-demo-{}", std::process::id()));
     let result = demo(&work, &memberships, &events, outage).await;
     let _ = std::fs::remove_dir_all(&work);
     result
-}
-
-fn read_lines(path: &PathBuf) -> anyhow::Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| {
-        format!(
-            "cannot read the sample data {} (run from the checkout, or pass --data DIR)",
-            path.display()
-        )
-    })?;
-    Ok(text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(str::to_owned)
-        .collect())
 }
 
 async fn demo(
@@ -101,7 +98,7 @@ async fn demo(
         }
     }
     println!(
-        "accepted {accepted} records ({} memberships, {} events), each durable before its 202",
+        "accepted {accepted} records ({} memberships from data/audience_export.csv, {} events from data/events.ndjson), each durable before its 202",
         memberships.len(),
         events.len()
     );

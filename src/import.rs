@@ -176,6 +176,28 @@ pub async fn run(config: &Config, options: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A whole export as NDJSON lines in the shape the ingest endpoint for `kind` takes (a CSV
+/// row becomes the object it stands for), for the demo. Stops at the first unreadable row.
+pub fn export_as_ndjson(path: &Path, kind: Kind) -> anyhow::Result<Vec<String>> {
+    let mut file = open(path)?;
+    let format = guess_format(path, &mut file)?;
+    let options = Options {
+        kind,
+        file: path.to_path_buf(),
+        format: Some(format),
+        skip_bad: false,
+        empty_cells: EmptyCells::Skip,
+    };
+    let name = path.display();
+    let lines = rows(&mut file, format, &options)?
+        .map(|(_, row)| {
+            let value = row.map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+            Ok(serde_json::to_string(&value)?)
+        })
+        .collect();
+    lines
+}
+
 /// The file, or stdin spooled to a temporary file (it is read twice).
 fn open(path: &Path) -> anyhow::Result<File> {
     if path == Path::new("-") {
