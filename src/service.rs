@@ -151,8 +151,8 @@ pub fn reload(running: &Running, path: &Path, current: &mut Config, log_level: &
         }
     };
     if std::env::var_os("CREDENTIALS_DIRECTORY").is_some() {
-        // systemd copies LoadCredential= files only when the service starts (systemd before
-        // 258 cannot refresh them on reload), so a replaced key file is not seen here.
+        // systemd copies LoadCredential= files only when the service starts (Debian 12's
+        // systemd 252 cannot refresh them on reload), so a replaced key file is not seen here.
         tracing::info!(
             "secrets from $CREDENTIALS_DIRECTORY are the copies systemd made at start; \
              restart the service to use a replaced key or token file"
