@@ -19,6 +19,7 @@ mod ordering;
 mod outage;
 mod queue;
 mod queue_tools;
+mod readme;
 mod relay;
 mod snapshot;
 mod systemd;
