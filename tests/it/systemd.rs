@@ -250,12 +250,19 @@ async fn sighup_reloads_what_can_change_live_and_says_what_it_reloaded() {
     }
     assert!(log_text.contains("ingest.listen"), "{log_text}");
     assert!(!log_text.contains(new_token), "a secret was logged");
-    let said: Vec<String> = heard.lock().unwrap()[before..]
-        .iter()
-        .map(|(_, m)| m.clone())
-        .collect();
-    assert!(said.iter().any(|m| m.contains("RELOADING=1")), "{said:?}");
-    assert!(said.iter().any(|m| m.contains("READY=1")), "{said:?}");
+    // The datagrams may land a moment after the log line.
+    let said = |heard: &Heard| -> Vec<String> {
+        heard.lock().unwrap()[before..]
+            .iter()
+            .map(|(_, m)| m.clone())
+            .collect()
+    };
+    let told = wait_until(Duration::from_secs(5), || {
+        let said = said(&heard);
+        said.iter().any(|m| m.contains("RELOADING=1")) && said.iter().any(|m| m.contains("READY=1"))
+    })
+    .await;
+    assert!(told, "{:?}", said(&heard));
 
     assert_eq!(send(TOKEN, 2).await, 401, "the old token still works");
     assert_eq!(send(new_token, 3).await, 202);
