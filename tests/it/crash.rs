@@ -38,6 +38,34 @@ impl Daemon {
         self.child = Some(child);
     }
 
+    /// Waits until the daemon answers `/healthz`. If it exits first (say, an operator's
+    /// `queue` command opened the database in the moment it was down), it is started again,
+    /// as systemd's `Restart=on-failure` would.
+    async fn until_healthy(&mut self, client: &reqwest::Client, base: &str) {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(60) {
+            if let Ok(r) = client.get(format!("{base}/healthz")).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() {
+                self.child = None;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                self.spawn();
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!(
+            "daemon not healthy within 60 s; log: {}",
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+    }
+
     fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             c.kill().expect("SIGKILL"); // std's kill is SIGKILL on Unix
@@ -80,54 +108,119 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// The real binary under concurrent ingest is killed with SIGKILL at random moments and
-/// restarted; every record that got a 2xx is at the fake Braze afterwards. Duplicates are
-/// allowed (at least once) and counted; losses must be zero.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_acknowledged_record_is_lost_across_sigkills() {
-    let dir = tempfile::tempdir().unwrap();
-    let (fake, mut daemon, _port, base, client) = start_binary(dir.path()).await;
+/// What the writers were told was accepted (a 2xx), by kind.
+#[derive(Default)]
+struct Acked {
+    events: HashSet<u64>,
+    members: HashSet<u64>,
+    relayed: HashSet<u64>,
+    /// Events for users the fake Braze refuses: they must end in the dead letters.
+    refused: HashSet<u64>,
+    /// Per "hot" user, the last `score` a writer had acknowledged.
+    scores: std::collections::HashMap<String, u64>,
+}
 
-    // Four writers post events (unique ids), memberships (unique users) and Braze-shaped
-    // `/users/track` bodies (an attribute and an event each) until told to stop, recording
-    // what was acknowledged.
-    let acked_events: Arc<Mutex<HashSet<u64>>> = Default::default();
-    let acked_members: Arc<Mutex<HashSet<u64>>> = Default::default();
-    let acked_relayed: Arc<Mutex<HashSet<u64>>> = Default::default();
+/// One writer's next request: mostly events, some memberships, Braze-shaped relay bodies,
+/// events Braze will refuse, and a stream of `score` values for the writer's own hot users
+/// (one writer per user, so "last accepted" is well defined).
+fn next_request(w: u64, n: u64) -> (&'static str, String, Vec<u64>) {
+    let first = (w << 32) | n;
+    let ids: Vec<u64> = (first..first + 50).collect();
+    match n % 400 {
+        100 => {
+            let items: Vec<_> = ids
+                .iter()
+                .map(|i| membership(&format!("m{i}"), "crash", "1", true))
+                .collect();
+            ("/v1/memberships", array(&items), ids)
+        }
+        150 => {
+            let attributes: Vec<_> = ids
+                .iter()
+                .map(|i| json!({"external_id": format!("r{i}"), "relayed": i}))
+                .collect();
+            let events: Vec<_> = ids
+                .iter()
+                .map(|i| {
+                    json!({"external_id": format!("r{i}"), "name": "relayed",
+                                "time": "2026-11-28T10:00:00Z", "properties": {"rid": i}})
+                })
+                .collect();
+            let body = json!({"attributes": attributes, "events": events});
+            ("/users/track", body.to_string(), ids)
+        }
+        250 => {
+            let items: Vec<_> = ids
+                .iter()
+                .map(|&i| {
+                    let mut e = event(i);
+                    e["external_id"] = json!(format!("refused-{i}"));
+                    e
+                })
+                .collect();
+            ("refused", array(&items), ids)
+        }
+        _ if n % 100 == 50 => {
+            let items: Vec<_> = (0..5)
+                .map(|u| json!({"external_id": format!("hot-{w}-{u}"), "attributes": {"score": n}}))
+                .collect();
+            ("/v1/attributes", array(&items), vec![n])
+        }
+        _ => {
+            let items: Vec<_> = ids.iter().map(|&i| event(i)).collect();
+            ("/v1/events", array(&items), ids)
+        }
+    }
+}
+
+/// Crash torture: the real binary under concurrent ingest from four clients and under
+/// delivery is killed with SIGKILL at random moments, for `TORTURE_CYCLES` cycles (3 by
+/// default; `TORTURE_CYCLES=100 cargo test --release torture` by hand). Each cycle kills it in
+/// one of four situations: plain traffic, a Braze outage, a snapshot upload in flight, a
+/// dead-letter retry in flight. After every restart the database opens; at the end every
+/// record that got a 2xx is at the fake Braze (or, for users Braze refuses, in the dead
+/// letters), every attribute ends at its last accepted value, and duplicates are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn torture_no_acknowledged_record_is_lost_across_sigkills() {
+    use aiq_braze_sync::fake_braze::Behaviour;
+    let cycles: u32 = std::env::var("TORTURE_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let dir = tempfile::tempdir().unwrap();
+    let (fake, mut daemon, port, base, client) = start_binary(dir.path()).await;
+
+    let acked: Arc<Mutex<Acked>> = Default::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut writers = Vec::new();
     for w in 0..4u64 {
-        let (client, base, stop) = (client.clone(), base.clone(), stop.clone());
-        let (acked_events, acked_members) = (acked_events.clone(), acked_members.clone());
-        let acked_relayed = acked_relayed.clone();
+        let (client, base, stop, acked) =
+            (client.clone(), base.clone(), stop.clone(), acked.clone());
+        let fake = fake.clone();
         writers.push(tokio::spawn(async move {
             let mut n = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let first = (w << 32) | n;
-                let ids: Vec<u64> = (first..first + 50).collect();
-                let (path, body) = if n % 200 == 100 {
-                    let items: Vec<_> = ids
-                        .iter()
-                        .map(|i| membership(&format!("m{i}"), "crash", "1", true))
+            // After the stop, one last acknowledged score per hot user, so the final value
+            // is known exactly.
+            let mut final_scores = false;
+            loop {
+                let stopping = stop.load(std::sync::atomic::Ordering::Relaxed);
+                if stopping && final_scores {
+                    break;
+                }
+                let (kind, body, ids) = if stopping {
+                    let items: Vec<_> = (0..5)
+                        .map(|u| json!({"external_id": format!("hot-{w}-{u}"), "attributes": {"score": n}}))
                         .collect();
-                    ("/v1/memberships", array(&items))
-                } else if n % 200 == 150 {
-                    let attributes: Vec<_> = ids
-                        .iter()
-                        .map(|i| json!({"external_id": format!("r{i}"), "relayed": i}))
-                        .collect();
-                    let events: Vec<_> = ids
-                        .iter()
-                        .map(|i| {
-                            json!({"external_id": format!("r{i}"), "name": "relayed",
-                                        "time": "2026-11-28T10:00:00Z", "properties": {"rid": i}})
-                        })
-                        .collect();
-                    let body = json!({"attributes": attributes, "events": events});
-                    ("/users/track", body.to_string())
+                    ("/v1/attributes", array(&items), vec![n])
                 } else {
-                    let items: Vec<_> = ids.iter().map(|&i| event(i)).collect();
-                    ("/v1/events", array(&items))
+                    next_request(w, n)
+                };
+                let path = if kind == "refused" {
+                    // Braze refuses these users' objects on their own (a blocklisted id).
+                    fake.reject_ids(ids.iter().map(|i| format!("refused-{i}")));
+                    "/v1/events"
+                } else {
+                    kind
                 };
                 let sent = client
                     .post(format!("{base}{path}"))
@@ -137,12 +230,19 @@ async fn no_acknowledged_record_is_lost_across_sigkills() {
                     .await;
                 match sent {
                     Ok(r) if r.status().is_success() => {
-                        let set = match path {
-                            "/v1/events" => &acked_events,
-                            "/users/track" => &acked_relayed,
-                            _ => &acked_members,
-                        };
-                        set.lock().unwrap().extend(ids);
+                        let mut a = acked.lock().unwrap();
+                        match kind {
+                            "/v1/events" => a.events.extend(ids),
+                            "/users/track" => a.relayed.extend(ids),
+                            "/v1/memberships" => a.members.extend(ids),
+                            "refused" => a.refused.extend(ids),
+                            _ => {
+                                for u in 0..5 {
+                                    a.scores.insert(format!("hot-{w}-{u}"), ids[0]);
+                                }
+                                final_scores |= stopping;
+                            }
+                        }
                         n += 50;
                     }
                     // Refused, reset, daemon down or stopping: not acknowledged, try again.
@@ -153,69 +253,177 @@ async fn no_acknowledged_record_is_lost_across_sigkills() {
     }
 
     let mut rng = fastrand::Rng::with_seed(0x5eed ^ std::process::id() as u64);
-    for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(rng.u64(400..1500))).await;
+    let members_path = "/v1/audiences/88/splits/1/members";
+    let mut situations = Vec::new();
+    for cycle in 0..cycles {
+        let situation =
+            ["traffic", "outage", "snapshot", "retry-dead"][(cycle as usize + rng.usize(0..4)) % 4];
+        situations.push(situation);
+        tokio::time::sleep(Duration::from_millis(rng.u64(300..1200))).await;
+        let mut upload = None;
+        match situation {
+            "outage" => fake.set_behaviour(Behaviour::FailStatus {
+                status: 503,
+                until: Instant::now() + Duration::from_millis(rng.u64(200..1500)),
+            }),
+            "snapshot" => {
+                upload = Some(
+                    crate::snapshot::half_upload(&format!("127.0.0.1:{port}"), members_path, 5_000)
+                        .await,
+                );
+            }
+            "retry-dead" => {
+                let config = daemon.config.clone();
+                std::thread::spawn(move || {
+                    let _ = Command::new(env!("CARGO_BIN_EXE_aiq-braze-sync"))
+                        .args([
+                            "--config",
+                            config.to_str().unwrap(),
+                            "queue",
+                            "retry-dead",
+                            "--all",
+                        ])
+                        .output();
+                });
+            }
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(rng.u64(0..200))).await;
         daemon.kill9();
+        drop(upload);
         tokio::time::sleep(Duration::from_millis(rng.u64(50..300))).await;
         daemon.spawn();
-        wait_healthy(&client, &base).await;
+        daemon.until_healthy(&client, &base).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for w in writers {
         w.await.unwrap();
     }
-    let events: HashSet<u64> = acked_events.lock().unwrap().clone();
-    let members: HashSet<u64> = acked_members.lock().unwrap().clone();
-    let relayed: HashSet<u64> = acked_relayed.lock().unwrap().clone();
-    assert!(
-        events.len() > 1000,
-        "too little was acknowledged to mean anything: {}",
-        events.len()
-    );
+    // A snapshot upload killed mid-way left the split usable: a whole upload now succeeds.
+    let members: Vec<String> = (0..100).map(|i| format!("snap-{i}")).collect();
+    let (status, v) = crate::snapshot::put(
+        &base,
+        members_path,
+        crate::snapshot::ndjson(members),
+        "application/x-ndjson",
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
 
-    let arrived = |fake: &FakeBraze| {
+    let a = acked.lock().unwrap();
+    assert!(
+        a.events.len() > 1000,
+        "too little was acknowledged to mean anything: {}",
+        a.events.len()
+    );
+    let missing = |fake: &FakeBraze| {
         let got = event_counts(fake);
-        let missing_events = events.iter().filter(|i| !got.contains_key(i)).count();
         let held = fake.attribute_state();
-        let missing_members = members
-            .iter()
-            .filter(|i| {
-                held.get(&(format!("external_id:m{i}"), "AIQ_crash_1".to_string()))
-                    != Some(&json!(true))
-            })
-            .count();
+        let mut missing: Vec<String> = Vec::new();
+        missing.extend(
+            a.events
+                .iter()
+                .filter(|i| !got.contains_key(i))
+                .map(|i| format!("event {i}")),
+        );
+        missing.extend(
+            a.members
+                .iter()
+                .filter(|i| {
+                    held.get(&(format!("external_id:m{i}"), "AIQ_crash_1".to_string()))
+                        != Some(&json!(true))
+                })
+                .map(|i| format!("membership m{i}")),
+        );
         let relayed_events: HashSet<u64> = fake
             .events()
             .iter()
             .filter_map(|e| e["properties"]["rid"].as_u64())
             .collect();
-        let missing_relayed = relayed
-            .iter()
-            .filter(|&&i| {
-                !relayed_events.contains(&i)
-                    || held.get(&(format!("external_id:r{i}"), "relayed".to_string()))
-                        != Some(&json!(i))
-            })
-            .count();
-        (missing_events, missing_members + missing_relayed, got)
+        missing.extend(
+            a.relayed
+                .iter()
+                .filter(|&&i| {
+                    !relayed_events.contains(&i)
+                        || held.get(&(format!("external_id:r{i}"), "relayed".to_string()))
+                            != Some(&json!(i))
+                })
+                .map(|i| format!("relayed {i}")),
+        );
+        missing.extend(
+            a.scores
+                .iter()
+                .filter(|(u, score)| {
+                    held.get(&(format!("external_id:{u}"), "score".to_string()))
+                        != Some(&json!(score))
+                })
+                .map(|(u, score)| {
+                    format!(
+                        "{u} score {score}: Braze has {:?}",
+                        held.get(&(format!("external_id:{u}"), "score".to_string()))
+                    )
+                }),
+        );
+        (missing, got)
     };
     let fake2 = fake.clone();
-    let complete = wait_until(Duration::from_secs(90), || {
-        let (e, m, _) = arrived(&fake2);
-        e == 0 && m == 0
-    })
-    .await;
-    let (missing_events, missing_members, got) = arrived(&fake);
+    let complete = wait_until(Duration::from_secs(120), || missing(&fake2).0.is_empty()).await;
+    let (missing_now, got) = missing(&fake);
     let duplicates: usize = got.values().map(|n| n - 1).sum();
     eprintln!(
-        "crash test: {} starts, {} events, {} memberships and {} relayed attribute+event pairs acknowledged, {duplicates} duplicate events, {missing_events}/{missing_members} missing",
-        daemon.starts, events.len(), members.len(), relayed.len()
+        "torture: {cycles} kills ({situations:?}), {} starts; acknowledged {} events, {} memberships, \
+         {} relayed attribute+event pairs, {} refused events, {} hot scores; {duplicates} duplicate events; {} missing",
+        daemon.starts,
+        a.events.len(),
+        a.members.len(),
+        a.relayed.len(),
+        a.refused.len(),
+        a.scores.len(),
+        missing_now.len()
     );
     assert!(
         complete,
-        "lost acknowledged records: {missing_events} events, {missing_members} memberships or relayed; log: {}",
+        "lost acknowledged records: {:?}; log: {}",
+        &missing_now[..missing_now.len().min(20)],
         std::fs::read_to_string(&daemon.log).unwrap_or_default()
+    );
+    // Records Braze refuses are not dropped: every refused event is in the dead letters
+    // (a retry in flight at a kill may have put some back; they return there).
+    let refused = a.refused.clone();
+    drop(a);
+    let config = daemon.config.clone();
+    let dead_users = move || -> HashSet<String> {
+        let out = Command::new(env!("CARGO_BIN_EXE_aiq-braze-sync"))
+            .args([
+                "--config",
+                config.to_str().unwrap(),
+                "queue",
+                "dead",
+                "--json",
+                "--limit",
+                "1000000",
+            ])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["records"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["user"].as_str().map(str::to_string))
+            .collect()
+    };
+    let all_dead = wait_until(Duration::from_secs(30), || {
+        let dead = dead_users();
+        refused
+            .iter()
+            .all(|i| dead.contains(&format!("external_id:refused-{i}")))
+    })
+    .await;
+    assert!(
+        all_dead,
+        "a refused record is neither delivered nor dead-lettered"
     );
     // A clean stop after all that exits 0, as systemd expects.
     assert_eq!(
