@@ -76,6 +76,9 @@ const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 10_000;
 const MAX_SHUTDOWN_TIMEOUT_MS: u64 = 80_000;
 const DEFAULT_MAX_RECORDS: u64 = 10_000_000;
 const DEFAULT_MAX_DISK_BYTES: u64 = 20 * GIB;
+/// Free space kept in reserve on the data disk: enough for delivery to go on removing records
+/// and for a rebuild of a drained queue.
+const DEFAULT_MIN_FREE_DISK_MB: u64 = 256;
 const DEFAULT_CACHE_MB: u64 = 64;
 const DEFAULT_COMPACT_MIN_MB: u64 = 256;
 
@@ -232,6 +235,9 @@ pub struct QueueConfig {
     pub max_records: u64,
     /// `queue.max_disk_bytes`: past this size on disk, ingest answers 503.
     pub max_disk_bytes: u64,
+    /// `queue.min_free_disk_mb`: below this much free space on the filesystem holding
+    /// `data_dir`, ingest answers 503 (a reserve for delivery and rebuilds).
+    pub min_free_bytes: u64,
     /// `queue.cache_mb`, in bytes: sled's page cache.
     pub cache_bytes: u64,
     /// `queue.compact_min_mb`, in bytes: the database is rebuilt after a drain only once it is
@@ -274,6 +280,7 @@ impl Default for QueueConfig {
         QueueConfig {
             max_records: DEFAULT_MAX_RECORDS,
             max_disk_bytes: DEFAULT_MAX_DISK_BYTES,
+            min_free_bytes: DEFAULT_MIN_FREE_DISK_MB * MIB,
             cache_bytes: DEFAULT_CACHE_MB * MIB,
             compact_min_bytes: DEFAULT_COMPACT_MIN_MB * MIB,
         }
@@ -455,6 +462,7 @@ const DELIVERY_KEYS: &[&str] = &[
 const QUEUE_KEYS: &[&str] = &[
     "max_records",
     "max_disk_bytes",
+    "min_free_disk_mb",
     "cache_mb",
     "compact_min_mb",
 ];
@@ -634,6 +642,12 @@ fn read_queue(root: &Table, p: &mut Problems) -> Checked<QueueConfig> {
 
     let max_records = s.integer(p, "max_records", DEFAULT_MAX_RECORDS, 1..=u64::MAX);
     let max_disk_bytes = s.integer(p, "max_disk_bytes", DEFAULT_MAX_DISK_BYTES, MIB..=u64::MAX);
+    let min_free_disk_mb = s.integer(
+        p,
+        "min_free_disk_mb",
+        DEFAULT_MIN_FREE_DISK_MB,
+        0..=u64::MAX / MIB,
+    );
     let cache_mb = s.integer(p, "cache_mb", DEFAULT_CACHE_MB, 1..=16_384);
     // The upper bound only keeps the conversion to bytes from overflowing.
     let compact_min_mb = s.integer(
@@ -646,6 +660,7 @@ fn read_queue(root: &Table, p: &mut Problems) -> Checked<QueueConfig> {
     Ok(QueueConfig {
         max_records: max_records?,
         max_disk_bytes: max_disk_bytes?,
+        min_free_bytes: min_free_disk_mb? * MIB,
         cache_bytes: cache_mb? * MIB,
         compact_min_bytes: compact_min_mb? * MIB,
     })

@@ -33,6 +33,7 @@ pub fn queue_settings(config: &Config) -> QueueSettings {
         max_disk_bytes: config.queue.max_disk_bytes,
         cache_bytes: config.queue.cache_bytes,
         compact_min_bytes: config.queue.compact_min_bytes,
+        min_free_bytes: config.queue.min_free_bytes,
     }
 }
 

@@ -142,6 +142,11 @@ pub struct QueueSettings {
     pub max_disk_bytes: u64,
     pub cache_bytes: u64,
     pub compact_min_bytes: u64,
+    /// Ingest is refused while the filesystem holding the queue has less than this free, so
+    /// that sled never meets a full disk mid-write: sled 0.34 treats a failed write as fatal
+    /// for the open database, which would stop delivery too. Removals and rebuilds (which give
+    /// space back) use the reserve.
+    pub min_free_bytes: u64,
 }
 
 /// How much one Braze request may carry.
@@ -350,6 +355,16 @@ impl Queue {
                 "{bytes} bytes on disk, bound is {} (queue.max_disk_bytes)",
                 self.settings.max_disk_bytes
             )));
+        }
+        if self.settings.min_free_bytes > 0 {
+            let free = store::free_bytes(&self.dir)?;
+            if free < self.settings.min_free_bytes {
+                return Err(QueueError::Full(format!(
+                    "the disk holding the queue has {} MiB free, below the {} MiB reserve (queue.min_free_disk_mb)",
+                    free >> 20,
+                    self.settings.min_free_bytes >> 20
+                )));
+            }
         }
         Ok(())
     }

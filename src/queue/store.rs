@@ -187,3 +187,9 @@ pub fn remove_other_generations(queue_dir: &Path, keep: u64) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Bytes an unprivileged process can still write on the filesystem holding `dir`.
+pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    let st = rustix::fs::statvfs(dir)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}

@@ -87,3 +87,125 @@ async fn disk_space_comes_back_after_a_backlog_drains() {
         .collect();
     assert_eq!(generations.len(), 1, "old generations are deleted");
 }
+
+/// A tmpfs of `size` mounted on `dir`, unmounted on drop. Needs root (CI and this project's
+/// machines run tests as root); set AIQ_SKIP_MOUNT_TESTS=1 to skip where mounting is not
+/// allowed, so that skipping is a decision, not an accident.
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn mount(dir: &std::path::Path, size: &str) -> Option<SmallFs> {
+        if std::env::var_os("AIQ_SKIP_MOUNT_TESTS").is_some() {
+            eprintln!("AIQ_SKIP_MOUNT_TESTS set: the full-disk test is skipped");
+            return None;
+        }
+        std::fs::create_dir_all(dir).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("mount runs");
+        assert!(
+            out.status.success(),
+            "cannot mount a small tmpfs for the full-disk test (run as root, or set \
+             AIQ_SKIP_MOUNT_TESTS=1): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some(SmallFs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The disk fills up while Braze is down: past the free-space reserve ingest answers 503
+/// with Retry-After instead of acknowledging what it may not be able to store, nothing
+/// acknowledged is lost, delivery goes on once Braze is back, and ingest accepts again once
+/// space frees. (Without the reserve sled meets ENOSPC mid-write, treats it as fatal, and
+/// both ingest and delivery stop until a restart: this test found that.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_ingest_and_recovers_once_space_frees() {
+    let root = tempfile::tempdir().unwrap();
+    let mount = root.path().join("fs");
+    let Some(_fs) = SmallFs::mount(&mount, "20m") else {
+        return;
+    };
+    // Ballast that an operator can delete to free space.
+    let ballast = mount.join("ballast");
+    std::fs::write(&ballast, vec![0u8; 4 << 20]).unwrap();
+    let data = mount.join("data");
+    let env = Env::start_with(|c| {
+        c.data_dir = data.clone();
+        c.queue.cache_bytes = 4 << 20;
+        c.queue.min_free_bytes = 4 << 20;
+    })
+    .await;
+    env.fake.set_behaviour(Behaviour::FailStatus {
+        status: 503,
+        until: Instant::now() + Duration::from_secs(3600),
+    });
+    let mut acked = Vec::new();
+    let mut next = 0u64;
+    let mut refusal = None;
+    for _ in 0..2000 {
+        let batch: Vec<_> = (next..next + 500).map(event).collect();
+        let (status, body) = env.post("/v1/events", array(&batch)).await;
+        match status {
+            202 => acked.extend(next..next + 500),
+            503 => {
+                refusal = Some(body);
+                break;
+            }
+            other => panic!("{other}: {body}"),
+        }
+        next += 500;
+    }
+    let refusal = refusal.expect("the disk never filled");
+    assert!(
+        refusal["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("below the 4 MiB reserve"),
+        "{refusal}"
+    );
+    assert!(acked.len() > 5_000, "only {} acknowledged", acked.len());
+
+    // Space frees and Braze comes back: everything acknowledged arrives, and ingest accepts
+    // again (the refused request can be sent again).
+    std::fs::remove_file(&ballast).unwrap();
+    env.fake.set_behaviour(Behaviour::Accept);
+    let fake = env.fake.clone();
+    let total = acked.len();
+    let delivered = wait_until(Duration::from_secs(120), || {
+        event_counts(&fake).len() >= total
+    })
+    .await;
+    let got = event_counts(&fake);
+    let missing = acked.iter().filter(|i| !got.contains_key(i)).count();
+    assert!(
+        delivered && missing == 0,
+        "{missing} acknowledged events missing"
+    );
+    let mut accepted_again = false;
+    for _ in 0..100 {
+        let batch: Vec<_> = (next..next + 500).map(event).collect();
+        if env.post("/v1/events", array(&batch)).await.0 == 202 {
+            accepted_again = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(accepted_again, "ingest never recovered after space freed");
+    let fake = env.fake.clone();
+    assert!(
+        wait_until(Duration::from_secs(30), || event_counts(&fake)
+            .contains_key(&(next + 499)))
+        .await
+    );
+}

@@ -13,6 +13,7 @@ fn settings(max_records: u64) -> QueueSettings {
         max_disk_bytes: 1 << 40,
         cache_bytes: 8 << 20,
         compact_min_bytes: 1 << 30,
+        min_free_bytes: 0,
     }
 }
 
