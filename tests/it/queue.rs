@@ -260,3 +260,54 @@ async fn a_snapshot_larger_than_memory_is_merged_from_sorted_runs() {
         .collect();
     assert_eq!(files.len(), 2, "{files:?}");
 }
+
+/// A stored record whose bytes no longer decode (a bit flip, a downgrade) is moved to the
+/// dead letters with the reason instead of wedging the queue; the records around it flow.
+#[tokio::test]
+async fn a_record_that_no_longer_decodes_is_moved_aside_not_wedging_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let q = Queue::open(dir.path(), settings(100)).unwrap();
+        q.enqueue(vec![event(1), event(2), event(3)]).await.unwrap();
+        q.sync().await.unwrap();
+    }
+    // Damage record 2 in the real database, with sled itself.
+    let queue_dir = dir.path().join("queue");
+    let generation = std::fs::read_to_string(queue_dir.join("CURRENT")).unwrap();
+    {
+        let db = sled::open(queue_dir.join(generation.trim())).unwrap();
+        let tree = db.open_tree("queue").unwrap();
+        let key = aiq_braze_sync::queue::format::record_key(
+            aiq_braze_sync::queue::format::LANE_EVENTS,
+            2,
+        );
+        assert!(tree.contains_key(key).unwrap());
+        tree.insert(key, &[9u8, 1, 2, 3][..]).unwrap();
+        db.flush().unwrap();
+    }
+    let q = Queue::open(dir.path(), settings(100)).unwrap();
+    let leased = q.lease(&limits()).unwrap();
+    let seqs: Vec<u64> = leased.iter().map(|l| l.seq).collect();
+    assert_eq!(seqs, vec![1, 3]);
+    q.complete(
+        leased
+            .into_iter()
+            .map(|l| (l, Outcome::Delivered))
+            .collect(),
+    )
+    .unwrap();
+    let s = q.stats().unwrap();
+    assert_eq!((s.pending, s.dead), (0, 1));
+    let dead = q.dead(10).unwrap();
+    assert_eq!(dead[0].id, 2);
+    assert_eq!(dead[0].kind, "undecodable");
+    assert!(
+        dead[0]
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("unknown format version 9"),
+        "{:?}",
+        dead[0]
+    );
+}
