@@ -135,8 +135,9 @@ struct Model {
     clock: u64,
     /// Outstanding leases, oldest first.
     leases: Vec<Leased>,
-    /// Per attribute, the record Braze received last.
-    braze: HashMap<Key, usize>,
+    /// Per attribute, the record Braze received last and its acceptance time then (a retry
+    /// from the dead letters accepts it again later).
+    braze: HashMap<Key, (usize, u64)>,
     tally: Tally,
 }
 
@@ -253,7 +254,7 @@ impl Model {
     }
 
     fn braze_value(&self, k: Key) -> Option<String> {
-        self.braze.get(&k).map(|&t| self.recs[t].value.clone())
+        self.braze.get(&k).map(|&(t, _)| self.recs[t].value.clone())
     }
 
     /// Whether a plain value of the same attribute, with the same object fields, was
@@ -300,15 +301,14 @@ impl Model {
         }
         if let Some(k) = r.key {
             let acc = r.acc;
-            if let Some(&last) = self.braze.get(&k) {
+            if let Some(&(last, last_acc)) = self.braze.get(&k) {
                 prop_assert!(
-                    last == tag || self.recs[last].acc < acc,
+                    last == tag || last_acc < acc,
                     "attribute {k:?}: record {tag} (accepted at {acc}) sent after record {last} \
-                     (accepted at {})",
-                    self.recs[last].acc
+                     (accepted at {last_acc})"
                 );
             }
-            self.braze.insert(k, tag);
+            self.braze.insert(k, (tag, acc));
         }
         Ok(())
     }
@@ -734,7 +734,7 @@ async fn drain_and_judge(q: Arc<Queue>, dir: &Path, m: &mut Model) -> Result<(),
             })
             .max_by_key(|&t| m.recs[t].acc);
         let Some(last) = last else { continue };
-        let holds = m.braze.get(&k).copied();
+        let holds = m.braze.get(&k).map(|&(t, _)| t);
         if m.recs[last].sent > 0 {
             prop_assert_eq!(holds, Some(last), "attribute {:?}: Braze got last", k);
         } else {
