@@ -929,3 +929,64 @@ fn the_model_sees_every_path_it_judges() {
         "{t:?}"
     );
 }
+
+/// Found by the model. Braze refused an `add` on a user's attribute and then the plain value
+/// accepted after it; the operator retries all dead letters. The plain value is the newest
+/// update of that attribute, so it must be sent (after the `add`, or replacing it): nothing
+/// newer supersedes it.
+#[tokio::test]
+async fn retrying_an_operation_with_the_newer_value_after_it_keeps_the_newer_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), settings()).unwrap();
+    let limits = BatchLimits {
+        max_objects: 50,
+        per_array: false,
+        max_bytes: 3_500_000,
+    };
+    let update = |value: &str| {
+        Record::Attribute(AttributeUpdate {
+            user: user_id(0),
+            name: "color".into(),
+            value: value.into(),
+            object_fields: None,
+        })
+    };
+    let mut dead = Vec::new();
+    for value in [r#"{"add":["x"]}"#, r#""blue""#] {
+        q.enqueue(vec![update(value)]).await.unwrap();
+        let leased = q.lease(&limits).unwrap();
+        assert_eq!(leased.len(), 1);
+        dead.push(leased[0].seq);
+        let refused = Outcome::Dead("refused".into());
+        q.complete(leased.into_iter().map(|l| (l, refused.clone())).collect())
+            .unwrap();
+    }
+
+    let report = q.retry_dead(&Selection::All).await.unwrap();
+    assert_eq!(report.superseded, Vec::<u64>::new(), "{report:?}");
+
+    let mut sent = Vec::new();
+    loop {
+        let leased = q.lease(&limits).unwrap();
+        if leased.is_empty() {
+            break;
+        }
+        for l in &leased {
+            if let Record::Attribute(a) = &l.stored.record {
+                sent.push(a.value.clone());
+            }
+        }
+        q.complete(
+            leased
+                .into_iter()
+                .map(|l| (l, Outcome::Delivered))
+                .collect(),
+        )
+        .unwrap();
+    }
+    assert_eq!(
+        sent.last().map(String::as_str),
+        Some(r#""blue""#),
+        "sent: {sent:?}"
+    );
+}
