@@ -223,24 +223,25 @@ impl Queue {
                 report.undecodable.push(id);
                 continue;
             };
-            // Only a plain value can be superseded; an operation (`add`, `remove`, ...) still
-            // means something after newer updates, so it is retried at the back of the lane.
-            let attribute = stored
-                .record
-                .attribute_name()
-                .filter(|_| stored.record.plain_value().is_some());
-            if let Some(attribute) = attribute {
+            if let Some(attribute) = stored.record.attribute_name() {
                 let lk = latest_key(stored.record.user(), &attribute);
-                let pending = match retried_here.get(&lk) {
-                    Some(original) => Some(*original),
-                    None => staging.pending(&lk)?.map(|(seq, _)| seq),
-                };
-                let newest = pending.max(self.state.settled_seq(&lk)?);
-                if newest.is_some_and(|n| n > id) {
-                    staging.batch.remove(&dead_key(id));
-                    report.superseded.push(id);
-                    continue;
+                // Only a plain value can be superseded; an operation (`add`, `remove`, ...)
+                // still means something after newer updates, so it is retried at the back of
+                // the lane.
+                if stored.record.plain_value().is_some() {
+                    let pending = match retried_here.get(&lk) {
+                        Some(original) => Some(*original),
+                        None => staging.pending(&lk)?.map(|(seq, _)| seq),
+                    };
+                    let newest = pending.max(self.state.settled_seq(&lk)?);
+                    if newest.is_some_and(|n| n > id) {
+                        staging.batch.remove(&dead_key(id));
+                        report.superseded.push(id);
+                        continue;
+                    }
                 }
+                // An operation too: staged here it has a new seq, newer than any id, which
+                // would pass for a newer update and drop a value accepted after it.
                 retried_here.insert(lk, id);
             }
             staging.batch.remove(&dead_key(id));

@@ -13,6 +13,7 @@ mod disk;
 mod end_to_end;
 mod faults;
 mod import;
+mod model;
 mod newcomer;
 mod observability;
 mod ordering;
