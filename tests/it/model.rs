@@ -204,6 +204,7 @@ fn settings() -> QueueSettings {
         // sled's open is the slow part of a case; a small cache keeps it cheap.
         cache_bytes: 4 << 20,
         compact_min_bytes: 1 << 30,
+        min_free_bytes: 0,
     }
 }
 
