@@ -235,7 +235,7 @@ impl Queue {
                     };
                     let newest = pending.max(self.state.settled_seq(&lk)?);
                     if newest.is_some_and(|n| n > id) {
-                        staging.batch.remove(&dead_key(id));
+                        staging.remove_dead(id);
                         report.superseded.push(id);
                         continue;
                     }
@@ -244,7 +244,7 @@ impl Queue {
                 // would pass for a newer update and drop a value accepted after it.
                 retried_here.insert(lk, id);
             }
-            staging.batch.remove(&dead_key(id));
+            staging.remove_dead(id);
             if staging.add(&stored.record, dead.stored)? {
                 report.retried.push(id);
             } else {
@@ -253,8 +253,6 @@ impl Queue {
             }
         }
         staging.apply()?;
-        let gone = (report.retried.len() + report.superseded.len()) as u64;
-        self.counters.dead.fetch_sub(gone, Ordering::Relaxed);
         Ok(report)
     }
 
@@ -268,6 +266,17 @@ impl Queue {
             for (id, _) in &entries {
                 batch.remove(&dead_key(*id));
             }
+            let c = &self.counters;
+            batch.insert(
+                super::format::META_COUNTS,
+                &super::format::encode_counts(
+                    c.events.load(Ordering::Relaxed),
+                    c.attributes.load(Ordering::Relaxed),
+                    c.dead
+                        .load(Ordering::Relaxed)
+                        .saturating_sub(entries.len() as u64),
+                ),
+            );
             store.tree.apply_batch(batch)?;
             let purged: Vec<u64> = entries.into_iter().map(|(id, _)| id).collect();
             self.counters

@@ -20,6 +20,25 @@ pub const DEAD: u8 = 0x04;
 /// The meta key holding the next sequence number, so ids never repeat across restarts.
 pub const META_NEXT_SEQ: &[u8] = &[META, b'n'];
 
+/// The meta key holding how many records each lane and the dead letters hold: events, then
+/// attribute updates, then dead, u64 big-endian each. Written in the same batch as every
+/// change to those counts, so after a crash it matches what sled recovered, and opening a
+/// queue of millions needs no scan.
+pub const META_COUNTS: &[u8] = &[META, b'c'];
+
+pub fn encode_counts(events: u64, attributes: u64, dead: u64) -> [u8; 24] {
+    let mut v = [0u8; 24];
+    v[..8].copy_from_slice(&events.to_be_bytes());
+    v[8..16].copy_from_slice(&attributes.to_be_bytes());
+    v[16..].copy_from_slice(&dead.to_be_bytes());
+    v
+}
+
+pub fn decode_counts(v: &[u8]) -> Option<(u64, u64, u64)> {
+    let n = |i: usize| Some(u64::from_be_bytes(v.get(i..i + 8)?.try_into().ok()?));
+    Some((n(0)?, n(8)?, n(16)?))
+}
+
 /// Version byte of `StoredV1`.
 const V1: u8 = 1;
 /// Version byte of `StoredV2`: every record kind and identifier form. Records V1 can carry

@@ -14,6 +14,7 @@
 //! | key | value |
 //! |---|---|
 //! | `00 'n'` | next sequence number, u64 big-endian (ids never repeat) |
+//! | `00 'c'` | records in the events lane, the attribute lane and the dead letters (3 × u64 BE), kept in step by every batch |
 //! | `01 seq` | a pending event (lane 1, real time) |
 //! | `02 seq` | a pending membership update (lane 2, backfills) |
 //! | `03 kind len id attribute` | the seq of the newest pending update of that user's attribute, then its object fields |
@@ -72,7 +73,7 @@ use crate::record::{Record, UserId};
 use commit::Committer;
 use format::{
     decode, encode, encode_dead, latest_key, record_key, seq_of, Dead, Stored, DEAD,
-    LANE_ATTRIBUTES, LANE_EVENTS, META_NEXT_SEQ,
+    LANE_ATTRIBUTES, LANE_EVENTS, META_COUNTS, META_NEXT_SEQ,
 };
 use store::Store;
 
@@ -291,12 +292,22 @@ impl Queue {
         store::remove_other_generations(&dir, generation)?;
 
         let counters = Counters::default();
-        let count = |lane: u8| st.tree.scan_prefix([lane]).keys().count() as u64;
-        counters.events.store(count(LANE_EVENTS), Ordering::Relaxed);
-        counters
-            .attributes
-            .store(count(LANE_ATTRIBUTES), Ordering::Relaxed);
-        counters.dead.store(count(DEAD), Ordering::Relaxed);
+        let (events, attributes, dead) = match st
+            .tree
+            .get(META_COUNTS)?
+            .and_then(|v| format::decode_counts(&v))
+        {
+            Some(counts) => counts,
+            // A database from before the counts were kept: count once; the next batch
+            // writes them.
+            None => {
+                let count = |lane: u8| st.tree.scan_prefix([lane]).keys().count() as u64;
+                (count(LANE_EVENTS), count(LANE_ATTRIBUTES), count(DEAD))
+            }
+        };
+        counters.events.store(events, Ordering::Relaxed);
+        counters.attributes.store(attributes, Ordering::Relaxed);
+        counters.dead.store(dead, Ordering::Relaxed);
         counters
             .disk_bytes
             .store(st.disk_bytes(), Ordering::Relaxed);
@@ -506,26 +517,45 @@ impl Queue {
         let store = self.store.read().expect("queue store lock poisoned");
         let _writer = self.writer.lock().expect("queue writer lock poisoned");
         let mut batch = sled::Batch::default();
+        let (mut from_events, mut from_attributes, mut dead) = (0u64, 0u64, 0u64);
+        let mut seen = HashSet::new();
         for (key, value, why) in &items {
+            // Two leases may have found the same bad value; move it (and count it) once.
+            if !seen.insert(key.clone()) || !store.tree.contains_key(key)? {
+                continue;
+            }
             let seq = seq_of(key).unwrap_or(0);
             tracing::error!(seq, error = %why, "a stored record no longer decodes; moved to the dead letters");
             batch.remove(key.as_slice());
-            let dead = Dead {
+            let entry = Dead {
                 dead_at_ms: now_ms(),
                 attempts: 0,
                 reason: format!("undecodable stored record: {why}"),
                 stored: value.clone(),
             };
-            batch.insert(&format::dead_key(seq), encode_dead(&dead));
-            let lane_counter = if key[0] == LANE_EVENTS {
-                &self.counters.events
+            batch.insert(&format::dead_key(seq), encode_dead(&entry));
+            if key[0] == LANE_EVENTS {
+                from_events += 1;
             } else {
-                &self.counters.attributes
-            };
-            lane_counter.fetch_sub(1, Ordering::Relaxed);
-            self.counters.dead.fetch_add(1, Ordering::Relaxed);
+                from_attributes += 1;
+            }
+            dead += 1;
         }
+        let c = &self.counters;
+        batch.insert(
+            META_COUNTS,
+            &format::encode_counts(
+                c.events.load(Ordering::Relaxed).saturating_sub(from_events),
+                c.attributes
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(from_attributes),
+                c.dead.load(Ordering::Relaxed) + dead,
+            ),
+        );
         store.tree.apply_batch(batch)?;
+        c.events.fetch_sub(from_events, Ordering::Relaxed);
+        c.attributes.fetch_sub(from_attributes, Ordering::Relaxed);
+        c.dead.fetch_add(dead, Ordering::Relaxed);
         Ok(())
     }
 
@@ -571,6 +601,17 @@ impl Queue {
                 }
             }
         }
+        let c = &self.counters;
+        batch.insert(
+            META_COUNTS,
+            &format::encode_counts(
+                c.events.load(Ordering::Relaxed).saturating_sub(gone_events),
+                c.attributes
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(gone_attributes),
+                c.dead.load(Ordering::Relaxed) + dead,
+            ),
+        );
         store.tree.apply_batch(batch)?;
         self.state
             .record_settled(results.iter().filter_map(|(item, outcome)| {
@@ -748,6 +789,8 @@ struct Staging<'a> {
     attributes: u64,
     coalesced: u64,
     unchanged: u64,
+    /// Dead letters this batch removes (a retry puts them back in a lane).
+    dead_removed: u64,
 }
 
 impl<'a> Staging<'a> {
@@ -771,7 +814,14 @@ impl<'a> Staging<'a> {
             attributes: 0,
             coalesced: 0,
             unchanged: 0,
+            dead_removed: 0,
         }
+    }
+
+    /// Removes a dead letter in this batch (a retry, or a retry found superseded).
+    fn remove_dead(&mut self, id: u64) {
+        self.batch.remove(&format::dead_key(id));
+        self.dead_removed += 1;
     }
 
     /// The pending update of this user's attribute, if any: its seq and object fields.
@@ -850,6 +900,17 @@ impl<'a> Staging<'a> {
     fn flush(&mut self) -> Result<(), QueueError> {
         let mut batch = std::mem::take(&mut self.batch);
         batch.insert(META_NEXT_SEQ, &self.next_seq.to_be_bytes());
+        let c = self.counters;
+        batch.insert(
+            META_COUNTS,
+            &format::encode_counts(
+                c.events.load(Ordering::Relaxed) + self.events,
+                c.attributes.load(Ordering::Relaxed) + self.attributes,
+                c.dead
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(self.dead_removed),
+            ),
+        );
         self.tree.apply_batch(batch)?;
         *self.applied_seq = self.next_seq;
         // Applied: later records find these in the tree.
@@ -864,6 +925,8 @@ impl<'a> Staging<'a> {
             .fetch_add(std::mem::take(&mut self.coalesced), Ordering::Relaxed);
         c.unchanged
             .fetch_add(std::mem::take(&mut self.unchanged), Ordering::Relaxed);
+        c.dead
+            .fetch_sub(std::mem::take(&mut self.dead_removed), Ordering::Relaxed);
         Ok(())
     }
 
