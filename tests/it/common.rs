@@ -206,3 +206,12 @@ pub fn member(user: &str, member: bool) -> aiq_braze_sync::record::Record {
         time: None,
     })
 }
+
+/// A loopback port free right now, for the real binary to listen on.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -100,14 +100,6 @@ fn write_config(dir: &Path, fake: &FakeBraze, port: u16) -> PathBuf {
     path
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// What the writers were told was accepted (a 2xx), by kind.
 #[derive(Default)]
 struct Acked {

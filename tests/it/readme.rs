@@ -36,14 +36,6 @@ fn runnable_blocks(readme: &str) -> Vec<String> {
         .collect()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The sample files the examples name, in `dir`.
 fn sample_files(dir: &Path) {
     let data = dir.join("data");

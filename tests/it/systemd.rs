@@ -58,14 +58,6 @@ fn spawn(config: &Path, log: &Path, env: &[(&str, String)]) -> Child {
     cmd.spawn().expect("spawn daemon")
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn sigterm(child: &mut Child) -> i32 {
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
