@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -77,6 +78,8 @@ pub enum ApiError {
     BadInput(BadInput),
     Queue(QueueError),
     Stopping,
+    /// The body could not be read whole: over `ingest.max_body_bytes` (413), or cut short.
+    Body(BytesRejection),
 }
 
 impl IntoResponse for ApiError {
@@ -107,6 +110,12 @@ impl IntoResponse for ApiError {
                     "field": b.field,
                     "queued": 0,
                 })),
+            )
+                .into_response(),
+            // axum's own answer is plain text; every other refusal here is JSON.
+            ApiError::Body(r) => (
+                r.status(),
+                Json(json!({"error": r.body_text(), "queued": 0})),
             )
                 .into_response(),
             ApiError::Stopping => retry("5", json!({"error": "the daemon is stopping; retry"})),
@@ -154,7 +163,7 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
 async fn ingest_with<F>(
     state: &AppState,
     headers: &HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
     parse: F,
 ) -> Result<Response, ApiError>
 where
@@ -164,6 +173,7 @@ where
     if state.stopping.load(Ordering::Relaxed) {
         return Err(ApiError::Stopping);
     }
+    let body = body.map_err(ApiError::Body)?;
     let records = if body.len() <= PARSE_INLINE_MAX {
         parse(&body)
     } else {
@@ -184,7 +194,7 @@ where
 async fn post_memberships(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let prefer = state.prefer;
     ingest_with(&state, &headers, body, move |b| {
@@ -199,7 +209,7 @@ async fn post_memberships(
 async fn post_events(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let prefer = state.prefer;
     ingest_with(&state, &headers, body, move |b| {
@@ -214,7 +224,7 @@ async fn post_events(
 async fn post_attributes(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let prefer = state.prefer;
     ingest_with(&state, &headers, body, move |b| {
@@ -233,7 +243,7 @@ async fn post_attributes(
 async fn users_track(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let braze_shaped = |status: StatusCode, message: String, errors: Vec<relay::ObjectError>| {
         (
@@ -252,6 +262,10 @@ async fn users_track(
     if state.stopping.load(Ordering::Relaxed) {
         return ApiError::Stopping.into_response();
     }
+    let body = match body {
+        Ok(b) => b,
+        Err(r) => return braze_shaped(r.status(), r.body_text(), Vec::new()),
+    };
     let parsed = if body.len() <= PARSE_INLINE_MAX {
         relay::parse(&body)
     } else {

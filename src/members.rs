@@ -68,11 +68,13 @@ impl MemberReader {
         self.partial.extend_from_slice(rest);
         if self.partial.len() > MAX_LINE_BYTES {
             self.line += 1;
-            return Err(self
-                .bad(format!("line is longer than {MAX_LINE_BYTES} bytes"))
-                .into());
+            return Err(self.too_long().into());
         }
         Ok(())
+    }
+
+    fn too_long(&self) -> BadInput {
+        self.bad(format!("line is longer than {MAX_LINE_BYTES} bytes"))
     }
 
     /// Ends the body: the last line may lack its newline. Returns the number of members.
@@ -91,6 +93,12 @@ impl MemberReader {
         member: &mut impl FnMut(UserId) -> Result<(), E>,
     ) -> Result<(), E> {
         self.line += 1;
+        // `feed` only sees the part of a line still waiting for its end: a long line that
+        // ends inside one chunk is caught here, so where the network cut the body does
+        // not decide whether it is taken.
+        if line.len() > MAX_LINE_BYTES {
+            return Err(self.too_long().into());
+        }
         let user = match self.user_of(line)? {
             Some(u) => u,
             None => return Ok(()),
@@ -202,6 +210,24 @@ mod tests {
                 UserId::External("c".into())
             ]
         );
+    }
+
+    #[test]
+    fn a_long_line_is_refused_however_the_body_is_cut() {
+        let line = format!(
+            "{{\"external_id\":\"a\",\"pad\":\"{}\"}}\n",
+            "x".repeat(MAX_LINE_BYTES)
+        );
+        for size in [line.len(), 1000, 7] {
+            let chunks: Vec<&str> = line
+                .as_bytes()
+                .chunks(size)
+                .map(|c| std::str::from_utf8(c).unwrap())
+                .collect();
+            let err = read(None, &chunks).unwrap_err();
+            assert_eq!(err.line, Some(1), "chunks of {size}");
+            assert!(err.message.contains("longer than"), "{err}");
+        }
     }
 
     #[test]

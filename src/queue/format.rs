@@ -222,6 +222,31 @@ fn config() -> bincode::config::Configuration {
     bincode::config::standard()
 }
 
+/// Decodes one stored value's body.
+///
+/// bincode allocates what a length prefix says before it reads the bytes, so a damaged prefix
+/// can ask for 2^60 bytes: the allocation fails and the process aborts, and again at every
+/// start, since the value is still there. A limit on the bytes claimed makes that an error.
+/// No sound value claims more bytes than its slice holds, so the limit is the smallest of a
+/// few steps at or above the slice's length (bincode takes it as a constant).
+fn decode_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, DecodeError> {
+    fn limited<T: serde::de::DeserializeOwned, const N: usize>(
+        body: &[u8],
+    ) -> Result<T, bincode::error::DecodeError> {
+        bincode::serde::decode_from_slice(body, config().with_limit::<N>()).map(|(v, _)| v)
+    }
+    const SMALL: usize = 64 << 10;
+    const LARGE: usize = 16 << 20;
+    // Past any record ingest can take (`ingest.max_body_bytes` is at most 1 GiB).
+    const HUGE: usize = 2 << 30;
+    match body.len() {
+        n if n <= SMALL => limited::<T, SMALL>(body),
+        n if n <= LARGE => limited::<T, LARGE>(body),
+        _ => limited::<T, HUGE>(body),
+    }
+    .map_err(|e| DecodeError::Corrupt(e.to_string()))
+}
+
 /// The V1 form of an identifier, if V1 can carry it.
 fn user_v1(u: &UserId) -> Option<UserIdV1> {
     match u {
@@ -397,8 +422,7 @@ pub fn decode(bytes: &[u8]) -> Result<Stored, DecodeError> {
     let (&version, body) = bytes.split_first().ok_or(DecodeError::Empty)?;
     match version {
         V1 => {
-            let (v1, _): (StoredV1, usize) = bincode::serde::decode_from_slice(body, config())
-                .map_err(|e| DecodeError::Corrupt(e.to_string()))?;
+            let v1: StoredV1 = decode_body(body)?;
             let record = match v1.record {
                 RecordV1::Membership {
                     user,
@@ -431,8 +455,7 @@ pub fn decode(bytes: &[u8]) -> Result<Stored, DecodeError> {
             })
         }
         V2 => {
-            let (v2, _): (StoredV2, usize) = bincode::serde::decode_from_slice(body, config())
-                .map_err(|e| DecodeError::Corrupt(e.to_string()))?;
+            let v2: StoredV2 = decode_body(body)?;
             Ok(Stored {
                 accepted_at_ms: v2.accepted_at_ms,
                 record: record_of_v2(v2.record),
@@ -462,8 +485,7 @@ pub fn decode_dead(bytes: &[u8]) -> Result<Dead, DecodeError> {
     let (&version, body) = bytes.split_first().ok_or(DecodeError::Empty)?;
     match version {
         DEAD_V1 => {
-            let (d, _): (DeadV1, usize) = bincode::serde::decode_from_slice(body, config())
-                .map_err(|e| DecodeError::Corrupt(e.to_string()))?;
+            let d: DeadV1 = decode_body(body)?;
             Ok(Dead {
                 dead_at_ms: d.dead_at_ms,
                 attempts: d.attempts,
@@ -568,6 +590,21 @@ mod tests {
             decode(&[1, 0xff, 0xff]),
             Err(DecodeError::Corrupt(_))
         ));
+    }
+
+    /// A damaged length prefix (found by the `decode` fuzz target) must be an error: bincode
+    /// allocates what a prefix says before reading, and a failed allocation aborts.
+    #[test]
+    fn a_length_prefix_past_the_value_is_an_error_not_an_abort() {
+        // 0xfd: a u64 length follows; this one says 2^60 - 1 bytes.
+        let huge = [0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x0f];
+        let record = [&[V1, 7, 0, 0][..], &huge].concat();
+        assert!(matches!(decode(&record), Err(DecodeError::Corrupt(_))));
+        let dead = [&[DEAD_V1, 7, 1][..], &huge].concat();
+        assert!(matches!(decode_dead(&dead), Err(DecodeError::Corrupt(_))));
+        // A string that claims 1 MiB in a value of a few bytes.
+        let record = [V2, 7, 0, 0, 0xfc, 0, 0, 0x10, 0];
+        assert!(matches!(decode(&record), Err(DecodeError::Corrupt(_))));
     }
 
     #[test]
