@@ -30,6 +30,9 @@ use futures_util::StreamExt;
 /// stall the threads serving everyone else.
 const PARSE_INLINE_MAX: usize = 64 * 1024;
 
+/// How long a snapshot upload may send nothing before it is abandoned (and its split freed).
+const UPLOAD_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 pub struct AppState {
     pub queue: Arc<Queue>,
     pub delivery: Arc<Delivery>,
@@ -385,7 +388,22 @@ async fn put_snapshot(
     let mut reader = members::MemberReader::new(format, state.prefer);
     let mut add = |user| upload.add(&user).map_err(ApiError::Queue);
     let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
+    loop {
+        // A client that stops sending would hold the split's upload lock (every other
+        // snapshot of it gets 409) for as long as the connection lives: give up instead.
+        let next = tokio::time::timeout(UPLOAD_IDLE_TIMEOUT, stream.next()).await;
+        let Ok(next) = next else {
+            return Err(ApiError::BadInput(BadInput {
+                index: None,
+                line: None,
+                field: None,
+                message: format!(
+                    "the upload sent nothing for {} s and was abandoned; the previous snapshot stays",
+                    UPLOAD_IDLE_TIMEOUT.as_secs()
+                ),
+            }));
+        };
+        let Some(chunk) = next else { break };
         let chunk = chunk.map_err(|e| {
             ApiError::BadInput(BadInput {
                 index: None,

@@ -173,6 +173,10 @@ pub fn parse(body: &[u8]) -> Result<Relayed, Refused> {
 }
 
 fn object(raw: &RawValue) -> Result<Members<'_>, String> {
+    // Capturing raw text does not count nesting; a full parse does (serde_json stops at 128
+    // levels), so an object nested past what Braze takes is refused here, not at delivery.
+    serde_json::from_str::<Value>(raw.get())
+        .map_err(|e| format!("the object is not valid JSON Braze can take: {e}"))?;
     serde_json::from_str(raw.get()).map_err(|_| "each object must be a JSON object".to_string())
 }
 
@@ -568,6 +572,19 @@ mod tests {
         assert_eq!(r.message, NOTHING_VALID);
         assert_eq!(r.errors.len(), 1);
         assert_eq!(parse(b"{}").unwrap_err().message, NOTHING_VALID);
+    }
+
+    #[test]
+    fn an_object_nested_too_deeply_is_refused_at_the_door() {
+        let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+        let body = format!(
+            r#"{{"events":[{{"external_id":"u","name":"e","time":"2026-01-01T00:00:00Z","x":{deep}}},
+                {{"external_id":"u","name":"e","time":"2026-01-01T00:00:00Z"}}]}}"#
+        );
+        let r = parse(body.as_bytes()).unwrap();
+        assert_eq!(r.errors.len(), 1);
+        assert_eq!(r.errors[0].index, 0);
+        assert_eq!(r.events, Some(1));
     }
 
     #[test]
