@@ -46,7 +46,9 @@ pub struct AppState {
 }
 
 pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
-    Router::new()
+    // Everything but health and metrics needs the token, checked before the body is read:
+    // a client without it cannot make the daemon buffer a body at all.
+    let guarded = Router::new()
         .route("/v1/memberships", post(post_memberships))
         .route("/v1/events", post(post_events))
         .route("/v1/attributes", post(post_attributes))
@@ -62,11 +64,37 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/v1/admin/queue/dead", get(admin_dead))
         .route("/v1/admin/queue/retry-dead", post(admin_retry_dead))
         .route("/v1/admin/queue/purge-dead", post(admin_purge_dead))
+        .route_layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            require_token,
+        ));
+    Router::new()
+        .merge(guarded)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
+}
+
+/// Refuses a request without the token before its body is read. The Braze-compatible
+/// endpoints answer in Braze's shape, so a Braze client reports it as it would Braze's.
+async fn require_token(
+    State(state): State<Arc<AppState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if authorize(&state, request.headers()).is_ok() {
+        return next.run(request).await;
+    }
+    if request.uri().path().starts_with("/users/") {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"message": "Invalid API key", "errors": []})),
+        )
+            .into_response();
+    }
+    ApiError::Unauthorized.into_response()
 }
 
 impl From<BadInput> for ApiError {

@@ -250,3 +250,33 @@ async fn past_the_bound_ingest_answers_503_and_loses_nothing_accepted() {
     assert!(wait_until(Duration::from_secs(20), || event_counts(&fake).len() == 120).await);
     env.shutdown().await;
 }
+
+/// Without the token a request is refused before its body is read: a client that announces
+/// 50 MB and sends none of it gets its 401 at once, on every guarded endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_without_the_token_is_refused_before_its_body_is_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = Env::start().await;
+    let addr = env.base.trim_start_matches("http://").to_string();
+    for (method, path, shape) in [
+        ("POST", "/v1/events", "\"error\""),
+        ("POST", "/users/track", "\"message\":\"Invalid API key\""),
+        ("PUT", "/v1/audiences/1/splits/1/members", "\"error\""),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\nContent-Type: application/json\r\nContent-Length: 50000000\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut answer))
+            .await
+            .unwrap_or_else(|_| panic!("{path}: no answer while the body was withheld"))
+            .unwrap();
+        let text = String::from_utf8_lossy(&answer[..n]);
+        assert!(text.starts_with("HTTP/1.1 401"), "{path}: {text}");
+        assert!(text.contains(shape), "{path}: {text}");
+    }
+    let stats = env.stats().await;
+    assert_eq!(stats["queue"]["accepted_total"], 0);
+}
