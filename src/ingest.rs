@@ -311,6 +311,9 @@ fn event_of(raw: &RawRecord, prefer: PreferId) -> Result<Event, BadInput> {
 
 /// Splits a JSON array or NDJSON body into objects, keeping each one's index and line.
 fn split_records(body: &[u8]) -> Result<Vec<RawRecord>, BadInput> {
+    // Spreadsheet tools and some exporters start UTF-8 files with a byte-order mark; it is
+    // not part of the first record.
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     let whole = |message: String, line: Option<usize>| BadInput {
         index: None,
         line,
@@ -620,6 +623,14 @@ mod tests {
             let err = parse_events(body, PreferId::External).unwrap_err();
             assert_eq!(err.field.as_deref(), Some(field), "{err}");
         }
+    }
+
+    #[test]
+    fn a_byte_order_mark_before_the_first_record_is_ignored() {
+        let body = b"\xEF\xBB\xBF{\"name\":\"x\",\"external_id\":\"u\",\"time\":1}\n";
+        assert_eq!(parse_events(body, PreferId::External).unwrap().len(), 1);
+        let array = b"\xEF\xBB\xBF[{\"name\":\"x\",\"external_id\":\"u\",\"time\":1}]";
+        assert_eq!(parse_events(array, PreferId::External).unwrap().len(), 1);
     }
 
     #[test]
