@@ -474,9 +474,11 @@ async fn a_429_also_holds_back_workers_already_waiting_for_a_rate_ceiling_slot()
     let fake = env.fake.clone();
     // Once requests flow at the ceiling, every worker is waiting for a slot.
     assert!(wait_until(Duration::from_secs(10), || fake.requests().len() >= 10).await);
+    // Long enough (three slots at 20/s) that a request surely meets the 429 however the
+    // machine schedules, short enough that all of it sits inside the assertion's grace.
     env.fake.set_behaviour(Behaviour::RateLimited {
         retry_after: Duration::from_secs(1),
-        until: Instant::now() + Duration::from_millis(50),
+        until: Instant::now() + Duration::from_millis(150),
     });
     let arrived = wait_until(Duration::from_secs(30), || fake.events().len() >= 60).await;
     assert!(arrived, "{} of 60 arrived", fake.events().len());
