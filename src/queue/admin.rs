@@ -2,7 +2,6 @@
 //! ones. Listing reads lazily and stops at the limit; it never loads the whole queue.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 
 use serde::{Deserialize, Serialize};
 
@@ -266,22 +265,14 @@ impl Queue {
             for (id, _) in &entries {
                 batch.remove(&dead_key(*id));
             }
-            let c = &self.counters;
-            batch.insert(
-                super::format::META_COUNTS,
-                &super::format::encode_counts(
-                    c.events.load(Ordering::Relaxed),
-                    c.attributes.load(Ordering::Relaxed),
-                    c.dead
-                        .load(Ordering::Relaxed)
-                        .saturating_sub(entries.len() as u64),
-                ),
-            );
+            let change = super::CountChange {
+                dead: -(entries.len() as i64),
+                ..Default::default()
+            };
+            self.counters.stage(&mut batch, change);
             store.tree.apply_batch(batch)?;
+            self.counters.apply(change);
             let purged: Vec<u64> = entries.into_iter().map(|(id, _)| id).collect();
-            self.counters
-                .dead
-                .fetch_sub(purged.len() as u64, Ordering::Relaxed);
             PurgeReport { purged, missing }
         };
         self.committer.commit().await?;

@@ -237,6 +237,44 @@ struct Counters {
     compacted_bytes: AtomicU64,
 }
 
+/// A change in how many records each lane and the dead letters hold.
+#[derive(Clone, Copy, Default)]
+struct CountChange {
+    events: i64,
+    attributes: i64,
+    dead: i64,
+}
+
+impl Counters {
+    /// Puts the counts as they will be once `batch` is applied into `batch` itself, so the
+    /// stored counts always match what sled holds. Call with the writer lock held.
+    fn stage(&self, batch: &mut sled::Batch, change: CountChange) {
+        let after = |c: &AtomicU64, d: i64| c.load(Ordering::Relaxed).saturating_add_signed(d);
+        batch.insert(
+            META_COUNTS,
+            &format::encode_counts(
+                after(&self.events, change.events),
+                after(&self.attributes, change.attributes),
+                after(&self.dead, change.dead),
+            ),
+        );
+    }
+
+    /// The same change, in memory, once the batch is applied.
+    fn apply(&self, change: CountChange) {
+        let add = |c: &AtomicU64, d: i64| {
+            if d >= 0 {
+                c.fetch_add(d as u64, Ordering::Relaxed);
+            } else {
+                c.fetch_sub(d.unsigned_abs(), Ordering::Relaxed);
+            }
+        };
+        add(&self.events, change.events);
+        add(&self.attributes, change.attributes);
+        add(&self.dead, change.dead);
+    }
+}
+
 pub struct Queue {
     dir: PathBuf,
     settings: QueueSettings,
@@ -541,21 +579,14 @@ impl Queue {
             }
             dead += 1;
         }
-        let c = &self.counters;
-        batch.insert(
-            META_COUNTS,
-            &format::encode_counts(
-                c.events.load(Ordering::Relaxed).saturating_sub(from_events),
-                c.attributes
-                    .load(Ordering::Relaxed)
-                    .saturating_sub(from_attributes),
-                c.dead.load(Ordering::Relaxed) + dead,
-            ),
-        );
+        let change = CountChange {
+            events: -(from_events as i64),
+            attributes: -(from_attributes as i64),
+            dead: dead as i64,
+        };
+        self.counters.stage(&mut batch, change);
         store.tree.apply_batch(batch)?;
-        c.events.fetch_sub(from_events, Ordering::Relaxed);
-        c.attributes.fetch_sub(from_attributes, Ordering::Relaxed);
-        c.dead.fetch_add(dead, Ordering::Relaxed);
+        self.counters.apply(change);
         Ok(())
     }
 
@@ -601,17 +632,12 @@ impl Queue {
                 }
             }
         }
-        let c = &self.counters;
-        batch.insert(
-            META_COUNTS,
-            &format::encode_counts(
-                c.events.load(Ordering::Relaxed).saturating_sub(gone_events),
-                c.attributes
-                    .load(Ordering::Relaxed)
-                    .saturating_sub(gone_attributes),
-                c.dead.load(Ordering::Relaxed) + dead,
-            ),
-        );
+        let change = CountChange {
+            events: -(gone_events as i64),
+            attributes: -(gone_attributes as i64),
+            dead: dead as i64,
+        };
+        self.counters.stage(&mut batch, change);
         store.tree.apply_batch(batch)?;
         self.state
             .record_settled(results.iter().filter_map(|(item, outcome)| {
@@ -626,10 +652,7 @@ impl Queue {
                     )),
                 }
             }))?;
-        let c = &self.counters;
-        c.events.fetch_sub(gone_events, Ordering::Relaxed);
-        c.attributes.fetch_sub(gone_attributes, Ordering::Relaxed);
-        c.dead.fetch_add(dead, Ordering::Relaxed);
+        self.counters.apply(change);
 
         let mut leases = self.leases.lock().expect("queue lease lock poisoned");
         let mut released = false;
@@ -900,33 +923,23 @@ impl<'a> Staging<'a> {
     fn flush(&mut self) -> Result<(), QueueError> {
         let mut batch = std::mem::take(&mut self.batch);
         batch.insert(META_NEXT_SEQ, &self.next_seq.to_be_bytes());
-        let c = self.counters;
-        batch.insert(
-            META_COUNTS,
-            &format::encode_counts(
-                c.events.load(Ordering::Relaxed) + self.events,
-                c.attributes.load(Ordering::Relaxed) + self.attributes,
-                c.dead
-                    .load(Ordering::Relaxed)
-                    .saturating_sub(self.dead_removed),
-            ),
-        );
+        let change = CountChange {
+            events: std::mem::take(&mut self.events) as i64,
+            attributes: std::mem::take(&mut self.attributes) as i64,
+            dead: -(std::mem::take(&mut self.dead_removed) as i64),
+        };
+        self.counters.stage(&mut batch, change);
         self.tree.apply_batch(batch)?;
         *self.applied_seq = self.next_seq;
         // Applied: later records find these in the tree.
         self.latest_here.clear();
         self.staged = 0;
         let c = self.counters;
-        c.events
-            .fetch_add(std::mem::take(&mut self.events), Ordering::Relaxed);
-        c.attributes
-            .fetch_add(std::mem::take(&mut self.attributes), Ordering::Relaxed);
+        c.apply(change);
         c.coalesced
             .fetch_add(std::mem::take(&mut self.coalesced), Ordering::Relaxed);
         c.unchanged
             .fetch_add(std::mem::take(&mut self.unchanged), Ordering::Relaxed);
-        c.dead
-            .fetch_sub(std::mem::take(&mut self.dead_removed), Ordering::Relaxed);
         Ok(())
     }
 
