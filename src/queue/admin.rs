@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 use super::format::{dead_key, decode, decode_dead, latest_key, seq_of, Stored, DEAD};
-use super::{now_ms, Queue, QueueError, Staging, LANE_ATTRIBUTES, LANE_EVENTS};
+use super::{lane_records, now_ms, Queue, QueueError, Staging, LANE_ATTRIBUTES, LANE_EVENTS};
 use crate::record::Record;
 
 /// One record as an operator sees it.
@@ -106,17 +106,13 @@ impl Queue {
         let store = self.store.read().expect("queue store lock poisoned");
         let leases = self.leases.lock().expect("queue lease lock poisoned");
         let mut lanes =
-            [LANE_EVENTS, LANE_ATTRIBUTES].map(|l| store.tree.scan_prefix([l]).peekable());
+            [LANE_EVENTS, LANE_ATTRIBUTES].map(|l| lane_records(&store.tree, l).peekable());
         let mut out = Vec::with_capacity(limit.min(1024));
         while out.len() < limit {
             // Take whichever lane's next record was accepted first.
             let heads: Vec<Option<u64>> = lanes
                 .iter_mut()
-                .map(|it| {
-                    it.peek()
-                        .and_then(|r| r.as_ref().ok())
-                        .and_then(|(k, _)| seq_of(k))
-                })
+                .map(|it| it.peek().and_then(|r| r.as_ref().ok()).map(|(seq, _)| *seq))
                 .collect();
             let pick = match (heads[0], heads[1]) {
                 (None, None) => break,
@@ -127,11 +123,10 @@ impl Queue {
             let Some(item) = lanes[pick].next() else {
                 break;
             };
-            let (key, value) = item?;
-            let id = seq_of(&key).unwrap_or(0);
-            let mut v = match decode(&value) {
-                Ok(stored) => view(id, &stored, leases.attempts.get(&id).copied().unwrap_or(0)),
-                Err(e) => undecodable_view(id, e.to_string()),
+            let (id, value) = item?;
+            let mut v = match value.map(|v| decode(&v).map_err(|e| e.to_string())) {
+                Ok(Ok(stored)) => view(id, &stored, leases.attempts.get(&id).copied().unwrap_or(0)),
+                Ok(Err(why)) | Err(why) => undecodable_view(id, why),
             };
             v.in_flight = leases.seqs.contains(&id);
             out.push(v);

@@ -465,6 +465,92 @@ pub fn decode(bytes: &[u8]) -> Result<Stored, DecodeError> {
     }
 }
 
+/// Version byte of an event chunk: a lane-1 value holding several events. Events are a log
+/// that is only ever appended and drained, so a request's events share one value instead of
+/// one sled key each: sled 0.34 pays a tree node copy per insert and keeps a resident page
+/// entry per key, which made a key per event the ingest bottleneck and most of the memory of
+/// a large backlog. A lane-1 value with another version byte is one envelope stored under its
+/// own sequence number (written before chunks existed, or a chunk of one).
+pub const EVENT_CHUNK_V1: u8 = 3;
+
+/// The framing of an event chunk, after its version byte: a u32 count, then per event its
+/// sequence number as a u32 offset from the key's and its envelope's length (u32 each, all
+/// big-endian), then the envelopes back to back. Offsets are explicit because a request may
+/// interleave events with attribute updates, which take sequence numbers of their own.
+pub fn encode_event_chunk<'a>(
+    first: u64,
+    entries: impl ExactSizeIterator<Item = (u64, &'a [u8])> + Clone,
+) -> Vec<u8> {
+    let payload: usize = entries.clone().map(|(_, e)| e.len()).sum();
+    let mut out = Vec::with_capacity(5 + entries.len() * 8 + payload);
+    out.push(EVENT_CHUNK_V1);
+    out.extend_from_slice(&(entries.len() as u32).to_be_bytes());
+    for (seq, envelope) in entries.clone() {
+        // Within a chunk seqs grow from the key's by fewer than the records of one request.
+        let offset = u32::try_from(seq - first).expect("a chunk spans less than 2^32 seqs");
+        out.extend_from_slice(&offset.to_be_bytes());
+        out.extend_from_slice(&(envelope.len() as u32).to_be_bytes());
+    }
+    for (_, envelope) in entries {
+        out.extend_from_slice(envelope);
+    }
+    out
+}
+
+/// The events in the lane-1 value stored under `first`, with their sequence numbers, in order.
+/// Envelopes are not decoded here: a lease decodes only the ones it takes.
+pub fn event_entries(first: u64, value: &[u8]) -> Result<Vec<(u64, &[u8])>, DecodeError> {
+    let (&version, body) = value.split_first().ok_or(DecodeError::Empty)?;
+    if version != EVENT_CHUNK_V1 {
+        return Ok(vec![(first, value)]);
+    }
+    let corrupt = |what: &str| DecodeError::Corrupt(format!("event chunk: {what}"));
+    let u32_at = |at: usize| -> Result<u32, DecodeError> {
+        Ok(u32::from_be_bytes(
+            body.get(at..at + 4)
+                .ok_or_else(|| corrupt("truncated header"))?
+                .try_into()
+                .expect("4 bytes"),
+        ))
+    };
+    let count = u32_at(0)? as usize;
+    // Checked before anything is reserved: a damaged count must not allocate gigabytes.
+    let header = count
+        .checked_mul(8)
+        .and_then(|n| n.checked_add(4))
+        .filter(|&n| n <= body.len())
+        .ok_or_else(|| corrupt("count past the value"))?;
+    let mut out = Vec::with_capacity(count);
+    let mut at = header;
+    for i in 0..count {
+        let seq = first + u64::from(u32_at(4 + i * 8)?);
+        let len = u32_at(8 + i * 8)? as usize;
+        let envelope = body
+            .get(at..at + len)
+            .ok_or_else(|| corrupt("entry past the value"))?;
+        out.push((seq, envelope));
+        at += len;
+    }
+    if at != body.len() {
+        return Err(corrupt("bytes after the last entry"));
+    }
+    Ok(out)
+}
+
+/// How many events a lane-1 value claims to hold, even if it no longer decodes: what the
+/// queue counts drop by when it is moved aside whole.
+pub fn event_count(value: &[u8]) -> u64 {
+    match value.split_first() {
+        Some((&EVENT_CHUNK_V1, body)) => body
+            .get(..4)
+            .map_or(1, |c| {
+                u32::from_be_bytes(c.try_into().expect("4 bytes")) as u64
+            })
+            .clamp(1, (body.len() / 8).max(1) as u64),
+        _ => 1,
+    }
+}
+
 pub fn encode_dead(dead: &Dead) -> Vec<u8> {
     let mut out = vec![DEAD_V1];
     bincode::serde::encode_into_std_write(

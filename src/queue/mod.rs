@@ -15,7 +15,7 @@
 //! |---|---|
 //! | `00 'n'` | next sequence number, u64 big-endian (ids never repeat) |
 //! | `00 'c'` | records in the events lane, the attribute lane and the dead letters (3 × u64 BE), kept in step by every batch |
-//! | `01 seq` | a pending event (lane 1, real time) |
+//! | `01 seq` | pending events (lane 1, real time): a chunk of one request's events, `seq` being the first's (`format::encode_event_chunk`) |
 //! | `02 seq` | a pending membership update (lane 2, backfills) |
 //! | `03 kind len id attribute` | the seq of the newest pending update of that user's attribute, then its object fields |
 //! | `04 seq` | a dead-lettered record with Braze's reason |
@@ -29,7 +29,10 @@
 //! flip-flopping user costs one Braze write. Operations (`add`/`remove` on arrays, nested
 //! `$` operators, `inc`) and updates with different object fields (`_update_existing_only`)
 //! are not replaced: several may be pending, and they are leased strictly in acceptance
-//! order. Events and purchases are all kept.
+//! order. Events and purchases are all kept, in chunks: one sled value per request (up to
+//! `CHUNK_BYTES`) instead of one per event, because sled's cost is per key, both in CPU at
+//! insert and in memory for a backlog. A delivery rewrites a chunk without the events it took;
+//! the last one out removes it.
 //!
 //! **Leases** live in memory only. A worker leases records; they stay in sled until the worker
 //! completes them: delivered (removed), dead (moved to `04` with the reason) or retry (left in
@@ -61,7 +64,7 @@ mod store;
 
 pub use store::dir_bytes;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -79,6 +82,12 @@ use store::Store;
 
 /// Records per sled batch within one enqueue; see `Staging::flush`.
 const SUB_BATCH: usize = 1000;
+
+/// An event chunk is closed once its envelopes reach this size. sled 0.34 writes a node of up
+/// to 16 values whole when it consolidates it, and a write over a quarter of a 512 KiB log
+/// segment goes to a blob file of its own (one more file to create and sync); 16 chunks of
+/// this size stay under that.
+const CHUNK_BYTES: usize = 7 << 10;
 
 /// A rebuild copies the live keys with ingest paused, so it waits until at most this many are
 /// left (a few milliseconds of copying).
@@ -164,6 +173,9 @@ pub struct BatchLimits {
 pub struct Leased {
     pub seq: u64,
     pub lane: u8,
+    /// The sequence number in the key of the value that holds it: its own, or its event
+    /// chunk's first.
+    key_seq: u64,
     pub stored: Stored,
     /// Deliveries tried since this daemon started.
     pub attempts: u32,
@@ -339,7 +351,7 @@ impl Queue {
             // A database from before the counts were kept: count once; the next batch
             // writes them.
             None => {
-                let count = |lane: u8| st.tree.scan_prefix([lane]).keys().count() as u64;
+                let count = |lane: u8| lane_records(&st.tree, lane).count() as u64;
                 (count(LANE_EVENTS), count(LANE_ATTRIBUTES), count(DEAD))
             }
         };
@@ -460,28 +472,64 @@ impl Queue {
 
         let max_events = limits.max_objects;
         let mut events = 0usize;
-        for item in store.tree.scan_prefix([LANE_EVENTS]) {
+        'chunks: for item in store.tree.scan_prefix([LANE_EVENTS]) {
             if events >= max_events {
                 break;
             }
-            let Some((seq, value, stored)) = candidate(item, &leases, &mut undecodable)? else {
+            let (key, value) = item?;
+            let Some(first) = seq_of(&key) else {
                 continue;
             };
-            let size = value.len() + 96;
-            if bytes + size > limits.max_bytes && !out.is_empty() {
-                break;
+            let entries = match format::event_entries(first, &value) {
+                Ok(entries) => entries,
+                Err(e) => {
+                    undecodable.push(Undecodable {
+                        lane: LANE_EVENTS,
+                        key_seq: first,
+                        entry: None,
+                        value: value.to_vec(),
+                        why: e.to_string(),
+                    });
+                    continue;
+                }
+            };
+            for (seq, envelope) in entries {
+                if events >= max_events {
+                    break 'chunks;
+                }
+                if leases.seqs.contains(&seq) {
+                    continue;
+                }
+                let stored = match decode(envelope) {
+                    Ok(stored) => stored,
+                    Err(e) => {
+                        undecodable.push(Undecodable {
+                            lane: LANE_EVENTS,
+                            key_seq: first,
+                            entry: Some(seq),
+                            value: envelope.to_vec(),
+                            why: e.to_string(),
+                        });
+                        continue;
+                    }
+                };
+                let size = envelope.len() + 96;
+                if bytes + size > limits.max_bytes && !out.is_empty() {
+                    break 'chunks;
+                }
+                bytes += size;
+                events += 1;
+                leases.seqs.insert(seq);
+                out.push(Leased {
+                    seq,
+                    lane: LANE_EVENTS,
+                    key_seq: first,
+                    attempts: leases.attempts.get(&seq).copied().unwrap_or(0),
+                    stored,
+                    raw: envelope.to_vec(),
+                    latest: None,
+                });
             }
-            bytes += size;
-            events += 1;
-            leases.seqs.insert(seq);
-            out.push(Leased {
-                seq,
-                lane: LANE_EVENTS,
-                attempts: leases.attempts.get(&seq).copied().unwrap_or(0),
-                stored,
-                raw: value.to_vec(),
-                latest: None,
-            });
         }
 
         let max_user_objects = if limits.per_array {
@@ -496,12 +544,13 @@ impl Queue {
                     continue;
                 };
                 let Some(attribute) = stored.record.attribute_name() else {
-                    let why = "a log entry in the attribute lane".to_string();
-                    undecodable.push((
-                        record_key(LANE_ATTRIBUTES, seq).to_vec(),
-                        value.to_vec(),
-                        why,
-                    ));
+                    undecodable.push(Undecodable {
+                        lane: LANE_ATTRIBUTES,
+                        key_seq: seq,
+                        entry: None,
+                        value: value.to_vec(),
+                        why: "a log entry in the attribute lane".to_string(),
+                    });
                     continue;
                 };
                 let user = stored.record.user();
@@ -534,6 +583,7 @@ impl Queue {
                 out.push(Leased {
                     seq,
                     lane: LANE_ATTRIBUTES,
+                    key_seq: seq,
                     attempts: leases.attempts.get(&seq).copied().unwrap_or(0),
                     stored,
                     raw: value.to_vec(),
@@ -555,35 +605,52 @@ impl Queue {
         let store = self.store.read().expect("queue store lock poisoned");
         let _writer = self.writer.lock().expect("queue writer lock poisoned");
         let mut batch = sled::Batch::default();
-        let (mut from_events, mut from_attributes, mut dead) = (0u64, 0u64, 0u64);
+        let mut change = CountChange::default();
+        let mut entries: BTreeMap<u64, HashSet<u64>> = BTreeMap::new();
+        let mut dead = Vec::new();
         let mut seen = HashSet::new();
-        for (key, value, why) in &items {
+        for item in items {
             // Two leases may have found the same bad value; move it (and count it) once.
-            if !seen.insert(key.clone()) || !store.tree.contains_key(key)? {
+            if !seen.insert((item.lane, item.key_seq, item.entry)) {
                 continue;
             }
-            let seq = seq_of(key).unwrap_or(0);
-            tracing::error!(seq, error = %why, "a stored record no longer decodes; moved to the dead letters");
-            batch.remove(key.as_slice());
+            let key = record_key(item.lane, item.key_seq);
+            match item.entry {
+                // One bad event inside a chunk: the chunk is rewritten without it below.
+                Some(seq) => {
+                    entries.entry(item.key_seq).or_default().insert(seq);
+                }
+                None => {
+                    let Some(current) = store.tree.get(key)? else {
+                        continue;
+                    };
+                    batch.remove(&key);
+                    if item.lane == LANE_EVENTS {
+                        change.events -= format::event_count(&current) as i64;
+                    } else {
+                        change.attributes -= 1;
+                    }
+                }
+            }
+            dead.push(item);
+        }
+        let moved = remove_events(&store.tree, &mut batch, &entries)?;
+        change.events -= moved.len() as i64;
+        for item in dead {
+            let seq = item.entry.unwrap_or(item.key_seq);
+            if item.entry.is_some() && !moved.contains(&seq) {
+                continue;
+            }
+            tracing::error!(seq, error = %item.why, "a stored record no longer decodes; moved to the dead letters");
             let entry = Dead {
                 dead_at_ms: now_ms(),
                 attempts: 0,
-                reason: format!("undecodable stored record: {why}"),
-                stored: value.clone(),
+                reason: format!("undecodable stored record: {}", item.why),
+                stored: item.value,
             };
             batch.insert(&format::dead_key(seq), encode_dead(&entry));
-            if key[0] == LANE_EVENTS {
-                from_events += 1;
-            } else {
-                from_attributes += 1;
-            }
-            dead += 1;
+            change.dead += 1;
         }
-        let change = CountChange {
-            events: -(from_events as i64),
-            attributes: -(from_attributes as i64),
-            dead: dead as i64,
-        };
         self.counters.stage(&mut batch, change);
         store.tree.apply_batch(batch)?;
         self.counters.apply(change);
@@ -600,30 +667,25 @@ impl Queue {
         let store = self.store.read().expect("queue store lock poisoned");
         let _writer = self.writer.lock().expect("queue writer lock poisoned");
         let mut batch = sled::Batch::default();
-        let (mut gone_events, mut gone_attributes, mut dead) = (0u64, 0u64, 0u64);
+        let mut change = CountChange::default();
+        // Events leave their chunks together, one rewrite per chunk.
+        let mut events: BTreeMap<u64, HashSet<u64>> = BTreeMap::new();
         for (item, outcome) in &results {
             if *outcome == Outcome::Retry {
                 continue;
             }
+            if item.lane == LANE_EVENTS {
+                events.entry(item.key_seq).or_default().insert(item.seq);
+                continue;
+            }
             let key = record_key(item.lane, item.seq);
             // A membership update may have been superseded (removed) while in flight.
-            let present = store.tree.contains_key(key)?;
-            if present {
+            if store.tree.contains_key(key)? {
                 batch.remove(&key);
-                if item.lane == LANE_EVENTS {
-                    gone_events += 1;
-                } else {
-                    gone_attributes += 1;
-                }
+                change.attributes -= 1;
                 if let Outcome::Dead(reason) = outcome {
-                    let entry = Dead {
-                        dead_at_ms: now_ms(),
-                        attempts: item.attempts + 1,
-                        reason: reason.clone(),
-                        stored: item.raw.clone(),
-                    };
-                    batch.insert(&format::dead_key(item.seq), encode_dead(&entry));
-                    dead += 1;
+                    batch.insert(&format::dead_key(item.seq), dead_entry(item, reason));
+                    change.dead += 1;
                 }
             }
             if let Some(lk) = &item.latest {
@@ -632,11 +694,16 @@ impl Queue {
                 }
             }
         }
-        let change = CountChange {
-            events: -(gone_events as i64),
-            attributes: -(gone_attributes as i64),
-            dead: dead as i64,
-        };
+        let removed = remove_events(&store.tree, &mut batch, &events)?;
+        change.events -= removed.len() as i64;
+        for (item, outcome) in &results {
+            if let (LANE_EVENTS, Outcome::Dead(reason)) = (item.lane, outcome) {
+                if removed.contains(&item.seq) {
+                    batch.insert(&format::dead_key(item.seq), dead_entry(item, reason));
+                    change.dead += 1;
+                }
+            }
+        }
         self.counters.stage(&mut batch, change);
         store.tree.apply_batch(batch)?;
         self.state
@@ -690,9 +757,9 @@ impl Queue {
         let store = self.store.read().expect("queue store lock poisoned");
         let oldest = [LANE_EVENTS, LANE_ATTRIBUTES]
             .iter()
-            .filter_map(|lane| store.tree.scan_prefix([*lane]).next())
-            .filter_map(|item| item.ok())
-            .filter_map(|(_, v)| decode(&v).ok())
+            .filter_map(|lane| lane_records(&store.tree, *lane).next())
+            .filter_map(|item| item.ok()?.1.ok())
+            .filter_map(|v| decode(&v).ok())
             .map(|s| s.accepted_at_ms)
             .min();
         let c = &self.counters;
@@ -805,6 +872,9 @@ struct Staging<'a> {
     /// Consulted to skip an update whose value Braze already has.
     state: &'a state::State,
     batch: sled::Batch,
+    /// Events not yet put in `batch`: they go in as one chunk (`format::encode_event_chunk`).
+    chunk: Vec<(u64, Vec<u8>)>,
+    chunk_bytes: usize,
     /// Latest-index entries this batch already set, so later records see them.
     latest_here: HashMap<Vec<u8>, (u64, Vec<u8>)>,
     next_seq: u64,
@@ -831,6 +901,8 @@ impl<'a> Staging<'a> {
             staged: 0,
             state,
             batch: sled::Batch::default(),
+            chunk: Vec::new(),
+            chunk_bytes: 0,
             latest_here: HashMap::new(),
             next_seq,
             events: 0,
@@ -865,8 +937,12 @@ impl<'a> Staging<'a> {
         let seq = self.next_seq;
         match record.attribute_name() {
             None => {
-                self.batch.insert(&record_key(LANE_EVENTS, seq), value);
+                self.chunk_bytes += value.len();
+                self.chunk.push((seq, value));
                 self.events += 1;
+                if self.chunk_bytes >= CHUNK_BYTES {
+                    self.close_chunk();
+                }
             }
             Some(attribute) => {
                 let lk = latest_key(record.user(), &attribute);
@@ -921,6 +997,7 @@ impl<'a> Staging<'a> {
     /// acknowledged before the commit that follows, so a crash between sub-batches only
     /// means the client's retry sends some records twice (at least once), never a loss.
     fn flush(&mut self) -> Result<(), QueueError> {
+        self.close_chunk();
         let mut batch = std::mem::take(&mut self.batch);
         batch.insert(META_NEXT_SEQ, &self.next_seq.to_be_bytes());
         let change = CountChange {
@@ -943,17 +1020,39 @@ impl<'a> Staging<'a> {
         Ok(())
     }
 
+    /// Puts the events staged so far into the batch as one value under the first one's seq.
+    fn close_chunk(&mut self) {
+        let Some(&(first, _)) = self.chunk.first() else {
+            return;
+        };
+        let entries: Vec<(u64, &[u8])> = self.chunk.iter().map(|(s, e)| (*s, &e[..])).collect();
+        self.batch.insert(
+            &record_key(LANE_EVENTS, first),
+            event_value(first, &entries),
+        );
+        self.chunk.clear();
+        self.chunk_bytes = 0;
+    }
+
     /// Applies the batch atomically with the new sequence high-water mark; returns it.
     fn apply(mut self) -> Result<(), QueueError> {
         self.flush()
     }
 }
 
-/// A stored value that could not be read back: key, value, why.
-type Undecodable = (Vec<u8>, Vec<u8>, String);
+/// A stored value that could not be read back, and where it is.
+struct Undecodable {
+    lane: u8,
+    /// The sequence number in its key.
+    key_seq: u64,
+    /// One event inside an event chunk; `None` for the whole value.
+    entry: Option<u64>,
+    value: Vec<u8>,
+    why: String,
+}
 
-/// One lane entry as a lease candidate: `None` if it is leased already or does not decode
-/// (then it is set aside in `undecodable` for `quarantine`).
+/// One attribute-lane entry as a lease candidate: `None` if it is leased already or does not
+/// decode (then it is set aside in `undecodable` for `quarantine`).
 fn candidate(
     item: sled::Result<(sled::IVec, sled::IVec)>,
     leases: &Leases,
@@ -966,10 +1065,94 @@ fn candidate(
     match decode(&value) {
         Ok(stored) => Ok(Some((seq, value, stored))),
         Err(e) => {
-            undecodable.push((key.to_vec(), value.to_vec(), e.to_string()));
+            undecodable.push(Undecodable {
+                lane: LANE_ATTRIBUTES,
+                key_seq: seq,
+                entry: None,
+                value: value.to_vec(),
+                why: e.to_string(),
+            });
             Ok(None)
         }
     }
+}
+
+fn dead_entry(item: &Leased, reason: &str) -> Vec<u8> {
+    encode_dead(&Dead {
+        dead_at_ms: now_ms(),
+        attempts: item.attempts + 1,
+        reason: reason.to_string(),
+        stored: item.raw.clone(),
+    })
+}
+
+/// The lane-1 value for events stored under `first`: a bare envelope when it is the only one
+/// and has that very seq (as values were before chunks), else a chunk.
+fn event_value(first: u64, entries: &[(u64, &[u8])]) -> Vec<u8> {
+    match entries {
+        [(seq, envelope)] if *seq == first => envelope.to_vec(),
+        _ => format::encode_event_chunk(first, entries.iter().copied()),
+    }
+}
+
+/// Takes events out of their chunks in `batch`: each chunk (by its key's seq) is rewritten
+/// without them, or removed once empty. Returns the seqs that were there; one may be gone
+/// already (moved aside by another lease). Call with the writer lock held.
+fn remove_events(
+    tree: &sled::Tree,
+    batch: &mut sled::Batch,
+    gone: &BTreeMap<u64, HashSet<u64>>,
+) -> Result<HashSet<u64>, QueueError> {
+    let mut removed = HashSet::new();
+    for (&first, seqs) in gone {
+        let key = record_key(LANE_EVENTS, first);
+        let Some(value) = tree.get(key)? else {
+            continue;
+        };
+        let Ok(entries) = format::event_entries(first, &value) else {
+            continue;
+        };
+        let (taken, kept): (Vec<_>, Vec<_>) =
+            entries.into_iter().partition(|(seq, _)| seqs.contains(seq));
+        if taken.is_empty() {
+            continue;
+        }
+        removed.extend(taken.iter().map(|(seq, _)| *seq));
+        match kept.first() {
+            None => batch.remove(&key),
+            Some(_) => batch.insert(&key, event_value(first, &kept)),
+        }
+    }
+    Ok(removed)
+}
+
+/// Every pending record of a lane in acceptance order, as its seq and stored envelope; events
+/// are unpacked from their chunks. A chunk that no longer frames is one item: its key's seq
+/// and why.
+fn lane_records(
+    tree: &sled::Tree,
+    lane: u8,
+) -> impl DoubleEndedIterator<Item = Result<(u64, Result<Vec<u8>, String>), QueueError>> + '_ {
+    tree.scan_prefix([lane]).flat_map(move |item| {
+        let items: Vec<_> = match item {
+            Err(e) => vec![Err(QueueError::from(e))],
+            Ok((key, value)) => {
+                let first = seq_of(&key).unwrap_or(0);
+                if lane != LANE_EVENTS {
+                    vec![Ok((first, Ok(value.to_vec())))]
+                } else {
+                    match format::event_entries(first, &value) {
+                        Ok(entries) => entries
+                            .into_iter()
+                            .map(|(seq, e)| Ok((seq, Ok(e.to_vec()))))
+                            .collect(),
+                        Err(e) => vec![Ok((first, Err(e.to_string())))],
+                    }
+                }
+            }
+        };
+        items
+    })
 }
 
 fn by_kind(counters: &[AtomicU64; 4]) -> std::collections::BTreeMap<String, u64> {
@@ -994,8 +1177,8 @@ fn next_seq_of(tree: &sled::Tree) -> Result<u64, QueueError> {
         None => 1,
     };
     for lane in [LANE_EVENTS, LANE_ATTRIBUTES, DEAD] {
-        if let Some((k, _)) = tree.scan_prefix([lane]).next_back().transpose()? {
-            next = next.max(seq_of(&k).map_or(0, |s| s + 1));
+        if let Some((seq, _)) = lane_records(tree, lane).next_back().transpose()? {
+            next = next.max(seq + 1);
         }
     }
     Ok(next.max(1))

@@ -271,18 +271,28 @@ async fn a_record_that_no_longer_decodes_is_moved_aside_not_wedging_the_queue() 
         q.enqueue(vec![event(1), event(2), event(3)]).await.unwrap();
         q.sync().await.unwrap();
     }
-    // Damage record 2 in the real database, with sled itself.
+    // Damage record 2 in the real database, with sled itself. The three events share one
+    // chunk (under the first one's seq); record 2's envelope inside it gets an unknown version.
     let queue_dir = dir.path().join("queue");
     let generation = std::fs::read_to_string(queue_dir.join("CURRENT")).unwrap();
     {
+        use aiq_braze_sync::queue::format;
         let db = sled::open(queue_dir.join(generation.trim())).unwrap();
         let tree = db.open_tree("queue").unwrap();
-        let key = aiq_braze_sync::queue::format::record_key(
-            aiq_braze_sync::queue::format::LANE_EVENTS,
-            2,
+        let key = format::record_key(format::LANE_EVENTS, 1);
+        let chunk = tree.get(key).unwrap().expect("the chunk of events 1-3");
+        let entries = format::event_entries(1, &chunk).unwrap();
+        assert_eq!(entries.iter().map(|e| e.0).collect::<Vec<_>>(), [1, 2, 3]);
+        let garbage = [9u8, 1, 2, 3];
+        let damaged = format::encode_event_chunk(
+            1,
+            entries
+                .iter()
+                .map(|&(seq, e)| (seq, if seq == 2 { &garbage[..] } else { e }))
+                .collect::<Vec<_>>()
+                .into_iter(),
         );
-        assert!(tree.contains_key(key).unwrap());
-        tree.insert(key, &[9u8, 1, 2, 3][..]).unwrap();
+        tree.insert(key, damaged).unwrap();
         db.flush().unwrap();
     }
     let q = Queue::open(dir.path(), settings(100)).unwrap();
@@ -310,4 +320,135 @@ async fn a_record_that_no_longer_decodes_is_moved_aside_not_wedging_the_queue() 
         "{:?}",
         dead[0]
     );
+}
+
+/// An event chunk whose framing is damaged (its count claims more entries than it holds) is
+/// moved aside whole, under its first seq, and counted out by what it claimed; the next
+/// request's events still flow.
+#[tokio::test]
+async fn an_event_chunk_that_no_longer_frames_is_moved_aside_whole() {
+    use aiq_braze_sync::queue::format;
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let q = Queue::open(dir.path(), settings(100)).unwrap();
+        q.enqueue(vec![event(1), event(2), event(3)]).await.unwrap();
+        q.enqueue(vec![event(4), event(5)]).await.unwrap();
+        q.sync().await.unwrap();
+    }
+    let queue_dir = dir.path().join("queue");
+    let generation = std::fs::read_to_string(queue_dir.join("CURRENT")).unwrap();
+    {
+        let db = sled::open(queue_dir.join(generation.trim())).unwrap();
+        let tree = db.open_tree("queue").unwrap();
+        let key = format::record_key(format::LANE_EVENTS, 1);
+        let mut chunk = tree.get(key).unwrap().unwrap().to_vec();
+        assert_eq!(chunk[0], format::EVENT_CHUNK_V1);
+        // Cut the value short: the header still says three entries.
+        chunk.truncate(chunk.len() - 10);
+        tree.insert(key, chunk).unwrap();
+        db.flush().unwrap();
+    }
+    let q = Queue::open(dir.path(), settings(100)).unwrap();
+    assert_eq!(q.stats().unwrap().pending, 5);
+    let leased = q.lease(&limits()).unwrap();
+    let seqs: Vec<u64> = leased.iter().map(|l| l.seq).collect();
+    assert_eq!(seqs, vec![4, 5]);
+    let s = q.stats().unwrap();
+    assert_eq!((s.pending, s.dead), (2, 1));
+    let dead = q.dead(10).unwrap();
+    assert_eq!((dead[0].id, dead[0].kind.as_str()), (1, "undecodable"));
+    assert!(
+        dead[0]
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("event chunk"),
+        "{:?}",
+        dead[0]
+    );
+}
+
+/// Events of one request share a chunk; delivering some of them and retrying the others
+/// keeps exactly the others, across a reopen, and they are leased again in order.
+#[tokio::test]
+async fn part_of_an_event_chunk_delivered_leaves_exactly_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let q = Queue::open(dir.path(), settings(1000)).unwrap();
+        q.enqueue((1..=200).map(event).collect()).await.unwrap();
+        let leased = q.lease(&limits()).unwrap();
+        assert_eq!(leased.len(), 75);
+        // Deliver the odd ones, retry the even ones, dead-letter number 7.
+        q.complete(
+            leased
+                .into_iter()
+                .map(|l| {
+                    let outcome = match l.seq {
+                        7 => Outcome::Dead("refused".into()),
+                        s if s % 2 == 1 => Outcome::Delivered,
+                        _ => Outcome::Retry,
+                    };
+                    (l, outcome)
+                })
+                .collect(),
+        )
+        .unwrap();
+        let s = q.stats().unwrap();
+        assert_eq!((s.pending, s.dead), (200 - 38, 1));
+        q.sync().await.unwrap();
+    }
+    let q = Queue::open(dir.path(), settings(1000)).unwrap();
+    assert_eq!(q.stats().unwrap().pending, 162);
+    let mut seen = Vec::new();
+    loop {
+        let leased = q.lease(&limits()).unwrap();
+        if leased.is_empty() {
+            break;
+        }
+        seen.extend(leased.iter().map(|l| l.seq));
+        q.complete(
+            leased
+                .into_iter()
+                .map(|l| (l, Outcome::Delivered))
+                .collect(),
+        )
+        .unwrap();
+    }
+    let expected: Vec<u64> = (1..=200).filter(|s| *s > 75 || s % 2 == 0).collect();
+    assert_eq!(seen, expected);
+    assert_eq!(q.stats().unwrap().pending, 0);
+    assert_eq!(q.dead(10).unwrap()[0].id, 7);
+}
+
+/// Dead-lettered events retried in bulk (more than one sub-batch, so several chunks) and
+/// refused again are all back in the dead letters, with the counts in step.
+#[tokio::test]
+async fn dead_events_retried_and_refused_again_are_all_dead_again() {
+    use aiq_braze_sync::queue::Selection;
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), settings(100_000)).unwrap();
+    for round in 0..3 {
+        if round == 0 {
+            q.enqueue((1..=3000).map(event).collect()).await.unwrap();
+        } else {
+            let r = q.retry_dead(&Selection::All).await.unwrap();
+            assert_eq!(r.retried.len(), 3000);
+        }
+        loop {
+            let leased = q.lease(&limits()).unwrap();
+            if leased.is_empty() {
+                break;
+            }
+            q.complete(
+                leased
+                    .into_iter()
+                    .map(|l| (l, Outcome::Dead("no".into())))
+                    .collect(),
+            )
+            .unwrap();
+        }
+        let s = q.stats().unwrap();
+        assert_eq!((s.pending, s.dead), (0, 3000));
+        assert_eq!(q.dead(100_000).unwrap().len(), 3000);
+    }
 }
