@@ -5,7 +5,9 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::format::{dead_key, decode, decode_dead, latest_key, seq_of, Stored, DEAD};
+use super::format::{
+    dead_key, decode, decode_dead, event_entries, latest_key, seq_of, Stored, DEAD, EVENT_CHUNK_V1,
+};
 use super::{lane_records, now_ms, Queue, QueueError, Staging, LANE_ATTRIBUTES, LANE_EVENTS};
 use crate::record::Record;
 
@@ -95,6 +97,19 @@ fn undecodable_view(id: u64, why: String) -> RecordView {
         reason: None,
         dead_at_ms: None,
     }
+}
+
+/// The events of a dead letter that holds a whole, sound event chunk, each with its envelope.
+fn dead_chunk(value: &[u8]) -> Option<Vec<(Record, Vec<u8>)>> {
+    let dead = decode_dead(value).ok()?;
+    if dead.stored.first() != Some(&EVENT_CHUNK_V1) {
+        return None;
+    }
+    event_entries(0, &dead.stored)
+        .ok()?
+        .into_iter()
+        .map(|(_, envelope)| Some((decode(envelope).ok()?.record, envelope.to_vec())))
+        .collect()
 }
 
 /// A dead-letter entry: its id and its stored bytes.
@@ -211,6 +226,16 @@ impl Queue {
         // retried update is compared with others by when it was first accepted.
         let mut retried_here: HashMap<Vec<u8>, u64> = HashMap::new();
         for (id, value) in entries {
+            // A whole event chunk in a dead letter: an older release that could not read
+            // chunks moved it aside. Its events are retried one by one.
+            if let Some(events) = dead_chunk(&value) {
+                staging.remove_dead(id);
+                for (record, envelope) in events {
+                    staging.add(&record, envelope)?;
+                }
+                report.retried.push(id);
+                continue;
+            }
             let Ok((dead, stored)) =
                 decode_dead(&value).and_then(|d| decode(&d.stored).map(|s| (d, s)))
             else {

@@ -452,3 +452,48 @@ async fn dead_events_retried_and_refused_again_are_all_dead_again() {
         assert_eq!(q.dead(100_000).unwrap().len(), 3000);
     }
 }
+
+/// A release from before event chunks moves a chunk it cannot read to the dead letters whole.
+/// After upgrading again, `retry-dead` puts its events back, each in the queue.
+#[tokio::test]
+async fn a_dead_letter_holding_a_whole_chunk_is_retried_event_by_event() {
+    use aiq_braze_sync::queue::{format, Selection};
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let q = Queue::open(dir.path(), settings(100)).unwrap();
+        q.enqueue(vec![event(1), event(2), event(3)]).await.unwrap();
+        q.sync().await.unwrap();
+    }
+    // What the older release's quarantine wrote, done with sled itself.
+    let queue_dir = dir.path().join("queue");
+    let generation = std::fs::read_to_string(queue_dir.join("CURRENT")).unwrap();
+    {
+        let db = sled::open(queue_dir.join(generation.trim())).unwrap();
+        let tree = db.open_tree("queue").unwrap();
+        let key = format::record_key(format::LANE_EVENTS, 1);
+        let chunk = tree.remove(key).unwrap().unwrap();
+        let dead = format::Dead {
+            dead_at_ms: 1,
+            attempts: 0,
+            reason: "undecodable stored record: unknown format version 3".into(),
+            stored: chunk.to_vec(),
+        };
+        tree.insert(format::dead_key(1), format::encode_dead(&dead))
+            .unwrap();
+        tree.insert(format::META_COUNTS, &format::encode_counts(0, 0, 1)[..])
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let q = Queue::open(dir.path(), settings(100)).unwrap();
+    assert_eq!(
+        (q.stats().unwrap().pending, q.stats().unwrap().dead),
+        (0, 1)
+    );
+    let report = q.retry_dead(&Selection::All).await.unwrap();
+    assert_eq!(report.retried, vec![1]);
+    let s = q.stats().unwrap();
+    assert_eq!((s.pending, s.dead), (3, 0));
+    let leased = q.lease(&limits()).unwrap();
+    let records: Vec<_> = leased.iter().map(|l| l.stored.record.clone()).collect();
+    assert_eq!(records, vec![event(1), event(2), event(3)]);
+}
