@@ -65,6 +65,7 @@ const DEFAULT_MAX_REQUEST_BYTES: u64 = 3_500_000;
 const BRAZE_MAX_REQUEST_BYTES: u64 = 4_000_000;
 const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8080);
 const DEFAULT_MAX_BODY_BYTES: u64 = 16 * MIB;
+const DEFAULT_HEADER_TIMEOUT_MS: u64 = 30_000;
 const DEFAULT_WORKERS: u64 = 4;
 const DEFAULT_BACKOFF_INITIAL_MS: u64 = 500;
 const DEFAULT_BACKOFF_MAX_MS: u64 = 60_000;
@@ -208,6 +209,10 @@ pub struct IngestConfig {
     pub token: Option<Secret>,
     /// `ingest.max_body_bytes`: larger request bodies are answered 413.
     pub max_body_bytes: usize,
+    /// `ingest.header_timeout_ms`: a connection that has not sent a whole request head in
+    /// this time is closed, so clients that open connections and trickle bytes (slow-loris)
+    /// cannot hold them, and their sockets, for ever.
+    pub header_timeout: Duration,
 }
 
 /// `[delivery]`: the workers that drain the queue into Braze.
@@ -259,6 +264,7 @@ impl Default for IngestConfig {
             listen: DEFAULT_LISTEN,
             token: None,
             max_body_bytes: to_usize(DEFAULT_MAX_BODY_BYTES),
+            header_timeout: Duration::from_millis(DEFAULT_HEADER_TIMEOUT_MS),
         }
     }
 }
@@ -451,7 +457,13 @@ const BRAZE_KEYS: &[&str] = &[
     "per_array_limit",
     "max_request_bytes",
 ];
-const INGEST_KEYS: &[&str] = &["listen", "token", "token_file", "max_body_bytes"];
+const INGEST_KEYS: &[&str] = &[
+    "listen",
+    "token",
+    "token_file",
+    "max_body_bytes",
+    "header_timeout_ms",
+];
 const DELIVERY_KEYS: &[&str] = &[
     "workers",
     "backoff_initial_ms",
@@ -577,11 +589,20 @@ fn read_ingest(root: &Table, ctx: &Ctx<'_>, p: &mut Problems) -> Checked<IngestC
     let max_body_bytes = s
         .integer(p, "max_body_bytes", DEFAULT_MAX_BODY_BYTES, 1024..=GIB)
         .map(to_usize);
+    let header_timeout = s
+        .integer(
+            p,
+            "header_timeout_ms",
+            DEFAULT_HEADER_TIMEOUT_MS,
+            100..=3_600_000,
+        )
+        .map(Duration::from_millis);
 
     Ok(IngestConfig {
         listen: listen?,
         token: token?,
         max_body_bytes: max_body_bytes?,
+        header_timeout: header_timeout?,
     })
 }
 

@@ -136,12 +136,12 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
     let addr = listener.local_addr()?;
     let app = http::router(Arc::clone(&state), config.ingest.max_body_bytes);
     let (stop_ingest, stop_ingest_rx) = oneshot::channel::<()>();
+    let header_timeout = config.ingest.header_timeout;
     let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = stop_ingest_rx.await;
-            })
-            .await
+        http::serve(listener, app, header_timeout, async {
+            let _ = stop_ingest_rx.await;
+        })
+        .await
     });
     tracing::info!(%addr, workers = config.delivery.workers, pending = queue.pending(),
         endpoint = %config.braze.endpoint, "aiq-braze-sync ready");

@@ -635,3 +635,29 @@ async fn slow_loris_uploads_block_no_one_and_queue_nothing() {
     assert_eq!(env.stats().await["queue"]["accepted_total"], 6 + 3 + 2);
     env.shutdown().await;
 }
+
+/// A client that never finishes its request head is cut off after `ingest.header_timeout_ms`,
+/// so stalled connections (and their sockets) cannot pile up; others are served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_head_not_finished_in_time_is_cut_off() {
+    let env = Env::start_with(|c| c.ingest.header_timeout = Duration::from_millis(300)).await;
+    let addr = env.base.trim_start_matches("http://").to_string();
+    let mut stalled = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    stalled
+        .write_all(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let (status, _) = env.post("/v1/events", array(&[event(1)])).await;
+    assert_eq!(status, 202, "served while the other head stalls");
+    // The server ends the stalled connection: the read reaches its end (or a reset).
+    let mut rest = Vec::new();
+    let closed =
+        tokio::time::timeout(Duration::from_secs(20), stalled.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "a stalled request head was never cut off");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "cut off after {:?}, before the timeout",
+        started.elapsed()
+    );
+}
