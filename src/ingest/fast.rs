@@ -1,0 +1,298 @@
+//! The fast path for `/v1/events`: the fields of each event borrowed straight from the body.
+//!
+//! Building a `serde_json::Value` tree for every record, then serialising its `properties`
+//! back to text, was the largest share of the daemon's CPU in the end-to-end benchmark
+//! (BENCHMARKS.md). Here an event's fields are read as borrowed slices and its properties
+//! kept as the text the client sent. Only a body whose every record passes every check is
+//! taken from here, and the result is the same event as the full path would make (the
+//! properties' text may keep the client's key order and spacing; the JSON is the same).
+//! Anything else returns `None` and goes through the full path, which finds the first
+//! problem and says where it is: this path never reports an error of its own.
+
+use std::borrow::Cow;
+
+use serde::de::{IgnoredAny, MapAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use super::{format_time, MAX_EXTERNAL_ID_BYTES, MAX_NAME_CHARS, MAX_PROPERTIES_BYTES};
+use crate::config::PreferId;
+use crate::record::{Event, UserId};
+
+/// The fields of an event that ingest reads; the others are ignored, as on the full path.
+#[derive(Deserialize)]
+struct Fields<'a> {
+    #[serde(borrow, default)]
+    name: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    time: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    properties: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    external_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    braze_id: Option<Cow<'a, str>>,
+}
+
+/// Every event of a JSON array or NDJSON body, or `None` if the full path must look at it.
+pub fn events(body: &[u8], prefer: PreferId) -> Option<Vec<Event>> {
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+    let first = body.iter().position(|b| !b.is_ascii_whitespace())?;
+    let out: Vec<Event> = if body[first] == b'[' {
+        let fields: Vec<Fields> = serde_json::from_slice(body).ok()?;
+        fields
+            .into_iter()
+            .map(|f| event(f, prefer))
+            .collect::<Option<_>>()?
+    } else {
+        body.split(|b| *b == b'\n')
+            .filter(|line| !line.iter().all(|b| b.is_ascii_whitespace()))
+            .map(|line| event(serde_json::from_slice(line).ok()?, prefer))
+            .collect::<Option<_>>()?
+    };
+    (!out.is_empty()).then_some(out)
+}
+
+fn event(f: Fields, prefer: PreferId) -> Option<Event> {
+    let name = f.name?;
+    if name.trim().is_empty() || name.chars().count() > MAX_NAME_CHARS {
+        return None;
+    }
+    Some(Event {
+        user: user(f.external_id, f.braze_id, prefer)?,
+        name: name.into_owned(),
+        time: time(f.time?)?,
+        properties: properties(f.properties)?,
+    })
+}
+
+/// The same choice and checks as the full path's `user_id`.
+fn user(external: Option<Cow<str>>, braze: Option<Cow<str>>, prefer: PreferId) -> Option<UserId> {
+    let sound = |id: &Option<Cow<str>>| {
+        id.as_ref()
+            .is_none_or(|id| !id.trim().is_empty() && id.len() <= MAX_EXTERNAL_ID_BYTES)
+    };
+    if !sound(&external) || !sound(&braze) {
+        return None;
+    }
+    match (external, braze, prefer) {
+        (Some(_), Some(id), PreferId::Braze) | (None, Some(id), _) => {
+            Some(UserId::Braze(id.into_owned()))
+        }
+        (Some(id), _, _) => Some(UserId::External(id.into_owned())),
+        (None, None, _) => None,
+    }
+}
+
+/// An RFC 3339 string or Unix seconds, as the full path's `timestamp` reads them.
+fn time(raw: &RawValue) -> Option<String> {
+    let text = raw.get();
+    let parsed = if text.starts_with('"') {
+        let s: Cow<str> = serde_json::from_str(text).ok()?;
+        OffsetDateTime::parse(&s, &Rfc3339).ok()?
+    } else {
+        let secs: i64 = serde_json::from_str(text).ok()?;
+        OffsetDateTime::from_unix_timestamp(secs).ok()?
+    };
+    Some(format_time(parsed))
+}
+
+/// `Some(None)` for no properties, `Some(Some(text))` for an object whose names Braze takes,
+/// `None` for anything the full path must judge.
+fn properties(raw: Option<&RawValue>) -> Option<Option<String>> {
+    let Some(raw) = raw else {
+        return Some(None);
+    };
+    let text = raw.get();
+    if text == "null" {
+        return Some(None);
+    }
+    // Over the limit as sent may still fit once the full path has re-encoded it compactly.
+    if !text.starts_with('{') || text.len() > MAX_PROPERTIES_BYTES {
+        return None;
+    }
+    let names: PropertyNames = serde_json::from_str(text).ok()?;
+    names.0.then(|| Some(text.to_string()))
+}
+
+/// Objects with more names than this are checked by the full path.
+const MAX_FAST_NAMES: usize = 64;
+
+/// Whether every top-level name of an object is one Braze takes, and none repeats (the full
+/// path keeps the last of a repeated name; sending both would leave the choice to Braze).
+struct PropertyNames(bool);
+
+impl<'de> Deserialize<'de> for PropertyNames {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Names;
+        impl<'de> Visitor<'de> for Names {
+            type Value = PropertyNames;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<PropertyNames, A::Error> {
+                let mut seen: Vec<Cow<'de, str>> = Vec::new();
+                let mut ok = true;
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    map.next_value::<IgnoredAny>()?;
+                    // The repeat check is quadratic: many names go to the full path instead.
+                    ok &= seen.len() < MAX_FAST_NAMES
+                        && !key.is_empty()
+                        && !key.starts_with('$')
+                        && key != "time"
+                        && key != "event_name"
+                        && key.chars().count() <= MAX_NAME_CHARS
+                        && !seen.contains(&key);
+                    seen.push(key);
+                }
+                Ok(PropertyNames(ok))
+            }
+        }
+        d.deserialize_map(Names)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// What the full path makes of a body.
+    fn full(body: &[u8], prefer: PreferId) -> Result<Vec<Event>, super::super::BadInput> {
+        super::super::split_records(body)?
+            .iter()
+            .map(|r| super::super::event_of(r, prefer))
+            .collect()
+    }
+
+    fn same(a: &[Event], b: &[Event]) -> bool {
+        let props = |e: &Event| {
+            e.properties
+                .as_deref()
+                .map(|t| serde_json::from_str::<serde_json::Value>(t).unwrap())
+        };
+        a.len() == b.len()
+            && a.iter().zip(b).all(|(x, y)| {
+                (&x.user, &x.name, &x.time) == (&y.user, &y.name, &y.time) && props(x) == props(y)
+            })
+    }
+
+    fn field() -> impl Strategy<Value = Option<(&'static str, String)>> {
+        let long = "x".repeat(256);
+        let too_long_id = format!("\"{}\"", "u".repeat(988));
+        prop_oneof![
+            Just(None),
+            prop::sample::select(vec![
+                ("name", "\"buy\"".to_string()),
+                ("name", "\"caf\\u00e9 \\\"x\\\"\"".to_string()),
+                ("name", "\"\"".to_string()),
+                ("name", "\"  \"".to_string()),
+                ("name", "null".to_string()),
+                ("name", "7".to_string()),
+                ("name", format!("\"{long}\"")),
+                ("time", "\"2026-11-28T10:00:00Z\"".to_string()),
+                ("time", "\"2026-11-28T10:00:00.123+02:00\"".to_string()),
+                ("time", "\"yesterday\"".to_string()),
+                ("time", "1764324000".to_string()),
+                ("time", "-5".to_string()),
+                ("time", "1.5".to_string()),
+                ("time", "99999999999999999999".to_string()),
+                ("time", "null".to_string()),
+                (
+                    "properties",
+                    "{\"a\": 1, \"b\": {\"c\": [1, \"d\"]}}".to_string()
+                ),
+                ("properties", "{}".to_string()),
+                ("properties", "null".to_string()),
+                ("properties", "{\"$x\":1}".to_string()),
+                ("properties", "{\"time\":1}".to_string()),
+                ("properties", "{\"\":1}".to_string()),
+                ("properties", "{\"a\":1,\"a\":2}".to_string()),
+                ("properties", "[1]".to_string()),
+                ("properties", "\"s\"".to_string()),
+                ("external_id", "\"u-1\"".to_string()),
+                ("external_id", "\"\"".to_string()),
+                ("external_id", "null".to_string()),
+                ("external_id", "5".to_string()),
+                ("external_id", too_long_id.clone()),
+                ("braze_id", "\"b-1\"".to_string()),
+                ("braze_id", "\" \"".to_string()),
+                ("braze_id", too_long_id),
+                ("id", "12".to_string()),
+            ])
+            .prop_map(Some),
+        ]
+    }
+
+    fn record() -> impl Strategy<Value = String> {
+        // A name given twice always takes the full path (serde refuses the repeat); that is
+        // tested on its own below.
+        prop::collection::vec(field(), 0..7).prop_map(|fields| {
+            let mut seen = std::collections::HashSet::new();
+            let members: Vec<String> = fields
+                .into_iter()
+                .flatten()
+                .filter(|(k, _)| seen.insert(*k))
+                .map(|(k, v)| format!("\"{k}\":{v}"))
+                .collect();
+            format!("{{{}}}", members.join(","))
+        })
+    }
+
+    proptest! {
+        /// Whatever the fast path accepts, the full path accepts as the same events; and the
+        /// fast path never accepts what the full path refuses.
+        #[test]
+        fn the_fast_path_agrees_with_the_full_path(
+            records in prop::collection::vec(record(), 1..4),
+            array in any::<bool>(),
+            braze in any::<bool>(),
+        ) {
+            let body = if array {
+                format!("[{}]", records.join(",\n"))
+            } else {
+                records.join("\n")
+            };
+            let prefer = if braze { PreferId::Braze } else { PreferId::External };
+            let slow = full(body.as_bytes(), prefer);
+            match events(body.as_bytes(), prefer) {
+                Some(fast) => {
+                    let slow = slow.expect("the full path refused what the fast path took");
+                    prop_assert!(same(&fast, &slow), "{body}");
+                }
+                None => {
+                    // Only a body the full path refuses, or one whose properties repeat a
+                    // name, takes the long way.
+                    if slow.is_ok() {
+                        prop_assert!(body.contains(r#""a":1,"a":2"#), "{body}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_ordinary_body_takes_the_fast_path() {
+        let body = br#"[{"name":"purchase","external_id":"u-1","time":"2026-11-28T10:00:00Z","properties":{"sku":"A","n":2}},
+{"name":"view","braze_id":"b-9","time":1764324000}]"#;
+        let fast = events(body, PreferId::External).expect("fast path");
+        assert!(same(&fast, &full(body, PreferId::External).unwrap()));
+        assert_eq!(fast[0].properties.as_deref(), Some(r#"{"sku":"A","n":2}"#));
+        assert_eq!(fast[1].time, "2025-11-28T10:00:00.000Z");
+    }
+
+    #[test]
+    fn a_field_given_twice_takes_the_full_path() {
+        let body = br#"{"name":"a","name":"b","external_id":"u","time":1}"#;
+        assert!(events(body, PreferId::External).is_none());
+        let slow = full(body, PreferId::External).unwrap();
+        assert_eq!(slow[0].name, "b");
+        assert_eq!(parse(body)[0].name, "b");
+    }
+
+    fn parse(body: &[u8]) -> Vec<Event> {
+        super::super::parse_events(body, PreferId::External).unwrap()
+    }
+}
