@@ -36,8 +36,13 @@ pub enum TrackOutcome {
         rate: RateInfo,
     },
     /// 400: Braze refused the whole request because of something in it; nothing was applied.
-    /// Split the batch to find the record at fault.
-    Refused { status: u16, message: String },
+    /// `errors` names objects at fault when Braze says (every object invalid: "Valid data must
+    /// be provided"); otherwise the batch is split to find the record at fault.
+    Refused {
+        status: u16,
+        message: String,
+        errors: Vec<ObjectError>,
+    },
     /// 413: the body is too big; split it.
     TooLarge,
     /// 401, 403, 404: the key, its permissions or the endpoint are wrong. No record is at
@@ -359,6 +364,24 @@ fn describe_transport_error(e: &reqwest::Error) -> String {
     msg
 }
 
+/// The objects an answer names in `errors`, with Braze's reason for each.
+fn object_errors(answer: Option<Answer>) -> Vec<ObjectError> {
+    answer
+        .map(|a| {
+            a.errors
+                .into_iter()
+                .filter_map(|e| {
+                    Some(ObjectError {
+                        input_array: e.input_array?,
+                        index: e.index?,
+                        reason: e.kind.unwrap_or_else(|| "refused by Braze".into()),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Decides what an answer means. Pure, so every status is tested without a network.
 pub fn classify(status: u16, headers: &HeaderMap, body: &str) -> TrackOutcome {
     let answer: Option<Answer> = serde_json::from_str(body).ok();
@@ -368,23 +391,14 @@ pub fn classify(status: u16, headers: &HeaderMap, body: &str) -> TrackOutcome {
         .unwrap_or_else(|| body.chars().take(200).collect());
     match status {
         200..=299 => TrackOutcome::Accepted {
-            errors: answer
-                .map(|a| {
-                    a.errors
-                        .into_iter()
-                        .filter_map(|e| {
-                            Some(ObjectError {
-                                input_array: e.input_array?,
-                                index: e.index?,
-                                reason: e.kind.unwrap_or_else(|| "refused by Braze".into()),
-                            })
-                        })
-                        .collect()
-                })
-                .unwrap_or_default(),
+            errors: object_errors(answer),
             rate: rate_info(headers),
         },
-        400 => TrackOutcome::Refused { status, message },
+        400 => TrackOutcome::Refused {
+            status,
+            message,
+            errors: object_errors(answer),
+        },
         413 => TrackOutcome::TooLarge,
         401 | 403 | 404 => TrackOutcome::Misconfigured { status, message },
         429 => TrackOutcome::Retry {

@@ -18,6 +18,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::braze::client::ObjectError;
 use crate::braze::{wire, BrazeClient, TrackOutcome};
 use crate::config::UpdateExistingOnly;
 use crate::queue::format::LANE_EVENTS;
@@ -251,17 +252,31 @@ impl Delivery {
                     self.counters
                         .requests_accepted
                         .fetch_add(1, Ordering::Relaxed);
-                    let mut refused: HashMap<usize, String> = HashMap::new();
-                    for e in errors {
-                        for &pos in body.records_of(&e.input_array, e.index) {
-                            refused.insert(pos, format!("Braze refused the object: {}", e.reason));
-                        }
-                    }
+                    let mut refused = refused_records(&body, &errors);
                     for (pos, item) in part.into_iter().enumerate() {
                         let outcome = refused
                             .remove(&pos)
                             .map_or(Outcome::Delivered, Outcome::Dead);
                         done.push((item, outcome));
+                    }
+                }
+                // Braze named every object with its own reason: nothing was applied and
+                // each record's fault is known, so there is nothing to find by splitting.
+                TrackOutcome::Refused { ref errors, .. }
+                    if refused_records(&body, errors).len() == part.len() =>
+                {
+                    self.gate.success(p, None, None);
+                    self.counters
+                        .requests_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                    let mut refused = refused_records(&body, errors);
+                    tracing::warn!(
+                        records = part.len(),
+                        "dead-lettering records Braze refuses, each with its reason"
+                    );
+                    for (pos, item) in part.into_iter().enumerate() {
+                        let reason = refused.remove(&pos).unwrap_or_default();
+                        done.push((item, Outcome::Dead(reason)));
                     }
                 }
                 TrackOutcome::Refused { .. } | TrackOutcome::TooLarge => {
@@ -271,7 +286,9 @@ impl Delivery {
                         .requests_refused
                         .fetch_add(1, Ordering::Relaxed);
                     let reason = match &outcome {
-                        TrackOutcome::Refused { status, message } => {
+                        TrackOutcome::Refused {
+                            status, message, ..
+                        } => {
                             format!("Braze refused the request ({status}): {message}")
                         }
                         _ => "the record alone is over Braze's 4 MB request limit (413)".into(),
@@ -333,6 +350,18 @@ fn by_kind(counters: &[AtomicU64; 4]) -> std::collections::BTreeMap<&'static str
         .zip(counters)
         .map(|(k, c)| (*k, c.load(Ordering::Relaxed)))
         .collect()
+}
+
+/// Positions (in the leased batch) of the records behind the objects Braze named in `errors`,
+/// with its reason for each.
+fn refused_records(body: &wire::TrackBody, errors: &[ObjectError]) -> HashMap<usize, String> {
+    let mut refused = HashMap::new();
+    for e in errors {
+        for &pos in body.records_of(&e.input_array, e.index) {
+            refused.insert(pos, format!("Braze refused the object: {}", e.reason));
+        }
+    }
+    refused
 }
 
 fn retry_all(done: &mut Vec<(Leased, Outcome)>, part: Vec<Leased>, todo: &mut Vec<Vec<Leased>>) {

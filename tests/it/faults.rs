@@ -136,6 +136,40 @@ async fn objects_braze_names_in_errors_are_dead_lettered_and_the_rest_of_a_mixed
 
 /// Posts 75 events of 75 distinct users in one batch with `poison` among them, lets them go
 /// as one request, and returns how many requests beyond that first one it took to deliver
+/// When every object of a request is invalid, Braze answers 400 ("Valid data must be
+/// provided") with each object in `errors`. Nothing was applied and each record's fault is
+/// named, so they are dead-lettered with their reasons from that one answer, not found by
+/// splitting the batch (which costs about two requests per record).
+#[tokio::test]
+async fn a_400_naming_every_object_dead_letters_them_without_splitting() {
+    let mut env = Env::start_with(|c| c.delivery.workers = 1).await;
+    env.fake.reject_ids((0..30).map(|i| format!("bad-{i}")));
+    fail_until_told(&env.fake);
+    let events: Vec<_> = (0..30)
+        .map(|i| event_for(i, &format!("bad-{i}"), 0))
+        .collect();
+    let (status, body) = env.post("/v1/events", array(&events)).await;
+    assert_eq!(status, 202, "{body}");
+    accept(&env.fake);
+    let (settled, stats) = wait_for_stats(&env, Duration::from_secs(20), |s| {
+        s["queue"]["pending"] == 0 && s["queue"]["dead"] == 30
+    })
+    .await;
+    assert!(settled, "{stats}");
+    let requests = answered(&env.fake);
+    assert_eq!(requests.len(), 1, "split instead: {requests:?}");
+    assert_eq!(requests[0].status, 400);
+    let dead = dead_letters(&env);
+    assert_eq!(dead.len(), 30);
+    for (user, reason) in &dead {
+        assert!(
+            reason.contains("BLACKLISTED_EXTERNAL_USER_ID"),
+            "{user}: {reason}"
+        );
+    }
+    env.shutdown().await;
+}
+
 /// every good event exactly once and dead-letter the poison.
 async fn extra_requests_to_isolate(poison: &[u64]) -> usize {
     let mut env = Env::start_with(|c| c.delivery.workers = 1).await;
