@@ -19,6 +19,15 @@
 //!    Disk must stay bounded: at most 3× the largest live backlog (step 1's size).
 //!
 //! The stand-in only counts: it keeps no records, so its memory does not grow with the run.
+//!
+//! With `--snapshot N` it measures snapshot diffing instead (issue 7, item 5): a split of N
+//! members is imported (`import snapshot`, daemon stopped) and delivered, then a second
+//! snapshot with 1 % churn (N/200 gone, N/200 new); time, peak RSS and the Braze requests
+//! each one cost are counted at the stand-in.
+//!
+//! ```sh
+//! cargo bench --bench backlog -- --snapshot 10000000
+//! ```
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -35,6 +44,7 @@ struct Args {
     records: u64,
     churn: u64,
     live: u64,
+    snapshot: u64,
 }
 
 fn args() -> Args {
@@ -52,6 +62,7 @@ fn args() -> Args {
         records: value("--records", 10_000_000),
         churn: value("--churn", 10_000_000),
         live: value("--live", 100_000),
+        snapshot: value("--snapshot", 0),
     }
 }
 
@@ -133,8 +144,13 @@ impl Daemon {
     }
 }
 
-/// A Braze stand-in that answers every `/users/track` with 201 and counts the objects.
+/// A Braze stand-in that answers every `/users/track` with 201 and counts the objects, and
+/// the requests in `requests` when given.
 async fn counting_braze(port: u16, received: Arc<AtomicU64>) {
+    counting_braze_requests(port, received, Arc::default()).await
+}
+
+async fn counting_braze_requests(port: u16, received: Arc<AtomicU64>, requests: Arc<AtomicU64>) {
     use axum::routing::post;
     #[derive(serde::Deserialize)]
     struct Body {
@@ -146,8 +162,9 @@ async fn counting_braze(port: u16, received: Arc<AtomicU64>) {
     let app = axum::Router::new().route(
         "/users/track",
         post(move |body: axum::body::Bytes| {
-            let received = received.clone();
+            let (received, requests) = (received.clone(), requests.clone());
             async move {
+                requests.fetch_add(1, Ordering::Relaxed);
                 let n = serde_json::from_slice::<Body>(&body)
                     .map(|b| b.events.len() + b.attributes.len())
                     .unwrap_or(0);
@@ -181,6 +198,9 @@ async fn stats(client: &reqwest::Client, port: u16) -> serde_json::Value {
 async fn main() {
     let args = args();
     let _ = rustls::crypto::ring::default_provider().install_default();
+    if args.snapshot > 0 {
+        return snapshot(args.snapshot).await;
+    }
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_aiq-braze-sync"));
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -342,4 +362,89 @@ async fn main() {
 /// Churned events get ids after the backlog's, so none repeats.
 fn args_base() -> u64 {
     1 << 40
+}
+
+/// Runs a command to its end; returns its wall time in seconds and peak RSS in MB.
+async fn timed(command: &mut Command) -> (f64, u64) {
+    let started = Instant::now();
+    let mut child = command.stdout(Stdio::null()).spawn().unwrap();
+    let mut peak = 0;
+    while child.try_wait().unwrap().is_none() {
+        peak = peak.max(rss_mb(child.id()).1);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(child.wait().unwrap().success(), "{command:?} failed");
+    (started.elapsed().as_secs_f64(), peak)
+}
+
+/// Issue 7, item 5: see the module doc.
+async fn snapshot(members: u64) {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_aiq-braze-sync"));
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (port, braze_port) = (free_port(), free_port());
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {data:?}\n[braze]\nendpoint = \"http://127.0.0.1:{braze_port}\"\napi_key = {KEY:?}\n\
+             [ingest]\nlisten = \"127.0.0.1:{port}\"\n[queue]\nmax_records = {}\n",
+            members + 1_000_000
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("daemon.log");
+    let churn = members / 200;
+    let (first, second) = (dir.path().join("a.ndjson"), dir.path().join("b.ndjson"));
+    {
+        let mut a = std::io::BufWriter::new(std::fs::File::create(&first).unwrap());
+        let mut b = std::io::BufWriter::new(std::fs::File::create(&second).unwrap());
+        for i in 0..members {
+            let line = format!("{{\"external_id\":\"c-{i}\"}}\n");
+            a.write_all(line.as_bytes()).unwrap();
+            if i >= churn {
+                b.write_all(line.as_bytes()).unwrap();
+            }
+        }
+        for i in 0..churn {
+            b.write_all(format!("{{\"external_id\":\"n-{i}\"}}\n").as_bytes())
+                .unwrap();
+        }
+    }
+    println!(
+        "snapshot bench: {members} members, then 1 % churn ({churn} gone, {churn} new); data in {}",
+        data.display()
+    );
+    let (received, requests) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    tokio::spawn(counting_braze_requests(
+        braze_port,
+        received.clone(),
+        requests.clone(),
+    ));
+    let mut expected = 0;
+    for (name, file, changes) in [
+        ("first upload", &first, members),
+        ("1 % churn", &second, 2 * churn),
+    ] {
+        let (took, peak) = timed(
+            Command::new(&bin)
+                .args(["--config", config.to_str().unwrap()])
+                .args(["import", "snapshot", "--audience", "9", "--split", "1"])
+                .arg(file),
+        )
+        .await;
+        let before = requests.load(Ordering::Relaxed);
+        expected += changes;
+        let (d, _) = Daemon::start(&bin, &config, port, &log).await;
+        let started = Instant::now();
+        while received.load(Ordering::Relaxed) < expected {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let drained = started.elapsed().as_secs_f64();
+        d.stop();
+        println!(
+            "{name}: diffed and queued in {took:.1} s, peak RSS {peak} MB; {changes} changes delivered in {drained:.1} s with {} Braze requests",
+            requests.load(Ordering::Relaxed) - before
+        );
+    }
 }
