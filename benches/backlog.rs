@@ -100,6 +100,14 @@ struct Daemon {
     child: Child,
 }
 
+/// A run that fails half-way must not leave its daemon running.
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Daemon {
     /// Spawns the daemon and waits for `/healthz`; returns it and how long that took.
     async fn start(bin: &Path, config: &Path, port: u16, log: &Path) -> (Daemon, Duration) {

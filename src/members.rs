@@ -27,6 +27,8 @@ pub struct MemberReader {
     line: usize,
     members: usize,
     partial: Vec<u8>,
+    /// Newlines inside a quoted CSV cell in `partial`: the record spans that many more lines.
+    continued: usize,
 }
 
 impl MemberReader {
@@ -39,6 +41,7 @@ impl MemberReader {
             line: 0,
             members: 0,
             partial: Vec::new(),
+            continued: 0,
         }
     }
 
@@ -62,6 +65,16 @@ impl MemberReader {
         while let Some(end) = rest.iter().position(|b| *b == b'\n') {
             self.partial.extend_from_slice(&rest[..end]);
             rest = &rest[end + 1..];
+            if self.in_quoted_cell() {
+                // A CSV cell may hold a newline inside its quotes: the record goes on.
+                self.partial.push(b'\n');
+                self.continued += 1;
+                if self.partial.len() > MAX_LINE_BYTES {
+                    self.line += 1;
+                    return Err(self.too_long().into());
+                }
+                continue;
+            }
             let line = std::mem::take(&mut self.partial);
             self.line(&line, member)?;
         }
@@ -71,6 +84,20 @@ impl MemberReader {
             return Err(self.too_long().into());
         }
         Ok(())
+    }
+
+    /// Whether the CSV record read so far ends inside a quoted cell: an odd number of quotes
+    /// (a quote inside a cell is written twice). NDJSON lines never continue.
+    fn in_quoted_cell(&self) -> bool {
+        let csv = match self.format {
+            Some(f) => f == Format::Csv,
+            None => self
+                .partial
+                .iter()
+                .find(|b| !b.is_ascii_whitespace())
+                .is_some_and(|b| *b != b'{'),
+        };
+        csv && ends_in_quoted_cell(&self.partial)
     }
 
     fn too_long(&self) -> BadInput {
@@ -92,7 +119,20 @@ impl MemberReader {
         line: &[u8],
         member: &mut impl FnMut(UserId) -> Result<(), E>,
     ) -> Result<(), E> {
+        // A record that spans several lines is reported at its first.
         self.line += 1;
+        let first = self.line;
+        let extra = std::mem::take(&mut self.continued);
+        let result = self.record_at(line, member);
+        self.line = first + extra;
+        result
+    }
+
+    fn record_at<E: From<BadInput>>(
+        &mut self,
+        line: &[u8],
+        member: &mut impl FnMut(UserId) -> Result<(), E>,
+    ) -> Result<(), E> {
         // `feed` only sees the part of a line still waiting for its end: a long line that
         // ends inside one chunk is caught here, so where the network cut the body does
         // not decide whether it is taken.
@@ -149,6 +189,29 @@ impl MemberReader {
     }
 }
 
+/// Whether CSV text ends inside a quoted cell. A quote opens a quoted cell only at the start
+/// of a cell (as the csv crate reads it: elsewhere it is an ordinary character), and inside
+/// one a doubled quote is a quote.
+fn ends_in_quoted_cell(text: &[u8]) -> bool {
+    let (mut quoted, mut cell_start, mut i) = (false, true, 0);
+    while i < text.len() {
+        match (quoted, text[i]) {
+            (false, b'"') if cell_start => quoted = true,
+            (false, b',') => {
+                cell_start = true;
+                i += 1;
+                continue;
+            }
+            (true, b'"') if text.get(i + 1) == Some(&b'"') => i += 1,
+            (true, b'"') => quoted = false,
+            _ => {}
+        }
+        cell_start = false;
+        i += 1;
+    }
+    quoted
+}
+
 /// The cells of one CSV line (quoted cells included).
 fn csv_cells(line: &str) -> Result<Vec<String>, csv::Error> {
     let mut reader = csv::ReaderBuilder::new()
@@ -197,6 +260,26 @@ mod tests {
                 UserId::External("c".into())
             ]
         );
+    }
+
+    #[test]
+    fn a_quoted_csv_cell_may_hold_newlines() {
+        let users = read(
+            None,
+            &[
+                "external_id,note\n",
+                "a,\"two\nlines, and \"\"quotes\"\"\"\nb,pl\"ain\n\"c\",\"x\n",
+                "\ny\"\nd,\n",
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            users,
+            ["a", "b", "c", "d"].map(|u| UserId::External(u.into()))
+        );
+        // A record after a multi-line one is reported at its own line.
+        let err = read(None, &["external_id,note\na,\"1\n2\"\n,\n"]).unwrap_err();
+        assert_eq!(err.line, Some(4), "{err:?}");
     }
 
     #[test]

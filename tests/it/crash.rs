@@ -17,6 +17,16 @@ struct Daemon {
     starts: u32,
 }
 
+/// A test that fails half-way must not leave its daemon running after the test binary ends.
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 impl Daemon {
     fn spawn(&mut self) {
         self.starts += 1;
