@@ -110,12 +110,31 @@ pub struct AttributeUpdate {
 }
 
 impl AttributeUpdate {
+    /// An attributes object that holds only an identifier (and object-level fields): Braze
+    /// creates the profile if it has none. Stored as an update with an empty name and value,
+    /// and sent as the object alone.
+    pub fn profile_only(user: UserId, object_fields: Option<String>) -> AttributeUpdate {
+        AttributeUpdate {
+            user,
+            name: String::new(),
+            value: String::new(),
+            object_fields,
+        }
+    }
+
+    pub fn is_profile_only(&self) -> bool {
+        self.name.is_empty()
+    }
+
     /// A plain value replaces whatever Braze had, so it may replace a pending update and be
     /// compared with the value last delivered. An object value is an operation (`add`,
     /// `remove`, `inc`, nested `$add`/`$update`, a merge) whose effect depends on what came
     /// before, so it is never coalesced or skipped.
+    ///
+    /// A profile-only object is not a value either: it is sent every time (the profile may
+    /// have been deleted since), in order with the user's other updates.
     pub fn is_plain(&self) -> bool {
-        !self.value.trim_start().starts_with('{')
+        !self.is_profile_only() && !self.value.trim_start().starts_with('{')
     }
 }
 

@@ -328,6 +328,13 @@ fn attributes_object(raw: &RawValue) -> Result<Vec<Record>, String> {
         updates.push((name.to_string(), value.get().trim().to_string()));
     }
     fields.push('}');
+    if updates.is_empty() {
+        // Only an identifier: Braze creates the profile, so it is sent as it is.
+        return Ok(vec![Record::Attribute(AttributeUpdate::profile_only(
+            user,
+            Some(fields),
+        ))]);
+    }
     Ok(updates
         .into_iter()
         .map(|(name, value)| {

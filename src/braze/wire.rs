@@ -95,6 +95,8 @@ fn write_attribute(out: &mut Vec<u8>, record: &Record) {
             json_str(out, &m.attribute());
             out.extend_from_slice(if m.member { b":true" } else { b":false" });
         }
+        // The object alone: Braze creates the profile.
+        Record::Attribute(a) if a.is_profile_only() => {}
         Record::Attribute(a) => {
             out.push(b',');
             json_str(out, &a.name);

@@ -67,6 +67,7 @@ fn view(id: u64, stored: &Stored, attempts: u32) -> RecordView {
     let what = match &stored.record {
         Record::Membership(m) => format!("{} = {}", m.attribute(), m.member),
         Record::Event(e) => format!("{} at {}", e.name, e.time),
+        Record::Attribute(a) if a.is_profile_only() => "(the profile alone)".to_string(),
         Record::Attribute(a) => format!("{} = {}", a.name, a.value),
         Record::Tracked(t) => t.json.clone(),
     };

@@ -388,3 +388,36 @@ async fn a_relayed_value_braze_already_has_is_not_sent_again() {
     );
     assert_eq!(fake.attributes().len(), 3);
 }
+
+/// An attributes object with only an identifier makes Braze create the profile: it is sent
+/// as it is, every time, and not taken for an empty update.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attributes_object_with_only_an_identifier_reaches_braze() {
+    let env = Env::start().await;
+    let body = json!({"attributes": [
+        {"external_id": "only-id"},
+        {"user_alias": {"alias_name": "a-1", "alias_label": "crm"}, "_update_existing_only": false},
+    ]});
+    for _ in 0..2 {
+        let (status, answer) = env.post("/users/track", body.to_string()).await;
+        assert_eq!(status, 201, "{answer}");
+        assert_eq!(answer["attributes_processed"], 2, "{answer}");
+    }
+    let fake = env.fake.clone();
+    assert!(wait_until(Duration::from_secs(10), || fake.attributes().len() == 4).await);
+    let mut objects = sorted(fake.attributes());
+    objects.dedup();
+    assert_eq!(
+        objects,
+        [
+            r#"{"_update_existing_only":false,"user_alias":{"alias_label":"crm","alias_name":"a-1"}}"#,
+            r#"{"external_id":"only-id"}"#,
+        ]
+    );
+    let (drained, stats) = wait_for_stats(&env, Duration::from_secs(10), |s| {
+        s["queue"]["pending"] == 0
+    })
+    .await;
+    assert!(drained, "{stats}");
+    assert_eq!(stats["queue"]["skipped_unchanged_total"], 0, "{stats}");
+}
