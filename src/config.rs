@@ -66,6 +66,7 @@ const BRAZE_MAX_REQUEST_BYTES: u64 = 4_000_000;
 const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8080);
 const DEFAULT_MAX_BODY_BYTES: u64 = 16 * MIB;
 const DEFAULT_HEADER_TIMEOUT_MS: u64 = 30_000;
+const DEFAULT_UPLOAD_IDLE_TIMEOUT_MS: u64 = 60_000;
 const DEFAULT_WORKERS: u64 = 4;
 const DEFAULT_BACKOFF_INITIAL_MS: u64 = 500;
 const DEFAULT_BACKOFF_MAX_MS: u64 = 60_000;
@@ -213,6 +214,10 @@ pub struct IngestConfig {
     /// this time is closed, so clients that open connections and trickle bytes (slow-loris)
     /// cannot hold them, and their sockets, for ever.
     pub header_timeout: Duration,
+    /// `ingest.upload_idle_timeout_ms`: a snapshot upload that sends nothing for this long is
+    /// abandoned, so a stalled client cannot hold its split (every other upload of it gets
+    /// 409) for as long as its connection lives.
+    pub upload_idle_timeout: Duration,
 }
 
 /// `[delivery]`: the workers that drain the queue into Braze.
@@ -265,6 +270,7 @@ impl Default for IngestConfig {
             token: None,
             max_body_bytes: to_usize(DEFAULT_MAX_BODY_BYTES),
             header_timeout: Duration::from_millis(DEFAULT_HEADER_TIMEOUT_MS),
+            upload_idle_timeout: Duration::from_millis(DEFAULT_UPLOAD_IDLE_TIMEOUT_MS),
         }
     }
 }
@@ -463,6 +469,7 @@ const INGEST_KEYS: &[&str] = &[
     "token_file",
     "max_body_bytes",
     "header_timeout_ms",
+    "upload_idle_timeout_ms",
 ];
 const DELIVERY_KEYS: &[&str] = &[
     "workers",
@@ -597,12 +604,21 @@ fn read_ingest(root: &Table, ctx: &Ctx<'_>, p: &mut Problems) -> Checked<IngestC
             100..=3_600_000,
         )
         .map(Duration::from_millis);
+    let upload_idle_timeout = s
+        .integer(
+            p,
+            "upload_idle_timeout_ms",
+            DEFAULT_UPLOAD_IDLE_TIMEOUT_MS,
+            100..=3_600_000,
+        )
+        .map(Duration::from_millis);
 
     Ok(IngestConfig {
         listen: listen?,
         token: token?,
         max_body_bytes: max_body_bytes?,
         header_timeout: header_timeout?,
+        upload_idle_timeout: upload_idle_timeout?,
     })
 }
 

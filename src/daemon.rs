@@ -132,6 +132,7 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
         token: std::sync::RwLock::new(config.ingest.token.clone()),
         stopping: Default::default(),
         prefer: config.identity,
+        upload_idle_timeout: config.ingest.upload_idle_timeout,
     });
     let addr = listener.local_addr()?;
     let app = http::router(Arc::clone(&state), config.ingest.max_body_bytes);

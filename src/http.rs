@@ -30,9 +30,6 @@ use futures_util::StreamExt;
 /// stall the threads serving everyone else.
 const PARSE_INLINE_MAX: usize = 64 * 1024;
 
-/// How long a snapshot upload may send nothing before it is abandoned (and its split freed).
-const UPLOAD_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
-
 pub struct AppState {
     pub queue: Arc<Queue>,
     pub delivery: Arc<Delivery>,
@@ -43,6 +40,9 @@ pub struct AppState {
     pub stopping: AtomicBool,
     /// Which id a `/v1` record carrying both is sent with (`identity.prefer`).
     pub prefer: PreferId,
+    /// How long a snapshot upload may send nothing before it is abandoned and its split
+    /// freed (`ingest.upload_idle_timeout_ms`).
+    pub upload_idle_timeout: std::time::Duration,
 }
 
 pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
@@ -419,15 +419,16 @@ async fn put_snapshot(
     loop {
         // A client that stops sending would hold the split's upload lock (every other
         // snapshot of it gets 409) for as long as the connection lives: give up instead.
-        let next = tokio::time::timeout(UPLOAD_IDLE_TIMEOUT, stream.next()).await;
+        let idle = state.upload_idle_timeout;
+        let next = tokio::time::timeout(idle, stream.next()).await;
         let Ok(next) = next else {
             return Err(ApiError::BadInput(BadInput {
                 index: None,
                 line: None,
                 field: None,
                 message: format!(
-                    "the upload sent nothing for {} s and was abandoned; the previous snapshot stays",
-                    UPLOAD_IDLE_TIMEOUT.as_secs()
+                    "the upload sent nothing for {} ms and was abandoned; the previous snapshot stays",
+                    idle.as_millis()
                 ),
             }));
         };

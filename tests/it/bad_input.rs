@@ -661,3 +661,40 @@ async fn a_request_head_not_finished_in_time_is_cut_off() {
         started.elapsed()
     );
 }
+
+/// A snapshot upload that goes quiet is abandoned after `ingest.upload_idle_timeout_ms`: the
+/// client is told, the split is free for the next upload, and the members it did send are
+/// not taken (the previous snapshot stays the reference).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_upload_that_goes_quiet_is_abandoned_and_frees_its_split() {
+    let mut env =
+        Env::start_with(|c| c.ingest.upload_idle_timeout = Duration::from_millis(300)).await;
+    let addr = env.base.trim_start_matches("http://").to_string();
+    let members = "{\"external_id\":\"a\"}\n{\"external_id\":\"b\"}\n";
+    let mut quiet = trickle(
+        &addr,
+        &head("PUT", MEMBERS, 1000),
+        members.as_bytes(),
+        Duration::ZERO,
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(20), quiet.read_to_string(&mut answer))
+        .await
+        .expect("the quiet upload was never abandoned")
+        .unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("sent nothing for 300 ms"), "{answer}");
+    assert_eq!(env.stats().await["queue"]["accepted_total"], 0);
+    // The split is free at once, and the abandoned members were never part of a snapshot.
+    let (status, v) = send(&env, "PUT", MEMBERS, None, "{\"external_id\":\"c\"}\n").await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        (v["entered"].as_u64(), v["exited"].as_u64()),
+        (Some(1), Some(0)),
+        "{v}"
+    );
+    env.shutdown().await;
+}
