@@ -370,8 +370,18 @@ async fn torture_no_acknowledged_record_is_lost_across_sigkills() {
         );
         (missing, got)
     };
+    // First wait for the queue to drain, which is cheap to ask (counting at the fake is
+    // not, at hundreds of thousands of records, and would slow the very delivery it waits
+    // for). Then what the fake lacks is lost, not late.
+    let config = daemon.config.clone();
+    let drained = wait_until(Duration::from_secs(600), || {
+        let s = cli_json(&config, &["queue", "stats", "--json"]);
+        s["queue"]["pending"] == 0 && s["queue"]["in_flight"] == 0
+    })
+    .await;
     let fake2 = fake.clone();
-    let complete = wait_until(Duration::from_secs(120), || missing(&fake2).0.is_empty()).await;
+    let complete =
+        drained && wait_until(Duration::from_secs(30), || missing(&fake2).0.is_empty()).await;
     let (missing_now, got) = missing(&fake);
     let duplicates: usize = got.values().map(|n| n - 1).sum();
     eprintln!(
@@ -386,6 +396,11 @@ async fn torture_no_acknowledged_record_is_lost_across_sigkills() {
         missing_now.len()
     );
     assert!(
+        drained,
+        "the queue did not drain in 600 s: {}",
+        cli_json(&daemon.config, &["queue", "stats", "--json"])
+    );
+    assert!(
         complete,
         "lost acknowledged records: {:?}; log: {}",
         &missing_now[..missing_now.len().min(20)],
@@ -397,7 +412,6 @@ async fn torture_no_acknowledged_record_is_lost_across_sigkills() {
     // the daemon's listing endpoint caps a page at 10,000 records.
     let refused = a.refused.clone();
     drop(a);
-    let config = daemon.config.clone();
     let queue_json = |what: &str| -> serde_json::Value {
         let out = Command::new(env!("CARGO_BIN_EXE_aiq-braze-sync"))
             .args([
@@ -502,4 +516,14 @@ async fn a_sigkill_during_a_snapshot_upload_leaves_the_last_complete_snapshot_as
     assert_eq!(status, 200, "{v}");
     assert_eq!(counts(&v), (1, 0, 1000), "{v}");
     assert_eq!(daemon.sigterm(), 0);
+}
+
+/// What an operator's `queue …` command prints as JSON (the daemon answers it when running).
+fn cli_json(config: &Path, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_aiq-braze-sync"))
+        .args(["--config", config.to_str().unwrap()])
+        .args(args)
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
 }
