@@ -191,6 +191,43 @@ async fn counting_braze_requests(port: u16, received: Arc<AtomicU64>, requests: 
     axum::serve(listener, app).await.unwrap();
 }
 
+/// A temporary directory holding the data directory and a config for the real binary, which
+/// expects Braze at `braze_port` (nothing listens there until a stand-in is started).
+struct Run {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    data: PathBuf,
+    port: u16,
+    braze_port: u16,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+/// `more` is appended to the config: the sections after `[ingest]`.
+fn prepare(more: &str) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (port, braze_port) = (free_port(), free_port());
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {data:?}\n[braze]\nendpoint = \"http://127.0.0.1:{braze_port}\"\napi_key = {KEY:?}\n\
+             [ingest]\nlisten = \"127.0.0.1:{port}\"\n{more}"
+        ),
+    )
+    .unwrap();
+    Run {
+        bin: PathBuf::from(env!("CARGO_BIN_EXE_aiq-braze-sync")),
+        log: dir.path().join("daemon.log"),
+        dir,
+        data,
+        port,
+        braze_port,
+        config,
+    }
+}
+
 async fn stats(client: &reqwest::Client, port: u16) -> serde_json::Value {
     match client
         .get(format!("http://127.0.0.1:{port}/v1/admin/queue/stats"))
@@ -209,22 +246,18 @@ async fn main() {
     if args.snapshot > 0 {
         return snapshot(args.snapshot).await;
     }
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_aiq-braze-sync"));
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let (port, braze_port) = (free_port(), free_port());
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = {data:?}\n[braze]\nendpoint = \"http://127.0.0.1:{braze_port}\"\napi_key = {KEY:?}\n\
-             [ingest]\nlisten = \"127.0.0.1:{port}\"\n[delivery]\nbackoff_initial_ms = 200\nbackoff_max_ms = 1000\n\
-             [queue]\nmax_records = {}\n",
-            args.records + args.live + 100_000
-        ),
-    )
-    .unwrap();
-    let log = dir.path().join("daemon.log");
+    let Run {
+        bin,
+        dir,
+        data,
+        port,
+        braze_port,
+        config,
+        log,
+    } = prepare(&format!(
+        "[delivery]\nbackoff_initial_ms = 200\nbackoff_max_ms = 1000\n[queue]\nmax_records = {}\n",
+        args.records + args.live + 100_000
+    ));
     println!(
         "backlog bench: {} pending, then {} churned through at most {} live; data in {}",
         args.records,
@@ -387,21 +420,15 @@ async fn timed(command: &mut Command) -> (f64, u64) {
 
 /// Issue 7, item 5: see the module doc.
 async fn snapshot(members: u64) {
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_aiq-braze-sync"));
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let (port, braze_port) = (free_port(), free_port());
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = {data:?}\n[braze]\nendpoint = \"http://127.0.0.1:{braze_port}\"\napi_key = {KEY:?}\n\
-             [ingest]\nlisten = \"127.0.0.1:{port}\"\n[queue]\nmax_records = {}\n",
-            members + 1_000_000
-        ),
-    )
-    .unwrap();
-    let log = dir.path().join("daemon.log");
+    let Run {
+        bin,
+        dir,
+        data,
+        port,
+        braze_port,
+        config,
+        log,
+    } = prepare(&format!("[queue]\nmax_records = {}\n", members + 1_000_000));
     let churn = members / 200;
     let (first, second) = (dir.path().join("a.ndjson"), dir.path().join("b.ndjson"));
     {

@@ -261,24 +261,49 @@ async fn a_snapshot_larger_than_memory_is_merged_from_sorted_runs() {
     assert_eq!(files.len(), 2, "{files:?}");
 }
 
+/// Queues each request's records in a fresh queue under `dir`, synced, and closes it.
+async fn queued_on_disk(dir: &std::path::Path, requests: Vec<Vec<Record>>) {
+    let q = Queue::open(dir, settings(100)).unwrap();
+    for records in requests {
+        q.enqueue(records).await.unwrap();
+    }
+    q.sync().await.unwrap();
+}
+
+/// Edits the closed queue's current generation with sled itself, as damage or an older
+/// release would have left it.
+fn edit_on_disk(dir: &std::path::Path, edit: impl FnOnce(&sled::Tree)) {
+    let queue_dir = dir.join("queue");
+    let generation = std::fs::read_to_string(queue_dir.join("CURRENT")).unwrap();
+    let db = sled::open(queue_dir.join(generation.trim())).unwrap();
+    edit(&db.open_tree("queue").unwrap());
+    db.flush().unwrap();
+}
+
+/// Leases and completes until nothing is left; returns the seqs in the order leased.
+fn drain(q: &Queue, outcome: impl Fn() -> Outcome) -> Vec<u64> {
+    let mut seen = Vec::new();
+    loop {
+        let leased = q.lease(&limits()).unwrap();
+        if leased.is_empty() {
+            return seen;
+        }
+        seen.extend(leased.iter().map(|l| l.seq));
+        q.complete(leased.into_iter().map(|l| (l, outcome())).collect())
+            .unwrap();
+    }
+}
+
 /// A stored record whose bytes no longer decode (a bit flip, a downgrade) is moved to the
 /// dead letters with the reason instead of wedging the queue; the records around it flow.
 #[tokio::test]
 async fn a_record_that_no_longer_decodes_is_moved_aside_not_wedging_the_queue() {
+    use aiq_braze_sync::queue::format;
     let dir = tempfile::tempdir().unwrap();
-    {
-        let q = Queue::open(dir.path(), settings(100)).unwrap();
-        q.enqueue(vec![event(1), event(2), event(3)]).await.unwrap();
-        q.sync().await.unwrap();
-    }
-    // Damage record 2 in the real database, with sled itself. The three events share one
-    // chunk (under the first one's seq); record 2's envelope inside it gets an unknown version.
-    let queue_dir = dir.path().join("queue");
-    let generation = std::fs::read_to_string(queue_dir.join("CURRENT")).unwrap();
-    {
-        use aiq_braze_sync::queue::format;
-        let db = sled::open(queue_dir.join(generation.trim())).unwrap();
-        let tree = db.open_tree("queue").unwrap();
+    queued_on_disk(dir.path(), vec![vec![event(1), event(2), event(3)]]).await;
+    // Damage record 2 in the real database. The three events share one chunk (under the
+    // first one's seq); record 2's envelope inside it gets an unknown version.
+    edit_on_disk(dir.path(), |tree| {
         let key = format::record_key(format::LANE_EVENTS, 1);
         let chunk = tree.get(key).unwrap().expect("the chunk of events 1-3");
         let entries = format::event_entries(1, &chunk).unwrap();
@@ -293,8 +318,7 @@ async fn a_record_that_no_longer_decodes_is_moved_aside_not_wedging_the_queue() 
                 .into_iter(),
         );
         tree.insert(key, damaged).unwrap();
-        db.flush().unwrap();
-    }
+    });
     let q = Queue::open(dir.path(), settings(100)).unwrap();
     let leased = q.lease(&limits()).unwrap();
     let seqs: Vec<u64> = leased.iter().map(|l| l.seq).collect();
@@ -329,25 +353,19 @@ async fn a_record_that_no_longer_decodes_is_moved_aside_not_wedging_the_queue() 
 async fn an_event_chunk_that_no_longer_frames_is_moved_aside_whole() {
     use aiq_braze_sync::queue::format;
     let dir = tempfile::tempdir().unwrap();
-    {
-        let q = Queue::open(dir.path(), settings(100)).unwrap();
-        q.enqueue(vec![event(1), event(2), event(3)]).await.unwrap();
-        q.enqueue(vec![event(4), event(5)]).await.unwrap();
-        q.sync().await.unwrap();
-    }
-    let queue_dir = dir.path().join("queue");
-    let generation = std::fs::read_to_string(queue_dir.join("CURRENT")).unwrap();
-    {
-        let db = sled::open(queue_dir.join(generation.trim())).unwrap();
-        let tree = db.open_tree("queue").unwrap();
+    queued_on_disk(
+        dir.path(),
+        vec![vec![event(1), event(2), event(3)], vec![event(4), event(5)]],
+    )
+    .await;
+    edit_on_disk(dir.path(), |tree| {
         let key = format::record_key(format::LANE_EVENTS, 1);
         let mut chunk = tree.get(key).unwrap().unwrap().to_vec();
         assert_eq!(chunk[0], format::EVENT_CHUNK_V1);
         // Cut the value short: the header still says three entries.
         chunk.truncate(chunk.len() - 10);
         tree.insert(key, chunk).unwrap();
-        db.flush().unwrap();
-    }
+    });
     let q = Queue::open(dir.path(), settings(100)).unwrap();
     assert_eq!(q.stats().unwrap().pending, 5);
     let leased = q.lease(&limits()).unwrap();
@@ -399,21 +417,7 @@ async fn part_of_an_event_chunk_delivered_leaves_exactly_the_rest() {
     }
     let q = Queue::open(dir.path(), settings(1000)).unwrap();
     assert_eq!(q.stats().unwrap().pending, 162);
-    let mut seen = Vec::new();
-    loop {
-        let leased = q.lease(&limits()).unwrap();
-        if leased.is_empty() {
-            break;
-        }
-        seen.extend(leased.iter().map(|l| l.seq));
-        q.complete(
-            leased
-                .into_iter()
-                .map(|l| (l, Outcome::Delivered))
-                .collect(),
-        )
-        .unwrap();
-    }
+    let seen = drain(&q, || Outcome::Delivered);
     let expected: Vec<u64> = (1..=200).filter(|s| *s > 75 || s % 2 == 0).collect();
     assert_eq!(seen, expected);
     assert_eq!(q.stats().unwrap().pending, 0);
@@ -434,19 +438,7 @@ async fn dead_events_retried_and_refused_again_are_all_dead_again() {
             let r = q.retry_dead(&Selection::All).await.unwrap();
             assert_eq!(r.retried.len(), 3000);
         }
-        loop {
-            let leased = q.lease(&limits()).unwrap();
-            if leased.is_empty() {
-                break;
-            }
-            q.complete(
-                leased
-                    .into_iter()
-                    .map(|l| (l, Outcome::Dead("no".into())))
-                    .collect(),
-            )
-            .unwrap();
-        }
+        drain(&q, || Outcome::Dead("no".into()));
         let s = q.stats().unwrap();
         assert_eq!((s.pending, s.dead), (0, 3000));
         assert_eq!(q.dead(100_000).unwrap().len(), 3000);
@@ -459,17 +451,9 @@ async fn dead_events_retried_and_refused_again_are_all_dead_again() {
 async fn a_dead_letter_holding_a_whole_chunk_is_retried_event_by_event() {
     use aiq_braze_sync::queue::{format, Selection};
     let dir = tempfile::tempdir().unwrap();
-    {
-        let q = Queue::open(dir.path(), settings(100)).unwrap();
-        q.enqueue(vec![event(1), event(2), event(3)]).await.unwrap();
-        q.sync().await.unwrap();
-    }
-    // What the older release's quarantine wrote, done with sled itself.
-    let queue_dir = dir.path().join("queue");
-    let generation = std::fs::read_to_string(queue_dir.join("CURRENT")).unwrap();
-    {
-        let db = sled::open(queue_dir.join(generation.trim())).unwrap();
-        let tree = db.open_tree("queue").unwrap();
+    queued_on_disk(dir.path(), vec![vec![event(1), event(2), event(3)]]).await;
+    // What the older release's quarantine wrote.
+    edit_on_disk(dir.path(), |tree| {
         let key = format::record_key(format::LANE_EVENTS, 1);
         let chunk = tree.remove(key).unwrap().unwrap();
         let dead = format::Dead {
@@ -482,8 +466,7 @@ async fn a_dead_letter_holding_a_whole_chunk_is_retried_event_by_event() {
             .unwrap();
         tree.insert(format::META_COUNTS, &format::encode_counts(0, 0, 1)[..])
             .unwrap();
-        db.flush().unwrap();
-    }
+    });
     let q = Queue::open(dir.path(), settings(100)).unwrap();
     assert_eq!(
         (q.stats().unwrap().pending, q.stats().unwrap().dead),
