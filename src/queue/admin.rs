@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::format::{
     dead_key, decode, decode_dead, event_entries, latest_key, seq_of, Stored, DEAD, EVENT_CHUNK_V1,
 };
-use super::{lane_records, now_ms, Queue, QueueError, Staging, LANE_ATTRIBUTES, LANE_EVENTS};
+use super::{lane_records, log_records, now_ms, Queue, QueueError, Staging, LANE_ATTRIBUTES};
 use crate::record::Record;
 
 /// One record as an operator sees it.
@@ -113,6 +113,9 @@ fn dead_chunk(value: &[u8]) -> Option<Vec<(Record, Vec<u8>)>> {
         .collect()
 }
 
+/// A pending record: its seq and its stored bytes, or why they cannot be read.
+type PendingItem = (u64, Result<Vec<u8>, String>);
+
 /// A dead-letter entry: its id and its stored bytes.
 type DeadEntry = (u64, sled::IVec);
 
@@ -121,22 +124,27 @@ impl Queue {
     pub fn peek(&self, limit: usize) -> Result<Vec<RecordView>, QueueError> {
         let store = self.store.read().expect("queue store lock poisoned");
         let leases = self.leases.lock().expect("queue lease lock poisoned");
-        let mut lanes =
-            [LANE_EVENTS, LANE_ATTRIBUTES].map(|l| lane_records(&store.tree, l).peekable());
+        let events = log_records(
+            &mut self.log.lock().expect("event log lock poisoned"),
+            limit,
+        );
+        let mut events = events.into_iter().map(Ok).peekable();
+        let mut attributes = lane_records(&store.tree, LANE_ATTRIBUTES)
+            .map(|item| item.map(|(seq, v)| (seq, Ok(v))))
+            .peekable();
         let mut out = Vec::with_capacity(limit.min(1024));
         while out.len() < limit {
             // Take whichever lane's next record was accepted first.
-            let heads: Vec<Option<u64>> = lanes
-                .iter_mut()
-                .map(|it| it.peek().and_then(|r| r.as_ref().ok()).map(|(seq, _)| *seq))
-                .collect();
-            let pick = match (heads[0], heads[1]) {
-                (None, None) => break,
-                (Some(_), None) => 0,
-                (None, Some(_)) => 1,
-                (Some(a), Some(b)) => usize::from(b < a),
+            let head = |r: Option<&Result<PendingItem, QueueError>>| {
+                r.and_then(|r| r.as_ref().ok()).map(|(seq, _)| *seq)
             };
-            let Some(item) = lanes[pick].next() else {
+            let item = match (head(events.peek()), head(attributes.peek())) {
+                (None, None) if attributes.peek().is_none() => break,
+                (Some(a), Some(b)) if b < a => attributes.next(),
+                (Some(_), _) => events.next(),
+                (None, _) => attributes.next(),
+            };
+            let Some(item) = item else {
                 break;
             };
             let (id, value) = item?;
@@ -222,7 +230,7 @@ impl Queue {
             missing,
             ..RetryReport::default()
         };
-        let mut staging = Staging::new(&store.tree, &self.state, &self.counters, &mut next_seq);
+        let mut staging = Staging::new(self, &store.tree, &mut next_seq);
         // Original sequence numbers of the updates retried in this call, per attribute: a
         // retried update is compared with others by when it was first accepted.
         let mut retried_here: HashMap<Vec<u8>, u64> = HashMap::new();

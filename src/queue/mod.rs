@@ -2,23 +2,29 @@
 //!
 //! # Design
 //!
-//! **Durability.** `enqueue` inserts a request's records in one atomic sled batch, then waits
-//! for the group committer (`commit.rs`): sled `flush()` plus our own `fdatasync`, shared by
-//! every request waiting at that moment. Only then does ingest answer 2xx. Removals (a record
-//! Braze took) are not synced; if a crash loses one, the record is sent again (at least once).
-//! sled recovers a prefix of its log, so a lost removal can never outlive a later insert.
+//! **Durability.** `enqueue` appends a request's events to the event log (`eventlog.rs`) and
+//! puts its attribute updates in one atomic sled batch, then waits for the group committer
+//! (`commit.rs`): an `fdatasync` of the log, plus sled `flush()` and our own `fdatasync` when
+//! the request wrote to sled, shared by every request waiting at that moment. Only then does
+//! ingest answer 2xx. Removals (a record Braze took) are not synced; if a crash loses one, the
+//! record is sent again (at least once). sled recovers a prefix of its log, so a lost removal
+//! can never outlive a later insert.
 //!
-//! **Layout.** `DATA_DIR/queue/CURRENT` names the live generation `DATA_DIR/queue/gen-NNNNNN/`,
-//! a sled database with one tree, `queue`, whose keys are:
+//! **Layout.** Events are in `DATA_DIR/queue/events/`, segment files of frames, one frame per
+//! request's chunk of events (`eventlog.rs`). `DATA_DIR/queue/CURRENT` names the live
+//! generation `DATA_DIR/queue/gen-NNNNNN/`, a sled database with one tree, `queue`, whose keys
+//! are:
 //!
 //! | key | value |
 //! |---|---|
 //! | `00 'n'` | next sequence number, u64 big-endian (ids never repeat) |
-//! | `00 'c'` | records in the events lane, the attribute lane and the dead letters (3 × u64 BE), kept in step by every batch |
-//! | `01 seq` | pending events (lane 1, real time): a chunk of one request's events, `seq` being the first's (`format::encode_event_chunk`) |
+//! | `00 'c'` | records in the attribute lane and the dead letters (the first of 3 × u64 BE, once events, is unused), kept in step by every batch |
+//! | `00 'w'` | the event log's watermark: every chunk whose first seq is below it has left the queue |
+//! | `01 seq` | events of a release before the event log, moved into it at open |
 //! | `02 seq` | a pending membership update (lane 2, backfills) |
 //! | `03 kind len id attribute` | the seq of the newest pending update of that user's attribute, then its object fields |
 //! | `04 seq` | a dead-lettered record with Braze's reason |
+//! | `05 seq` | an event log chunk above the watermark that has partly (the seqs gone) or wholly (empty) left |
 //!
 //! `seq` is big-endian so iteration order is acceptance order. Values start with a format
 //! version byte (`format.rs`); bincode is not self-describing, so a new record shape gets a
@@ -29,10 +35,9 @@
 //! flip-flopping user costs one Braze write. Operations (`add`/`remove` on arrays, nested
 //! `$` operators, `inc`) and updates with different object fields (`_update_existing_only`)
 //! are not replaced: several may be pending, and they are leased strictly in acceptance
-//! order. Events and purchases are all kept, in chunks: one sled value per request (up to
-//! `CHUNK_BYTES`) instead of one per event, because sled's cost is per key, both in CPU at
-//! insert and in memory for a backlog. A delivery rewrites a chunk without the events it took;
-//! the last one out removes it.
+//! order. Events and purchases are all kept, in the event log, in chunks of up to
+//! `CHUNK_BYTES`: appended once, never rewritten. A delivery records which events left (the
+//! `00 'w'` and `05` keys); a segment goes once all of its events have.
 //!
 //! **Leases** live in memory only. A worker leases records; they stay in sled until the worker
 //! completes them: delivered (removed), dead (moved to `04` with the reason) or retry (left in
@@ -58,6 +63,7 @@ mod snapshot;
 pub use admin::{PurgeReport, RecordView, RetryReport, Selection};
 pub use snapshot::{SnapshotReport, SnapshotUpload};
 mod commit;
+mod eventlog;
 pub mod format;
 mod state;
 mod store;
@@ -66,7 +72,7 @@ pub use store::dir_bytes;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -74,6 +80,7 @@ use serde::Serialize;
 
 use crate::record::{Record, UserId};
 use commit::Committer;
+use eventlog::EventLog;
 use format::{
     decode, encode, encode_dead, latest_key, record_key, seq_of, Dead, Stored, DEAD,
     LANE_ATTRIBUTES, LANE_EVENTS, META_COUNTS, META_NEXT_SEQ,
@@ -83,15 +90,17 @@ use store::Store;
 /// Records per sled batch within one enqueue; see `Staging::flush`.
 const SUB_BATCH: usize = 1000;
 
-/// An event chunk is closed once its envelopes reach this size. sled 0.34 writes a node of up
-/// to 16 values whole when it consolidates it, and a write over a quarter of a 512 KiB log
-/// segment goes to a blob file of its own (one more file to create and sync); 16 chunks of
-/// this size stay under that.
+/// An event chunk (one frame of the event log) is closed once its envelopes reach this size:
+/// about a Braze request's worth of events, so a lease reads little beyond what it takes,
+/// while the index of a 10 million event backlog stays a few hundred thousand entries.
 const CHUNK_BYTES: usize = 7 << 10;
 
 /// A rebuild copies the live keys with ingest paused, so it waits until at most this many are
 /// left (a few milliseconds of copying).
 const COMPACT_MAX_LIVE: u64 = 10_000;
+
+/// The event log's directory under `DATA_DIR/queue/`, beside the sled generations.
+const EVENTS_DIR: &str = "events";
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -306,6 +315,12 @@ pub struct Queue {
     committer: Committer,
     counters: Counters,
     work: tokio::sync::Notify,
+    /// The events lane (`eventlog.rs`). Locked inside `writer` and `leases`, never around
+    /// them, and never across a sync.
+    log: Arc<Mutex<EventLog>>,
+    /// sled holds writes that an acknowledgement depends on (attribute updates, dead letters
+    /// moved back): the next commit must sync sled too, not only the event log.
+    sled_dirty: Arc<AtomicBool>,
 }
 
 fn now_ms() -> u64 {
@@ -342,7 +357,7 @@ impl Queue {
         store::remove_other_generations(&dir, generation)?;
 
         let counters = Counters::default();
-        let (events, attributes, dead) = match st
+        let (_, attributes, dead) = match st
             .tree
             .get(META_COUNTS)?
             .and_then(|v| format::decode_counts(&v))
@@ -352,21 +367,50 @@ impl Queue {
             // writes them.
             None => {
                 let count = |lane: u8| lane_records(&st.tree, lane).count() as u64;
-                (count(LANE_EVENTS), count(LANE_ATTRIBUTES), count(DEAD))
+                (0, count(LANE_ATTRIBUTES), count(DEAD))
             }
         };
-        counters.events.store(events, Ordering::Relaxed);
         counters.attributes.store(attributes, Ordering::Relaxed);
         counters.dead.store(dead, Ordering::Relaxed);
+
+        let gone = eventlog::gone_state(&st.tree)?;
+        let (mut log, damage) = EventLog::open(&dir.join(EVENTS_DIR), &gone)?;
+        let mut next_seq = next_seq_of(&st.tree)?
+            .max(log.end_seq())
+            .max(gone.watermark)
+            .max(gone.markers.keys().next_back().map_or(0, |m| m + 1));
+        migrate_sled_events(&st, &mut log)?;
+        next_seq = next_seq.max(log.end_seq());
+        if !damage.is_empty() {
+            set_aside_damage(&st, &counters, damage, &mut next_seq)?;
+        }
+        counters.events.store(log.live(), Ordering::Relaxed);
         counters
             .disk_bytes
-            .store(st.disk_bytes(), Ordering::Relaxed);
-        let next_seq = next_seq_of(&st.tree)?;
+            .store(st.disk_bytes() + log.disk_bytes(), Ordering::Relaxed);
 
         let store = Arc::new(RwLock::new(st));
-        let for_commit = Arc::clone(&store);
-        let committer =
-            Committer::spawn(move || for_commit.read().expect("queue store lock poisoned").sync())?;
+        let log = Arc::new(Mutex::new(log));
+        let sled_dirty = Arc::new(AtomicBool::new(false));
+        let committer = {
+            let (store, log, sled_dirty) = (
+                Arc::clone(&store),
+                Arc::clone(&log),
+                Arc::clone(&sled_dirty),
+            );
+            Committer::spawn(move || {
+                let unsynced = log.lock().expect("event log lock poisoned").take_unsynced();
+                unsynced.sync()?;
+                if sled_dirty.swap(false, Ordering::AcqRel) {
+                    let synced = store.read().expect("queue store lock poisoned").sync();
+                    if synced.is_err() {
+                        sled_dirty.store(true, Ordering::Release);
+                    }
+                    synced?;
+                }
+                Ok(())
+            })?
+        };
         Ok(Arc::new(Queue {
             dir,
             settings,
@@ -379,6 +423,8 @@ impl Queue {
             committer,
             counters,
             work: tokio::sync::Notify::new(),
+            log,
+            sled_dirty,
         }))
     }
 
@@ -434,7 +480,7 @@ impl Queue {
         let store = self.read_store()?;
         let mut next_seq = self.writer.lock().expect("queue writer lock poisoned");
         let accepted_at = now_ms();
-        let mut staging = Staging::new(&store.tree, &self.state, &self.counters, &mut next_seq);
+        let mut staging = Staging::new(self, &store.tree, &mut next_seq);
         let mut by_kind = [0u64; 4];
         for record in records {
             by_kind[record.kind_index()] += 1;
@@ -472,32 +518,50 @@ impl Queue {
 
         let max_events = limits.max_objects;
         let mut events = 0usize;
-        'chunks: for item in store.tree.scan_prefix([LANE_EVENTS]) {
-            if events >= max_events {
+        let mut log = self.log.lock().expect("event log lock poisoned");
+        let mut cursor = 0u64;
+        'chunks: while events < max_events {
+            // Chunks whose every remaining event is out with a worker are passed without a read.
+            let Some(first) = log
+                .chunks_from(cursor)
+                .find(|(_, c)| !c.all_out())
+                .map(|(f, _)| *f)
+            else {
                 break;
-            }
-            let (key, value) = item?;
-            let Some(first) = seq_of(&key) else {
-                continue;
             };
-            let entries = match format::event_entries(first, &value) {
+            cursor = first + 1;
+            let payload = match log.read(first) {
+                Ok(payload) => payload,
+                Err((why, bytes)) => {
+                    undecodable.push(Undecodable {
+                        lane: LANE_EVENTS,
+                        key_seq: first,
+                        entry: None,
+                        value: bytes,
+                        why,
+                    });
+                    continue;
+                }
+            };
+            let entries = match format::event_entries(first, &payload) {
                 Ok(entries) => entries,
                 Err(e) => {
                     undecodable.push(Undecodable {
                         lane: LANE_EVENTS,
                         key_seq: first,
                         entry: None,
-                        value: value.to_vec(),
+                        value: payload.clone(),
                         why: e.to_string(),
                     });
                     continue;
                 }
             };
+            let chunk = log.chunk_mut(first).expect("indexed above");
             for (seq, envelope) in entries {
                 if events >= max_events {
                     break 'chunks;
                 }
-                if leases.seqs.contains(&seq) {
+                if leases.seqs.contains(&seq) || chunk.gone.contains(&seq) {
                     continue;
                 }
                 let stored = match decode(envelope) {
@@ -519,6 +583,7 @@ impl Queue {
                 }
                 bytes += size;
                 events += 1;
+                chunk.leased += 1;
                 leases.seqs.insert(seq);
                 out.push(Leased {
                     seq,
@@ -531,6 +596,7 @@ impl Queue {
                 });
             }
         }
+        drop(log);
 
         let max_user_objects = if limits.per_array {
             limits.max_objects
@@ -603,44 +669,36 @@ impl Queue {
     /// value cannot wedge the queue.
     fn quarantine(&self, items: Vec<Undecodable>) -> Result<(), QueueError> {
         let store = self.store.read().expect("queue store lock poisoned");
-        let _writer = self.writer.lock().expect("queue writer lock poisoned");
+        let next_seq = self.writer.lock().expect("queue writer lock poisoned");
         let mut batch = sled::Batch::default();
         let mut change = CountChange::default();
-        let mut entries: BTreeMap<u64, HashSet<u64>> = BTreeMap::new();
-        let mut dead = Vec::new();
         let mut seen = HashSet::new();
+        let mut log = self.log.lock().expect("event log lock poisoned");
         for item in items {
             // Two leases may have found the same bad value; move it (and count it) once.
             if !seen.insert((item.lane, item.key_seq, item.entry)) {
                 continue;
             }
-            let key = record_key(item.lane, item.key_seq);
-            match item.entry {
-                // One bad event inside a chunk: the chunk is rewritten without it below.
-                Some(seq) => {
-                    entries.entry(item.key_seq).or_default().insert(seq);
-                }
-                None => {
-                    let Some(current) = store.tree.get(key)? else {
+            let moved = match (item.lane, item.entry) {
+                (LANE_EVENTS, Some(seq)) => log.mark_gone(item.key_seq, &[seq]).len() as i64,
+                (LANE_EVENTS, None) => log.drop_chunk(item.key_seq) as i64,
+                (_, _) => {
+                    let key = record_key(item.lane, item.key_seq);
+                    if store.tree.get(key)?.is_none() {
                         continue;
-                    };
-                    batch.remove(&key);
-                    if item.lane == LANE_EVENTS {
-                        change.events -= format::event_count(&current) as i64;
-                    } else {
-                        change.attributes -= 1;
                     }
+                    batch.remove(&key);
+                    change.attributes -= 1;
+                    0
                 }
+            };
+            if item.lane == LANE_EVENTS {
+                if moved == 0 {
+                    continue;
+                }
+                change.events -= moved;
             }
-            dead.push(item);
-        }
-        let moved = remove_events(&store.tree, &mut batch, &entries)?;
-        change.events -= moved.len() as i64;
-        for item in dead {
             let seq = item.entry.unwrap_or(item.key_seq);
-            if item.entry.is_some() && !moved.contains(&seq) {
-                continue;
-            }
             tracing::error!(seq, error = %item.why, "a stored record no longer decodes; moved to the dead letters");
             let entry = Dead {
                 dead_at_ms: now_ms(),
@@ -651,6 +709,8 @@ impl Queue {
             batch.insert(&format::dead_key(seq), encode_dead(&entry));
             change.dead += 1;
         }
+        stage_gone(&mut batch, &mut log, *next_seq);
+        drop(log);
         self.counters.stage(&mut batch, change);
         store.tree.apply_batch(batch)?;
         self.counters.apply(change);
@@ -665,17 +725,23 @@ impl Queue {
             return Ok(());
         }
         let store = self.store.read().expect("queue store lock poisoned");
-        let _writer = self.writer.lock().expect("queue writer lock poisoned");
+        let next_seq = self.writer.lock().expect("queue writer lock poisoned");
         let mut batch = sled::Batch::default();
         let mut change = CountChange::default();
-        // Events leave their chunks together, one rewrite per chunk.
-        let mut events: BTreeMap<u64, HashSet<u64>> = BTreeMap::new();
+        // Events leave their chunks together, one index update per chunk.
+        let mut events: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        let mut log = self.log.lock().expect("event log lock poisoned");
         for (item, outcome) in &results {
-            if *outcome == Outcome::Retry {
+            if item.lane == LANE_EVENTS {
+                if let Some(chunk) = log.chunk_mut(item.key_seq) {
+                    chunk.leased = chunk.leased.saturating_sub(1);
+                }
+                if *outcome != Outcome::Retry {
+                    events.entry(item.key_seq).or_default().push(item.seq);
+                }
                 continue;
             }
-            if item.lane == LANE_EVENTS {
-                events.entry(item.key_seq).or_default().insert(item.seq);
+            if *outcome == Outcome::Retry {
                 continue;
             }
             let key = record_key(item.lane, item.seq);
@@ -694,7 +760,12 @@ impl Queue {
                 }
             }
         }
-        let removed = remove_events(&store.tree, &mut batch, &events)?;
+        let mut removed = HashSet::new();
+        for (first, seqs) in events {
+            removed.extend(log.mark_gone(first, &seqs));
+        }
+        stage_gone(&mut batch, &mut log, *next_seq);
+        drop(log);
         change.events -= removed.len() as i64;
         for (item, outcome) in &results {
             if let (LANE_EVENTS, Outcome::Dead(reason)) = (item.lane, outcome) {
@@ -720,6 +791,7 @@ impl Queue {
                 }
             }))?;
         self.counters.apply(change);
+        drop(next_seq);
 
         let mut leases = self.leases.lock().expect("queue lease lock poisoned");
         let mut released = false;
@@ -755,10 +827,16 @@ impl Queue {
 
     pub fn stats(&self) -> Result<Stats, QueueError> {
         let store = self.store.read().expect("queue store lock poisoned");
-        let oldest = [LANE_EVENTS, LANE_ATTRIBUTES]
-            .iter()
-            .filter_map(|lane| lane_records(&store.tree, *lane).next())
-            .filter_map(|item| item.ok()?.1.ok())
+        let oldest_event = log_records(&mut self.log.lock().expect("event log lock poisoned"), 1)
+            .into_iter()
+            .next()
+            .and_then(|(_, v)| v.ok());
+        let oldest = lane_records(&store.tree, LANE_ATTRIBUTES)
+            .next()
+            .and_then(Result::ok)
+            .map(|(_, v)| v)
+            .into_iter()
+            .chain(oldest_event)
             .filter_map(|v| decode(&v).ok())
             .map(|s| s.accepted_at_ms)
             .min();
@@ -787,6 +865,7 @@ impl Queue {
 
     /// Makes everything written so far durable (used at shutdown).
     pub async fn sync(&self) -> Result<(), QueueError> {
+        self.sled_dirty.store(true, Ordering::Release);
         self.committer.commit().await
     }
 
@@ -794,9 +873,17 @@ impl Queue {
     /// database into a new generation once a backlog has drained and left a large file.
     /// Blocking: run it off the async threads.
     pub fn maintain(&self) -> Result<Option<Compaction>, QueueError> {
+        self.delete_drained_segments()?;
+        let log_bytes = self
+            .log
+            .lock()
+            .expect("event log lock poisoned")
+            .disk_bytes();
         let bytes = self.read_store().map(|s| s.disk_bytes()).unwrap_or(0);
         if bytes > 0 {
-            self.counters.disk_bytes.store(bytes, Ordering::Relaxed);
+            self.counters
+                .disk_bytes
+                .store(bytes + log_bytes, Ordering::Relaxed);
         }
         let live = self.pending() + self.counters.dead.load(Ordering::Relaxed);
         let floor = self
@@ -809,6 +896,30 @@ impl Queue {
             return Ok(None);
         }
         self.compact().map(Some)
+    }
+
+    /// Deletes event log segments that have drained, once sled (which says they have) is
+    /// synced: a drained segment may hold events that went to the dead letters.
+    fn delete_drained_segments(&self) -> Result<(), QueueError> {
+        let ids = {
+            let _writer = self.writer.lock().expect("queue writer lock poisoned");
+            self.log
+                .lock()
+                .expect("event log lock poisoned")
+                .take_deletable()
+        };
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.store
+            .read()
+            .expect("queue store lock poisoned")
+            .sync()?;
+        self.log
+            .lock()
+            .expect("event log lock poisoned")
+            .delete_segments(ids);
+        Ok(())
     }
 
     /// Copies the live keys into a fresh generation and switches to it. Holds the store lock
@@ -863,6 +974,11 @@ impl Queue {
 /// this same batch.
 struct Staging<'a> {
     tree: &'a sled::Tree,
+    log: &'a Mutex<EventLog>,
+    sled_dirty: &'a AtomicBool,
+    /// The batch holds writes that an acknowledgement depends on (not only the high-water
+    /// mark): it must be applied, and the commit must sync sled.
+    tree_writes: bool,
     counters: &'a Counters,
     /// The queue's next sequence number (behind the writer lock), moved forward as each
     /// sub-batch lands, so numbers already written are never handed out again.
@@ -872,9 +988,11 @@ struct Staging<'a> {
     /// Consulted to skip an update whose value Braze already has.
     state: &'a state::State,
     batch: sled::Batch,
-    /// Events not yet put in `batch`: they go in as one chunk (`format::encode_event_chunk`).
+    /// Events not yet framed: they go to the log as one chunk (`format::encode_event_chunk`).
     chunk: Vec<(u64, Vec<u8>)>,
     chunk_bytes: usize,
+    /// Chunks for the event log: first seq, event count, payload.
+    frames: Vec<(u64, u32, Vec<u8>)>,
     /// Latest-index entries this batch already set, so later records see them.
     latest_here: HashMap<Vec<u8>, (u64, Vec<u8>)>,
     next_seq: u64,
@@ -887,15 +1005,15 @@ struct Staging<'a> {
 }
 
 impl<'a> Staging<'a> {
-    fn new(
-        tree: &'a sled::Tree,
-        state: &'a state::State,
-        counters: &'a Counters,
-        applied_seq: &'a mut u64,
-    ) -> Staging<'a> {
+    fn new(queue: &'a Queue, tree: &'a sled::Tree, applied_seq: &'a mut u64) -> Staging<'a> {
         let next_seq = *applied_seq;
+        let (state, counters) = (&queue.state, &queue.counters);
         Staging {
             tree,
+            log: &queue.log,
+            sled_dirty: &queue.sled_dirty,
+            tree_writes: false,
+            frames: Vec::new(),
             counters,
             applied_seq,
             staged: 0,
@@ -915,6 +1033,7 @@ impl<'a> Staging<'a> {
 
     /// Removes a dead letter in this batch (a retry, or a retry found superseded).
     fn remove_dead(&mut self, id: u64) {
+        self.tree_writes = true;
         self.batch.remove(&format::dead_key(id));
         self.dead_removed += 1;
     }
@@ -976,6 +1095,7 @@ impl<'a> Staging<'a> {
                     }
                     None => self.attributes += 1,
                 }
+                self.tree_writes = true;
                 self.batch.insert(&record_key(LANE_ATTRIBUTES, seq), value);
                 let mut index = Vec::with_capacity(8 + fields.len());
                 index.extend_from_slice(&seq.to_be_bytes());
@@ -992,21 +1112,36 @@ impl<'a> Staging<'a> {
         Ok(true)
     }
 
-    /// Applies what is staged. Big requests go to sled in sub-batches: sled 0.34.7 holds
-    /// several KB of memory per small value given to it in one huge batch. Nothing is
-    /// acknowledged before the commit that follows, so a crash between sub-batches only
-    /// means the client's retry sends some records twice (at least once), never a loss.
+    /// Applies what is staged: events to the log, the rest to sled. Big requests go to sled
+    /// in sub-batches: sled 0.34.7 holds several KB of memory per small value given to it in
+    /// one huge batch. Nothing is acknowledged before the commit that follows, so a crash
+    /// between sub-batches only means the client's retry sends some records twice (at least
+    /// once), never a loss.
     fn flush(&mut self) -> Result<(), QueueError> {
         self.close_chunk();
-        let mut batch = std::mem::take(&mut self.batch);
-        batch.insert(META_NEXT_SEQ, &self.next_seq.to_be_bytes());
+        if !self.frames.is_empty() {
+            let frames = std::mem::take(&mut self.frames);
+            let mut log = self.log.lock().expect("event log lock poisoned");
+            log.append(&frames)?;
+            if self.dead_removed > 0 {
+                // Dead letters moving back: their events must be durable before sled forgets
+                // the dead letters, or a power cut between the two could lose both. Synced
+                // under the lock, so no commit answers for these writes before they are.
+                log.take_unsynced().sync()?;
+            }
+        }
         let change = CountChange {
             events: std::mem::take(&mut self.events) as i64,
             attributes: std::mem::take(&mut self.attributes) as i64,
             dead: -(std::mem::take(&mut self.dead_removed) as i64),
         };
-        self.counters.stage(&mut batch, change);
-        self.tree.apply_batch(batch)?;
+        if std::mem::take(&mut self.tree_writes) {
+            let mut batch = std::mem::take(&mut self.batch);
+            batch.insert(META_NEXT_SEQ, &self.next_seq.to_be_bytes());
+            self.counters.stage(&mut batch, change);
+            self.tree.apply_batch(batch)?;
+            self.sled_dirty.store(true, Ordering::Release);
+        }
         *self.applied_seq = self.next_seq;
         // Applied: later records find these in the tree.
         self.latest_here.clear();
@@ -1020,16 +1155,14 @@ impl<'a> Staging<'a> {
         Ok(())
     }
 
-    /// Puts the events staged so far into the batch as one value under the first one's seq.
+    /// Frames the events staged so far as one chunk under the first one's seq.
     fn close_chunk(&mut self) {
         let Some(&(first, _)) = self.chunk.first() else {
             return;
         };
         let entries: Vec<(u64, &[u8])> = self.chunk.iter().map(|(s, e)| (*s, &e[..])).collect();
-        self.batch.insert(
-            &record_key(LANE_EVENTS, first),
-            event_value(first, &entries),
-        );
+        self.frames
+            .push((first, entries.len() as u32, event_value(first, &entries)));
         self.chunk.clear();
         self.chunk_bytes = 0;
     }
@@ -1095,64 +1228,142 @@ fn event_value(first: u64, entries: &[(u64, &[u8])]) -> Vec<u8> {
     }
 }
 
-/// Takes events out of their chunks in `batch`: each chunk (by its key's seq) is rewritten
-/// without them, or removed once empty. Returns the seqs that were there; one may be gone
-/// already (moved aside by another lease). Call with the writer lock held.
-fn remove_events(
-    tree: &sled::Tree,
-    batch: &mut sled::Batch,
-    gone: &BTreeMap<u64, HashSet<u64>>,
-) -> Result<HashSet<u64>, QueueError> {
-    let mut removed = HashSet::new();
-    for (&first, seqs) in gone {
-        let key = record_key(LANE_EVENTS, first);
-        let Some(value) = tree.get(key)? else {
-            continue;
-        };
-        let Ok(entries) = format::event_entries(first, &value) else {
-            continue;
-        };
-        let (taken, kept): (Vec<_>, Vec<_>) =
-            entries.into_iter().partition(|(seq, _)| seqs.contains(seq));
-        if taken.is_empty() {
-            continue;
-        }
-        removed.extend(taken.iter().map(|(seq, _)| *seq));
-        match kept.first() {
-            None => batch.remove(&key),
-            Some(_) => batch.insert(&key, event_value(first, &kept)),
-        }
-    }
-    Ok(removed)
-}
-
-/// Every pending record of a lane in acceptance order, as its seq and stored envelope; events
-/// are unpacked from their chunks. A chunk that no longer frames is one item: its key's seq
-/// and why.
+/// Every record of a sled lane (attribute updates, dead letters) in acceptance order, as its
+/// seq and stored value. Events live in the event log: see `log_records`.
 fn lane_records(
     tree: &sled::Tree,
     lane: u8,
-) -> impl DoubleEndedIterator<Item = Result<(u64, Result<Vec<u8>, String>), QueueError>> + '_ {
-    tree.scan_prefix([lane]).flat_map(move |item| {
-        let items: Vec<_> = match item {
-            Err(e) => vec![Err(QueueError::from(e))],
-            Ok((key, value)) => {
-                let first = seq_of(&key).unwrap_or(0);
-                if lane != LANE_EVENTS {
-                    vec![Ok((first, Ok(value.to_vec())))]
-                } else {
-                    match format::event_entries(first, &value) {
-                        Ok(entries) => entries
-                            .into_iter()
-                            .map(|(seq, e)| Ok((seq, Ok(e.to_vec()))))
-                            .collect(),
-                        Err(e) => vec![Ok((first, Err(e.to_string())))],
-                    }
-                }
+) -> impl DoubleEndedIterator<Item = Result<(u64, Vec<u8>), QueueError>> + '_ {
+    tree.scan_prefix([lane]).map(|item| {
+        let (key, value) = item?;
+        Ok((seq_of(&key).unwrap_or(0), value.to_vec()))
+    })
+}
+
+/// The first `limit` pending events in acceptance order, each as its seq and envelope; a chunk
+/// that no longer reads is one item: its first seq and why.
+fn log_records(log: &mut EventLog, limit: usize) -> Vec<(u64, Result<Vec<u8>, String>)> {
+    let firsts: Vec<u64> = log.chunks().map(|(f, _)| *f).collect::<Vec<_>>();
+    let mut out = Vec::new();
+    for first in firsts {
+        if out.len() >= limit {
+            break;
+        }
+        let gone = log
+            .chunk_mut(first)
+            .map(|c| c.gone.clone())
+            .unwrap_or_default();
+        let payload = match log.read(first) {
+            Ok(p) => p,
+            Err((why, _)) => {
+                out.push((first, Err(why)));
+                continue;
             }
         };
-        items
-    })
+        match format::event_entries(first, &payload) {
+            Ok(entries) => out.extend(
+                entries
+                    .into_iter()
+                    .filter(|(seq, _)| !gone.contains(seq))
+                    .take(limit - out.len())
+                    .map(|(seq, e)| (seq, Ok(e.to_vec()))),
+            ),
+            Err(e) => out.push((first, Err(e.to_string()))),
+        }
+    }
+    out
+}
+
+/// Puts the event log's progress into `batch`, with the sequence high-water mark: a watermark
+/// stored without it could let a restart hand out seqs below it again.
+fn stage_gone(batch: &mut sled::Batch, log: &mut EventLog, next_seq: u64) {
+    let writes = log.gone_writes();
+    if writes.is_empty() {
+        return;
+    }
+    for write in writes {
+        match write {
+            eventlog::GoneWrite::Put(k, v) => batch.insert(k, v),
+            eventlog::GoneWrite::Remove(k) => batch.remove(k),
+        }
+    }
+    batch.insert(META_NEXT_SEQ, &next_seq.to_be_bytes());
+}
+
+/// Moves events that an older release kept in sled (lane `01`) into the event log: append,
+/// sync the log, then remove them from sled. A crash in between leaves them in both; the next
+/// open skips the chunks the log already holds.
+fn migrate_sled_events(st: &Store, log: &mut EventLog) -> Result<(), QueueError> {
+    let mut moved = 0usize;
+    loop {
+        let mut frames = Vec::new();
+        let mut keys = Vec::new();
+        for item in st.tree.scan_prefix([LANE_EVENTS]).take(4096) {
+            let (key, value) = item?;
+            if let Some(first) = seq_of(&key).filter(|f| !log.contains(*f)) {
+                frames.push((first, format::event_count(&value) as u32, value.to_vec()));
+            }
+            keys.push(key);
+        }
+        if keys.is_empty() {
+            break;
+        }
+        log.append(&frames)?;
+        log.take_unsynced().sync()?;
+        let mut batch = sled::Batch::default();
+        for key in keys {
+            batch.remove(key);
+        }
+        st.tree.apply_batch(batch)?;
+        moved += frames.len();
+    }
+    if moved > 0 {
+        st.sync()?;
+        tracing::info!(
+            chunks = moved,
+            "moved pending events from the sled queue into the event log"
+        );
+    }
+    Ok(())
+}
+
+/// Puts parts of the event log that can no longer be indexed into the dead letters (synced),
+/// then cuts them off their segments so the next open does not find them again.
+fn set_aside_damage(
+    st: &Store,
+    counters: &Counters,
+    damage: Vec<eventlog::Damage>,
+    next_seq: &mut u64,
+) -> Result<(), QueueError> {
+    let mut batch = sled::Batch::default();
+    let change = CountChange {
+        dead: damage.len() as i64,
+        ..Default::default()
+    };
+    for d in &damage {
+        let id = *next_seq;
+        *next_seq += 1;
+        tracing::error!(id, segment = %d.segment.display(), offset = d.offset, bytes = d.bytes.len(),
+            error = %d.why, "part of the event log no longer reads; moved to the dead letters");
+        let entry = Dead {
+            dead_at_ms: now_ms(),
+            attempts: 0,
+            reason: format!("undecodable stored record: {}", d.why),
+            stored: d.bytes.clone(),
+        };
+        batch.insert(&format::dead_key(id), encode_dead(&entry));
+    }
+    batch.insert(META_NEXT_SEQ, &next_seq.to_be_bytes());
+    counters.stage(&mut batch, change);
+    st.tree.apply_batch(batch)?;
+    counters.apply(change);
+    st.sync()?;
+    for d in damage {
+        let f = std::fs::OpenOptions::new().write(true).open(&d.segment)?;
+        f.set_len(d.offset)?;
+        f.sync_data()?;
+    }
+    Ok(())
 }
 
 fn by_kind(counters: &[AtomicU64; 4]) -> std::collections::BTreeMap<String, u64> {
@@ -1170,15 +1381,21 @@ fn seq_of_value(v: &[u8]) -> Option<u64> {
 }
 
 /// The next sequence number: the stored high-water mark, or past the largest key if that is
-/// missing (a database written before the mark existed).
+/// missing (a database written before the mark existed). Events of an older release still in
+/// sled count here; those already in the event log are the caller's.
 fn next_seq_of(tree: &sled::Tree) -> Result<u64, QueueError> {
     let mut next = match tree.get(META_NEXT_SEQ)? {
         Some(v) => seq_of_value(&v).unwrap_or(1),
         None => 1,
     };
     for lane in [LANE_EVENTS, LANE_ATTRIBUTES, DEAD] {
-        if let Some((seq, _)) = lane_records(tree, lane).next_back().transpose()? {
-            next = next.max(seq + 1);
+        if let Some((key, value)) = tree.scan_prefix([lane]).next_back().transpose()? {
+            let first = seq_of(&key).unwrap_or(0);
+            let last = match format::event_entries(first, &value) {
+                Ok(entries) if lane == LANE_EVENTS => entries.last().map_or(first, |e| e.0),
+                _ => first,
+            };
+            next = next.max(last + 1);
         }
     }
     Ok(next.max(1))

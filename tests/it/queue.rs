@@ -294,35 +294,46 @@ fn drain(q: &Queue, outcome: impl Fn() -> Outcome) -> Vec<u64> {
     }
 }
 
-/// A stored record whose bytes no longer decode (a bit flip, a downgrade) is moved to the
-/// dead letters with the reason instead of wedging the queue; the records around it flow.
+/// The envelope an event is stored as.
+fn envelope(n: u32) -> Vec<u8> {
+    aiq_braze_sync::queue::format::encode(&event(n), 1)
+}
+
+/// Events an older release kept in sled (lane `01`) move to the event log at open, in order;
+/// one that no longer decodes (a bit flip, a downgrade) is moved to the dead letters with the
+/// reason instead of wedging the queue, and the records around it flow.
 #[tokio::test]
-async fn a_record_that_no_longer_decodes_is_moved_aside_not_wedging_the_queue() {
+async fn events_an_older_release_left_in_sled_move_to_the_event_log() {
     use aiq_braze_sync::queue::format;
     let dir = tempfile::tempdir().unwrap();
-    queued_on_disk(dir.path(), vec![vec![event(1), event(2), event(3)]]).await;
-    // Damage record 2 in the real database. The three events share one chunk (under the
-    // first one's seq); record 2's envelope inside it gets an unknown version.
+    queued_on_disk(dir.path(), vec![]).await;
     edit_on_disk(dir.path(), |tree| {
-        let key = format::record_key(format::LANE_EVENTS, 1);
-        let chunk = tree.get(key).unwrap().expect("the chunk of events 1-3");
-        let entries = format::event_entries(1, &chunk).unwrap();
-        assert_eq!(entries.iter().map(|e| e.0).collect::<Vec<_>>(), [1, 2, 3]);
         let garbage = [9u8, 1, 2, 3];
-        let damaged = format::encode_event_chunk(
+        let (one, three) = (envelope(1), envelope(3));
+        let chunk = format::encode_event_chunk(
             1,
-            entries
-                .iter()
-                .map(|&(seq, e)| (seq, if seq == 2 { &garbage[..] } else { e }))
-                .collect::<Vec<_>>()
-                .into_iter(),
+            vec![(1, &one[..]), (2, &garbage[..]), (3, &three[..])].into_iter(),
         );
-        tree.insert(key, damaged).unwrap();
+        tree.insert(format::record_key(format::LANE_EVENTS, 1), chunk)
+            .unwrap();
+        tree.insert(format::record_key(format::LANE_EVENTS, 4), envelope(4))
+            .unwrap();
+        tree.insert(format::META_COUNTS, &format::encode_counts(4, 0, 0)[..])
+            .unwrap();
+    });
+    {
+        let q = Queue::open(dir.path(), settings(100)).unwrap();
+        assert_eq!(q.stats().unwrap().pending, 4);
+    }
+    // Moved, not copied: a second open finds them once, in the log only.
+    edit_on_disk(dir.path(), |tree| {
+        assert_eq!(tree.scan_prefix([format::LANE_EVENTS]).count(), 0);
     });
     let q = Queue::open(dir.path(), settings(100)).unwrap();
+    assert_eq!(q.stats().unwrap().pending, 4);
     let leased = q.lease(&limits()).unwrap();
     let seqs: Vec<u64> = leased.iter().map(|l| l.seq).collect();
-    assert_eq!(seqs, vec![1, 3]);
+    assert_eq!(seqs, vec![1, 3, 4]);
     q.complete(
         leased
             .into_iter()
@@ -344,28 +355,34 @@ async fn a_record_that_no_longer_decodes_is_moved_aside_not_wedging_the_queue() 
         "{:?}",
         dead[0]
     );
+    // New events take seqs after the old ones.
+    q.enqueue(vec![event(5)]).await.unwrap();
+    assert_eq!(q.lease(&limits()).unwrap()[0].seq, 5);
 }
 
-/// An event chunk whose framing is damaged (its count claims more entries than it holds) is
-/// moved aside whole, under its first seq, and counted out by what it claimed; the next
-/// request's events still flow.
+/// A frame of the event log whose bytes changed on disk fails its checksum: the chunk is moved
+/// aside whole, under its first seq, and counted out; the next request's events still flow,
+/// and the damage is found once, not again at the next open.
 #[tokio::test]
-async fn an_event_chunk_that_no_longer_frames_is_moved_aside_whole() {
-    use aiq_braze_sync::queue::format;
+async fn an_event_log_frame_that_fails_its_checksum_is_moved_aside_whole() {
     let dir = tempfile::tempdir().unwrap();
     queued_on_disk(
         dir.path(),
         vec![vec![event(1), event(2), event(3)], vec![event(4), event(5)]],
     )
     .await;
-    edit_on_disk(dir.path(), |tree| {
-        let key = format::record_key(format::LANE_EVENTS, 1);
-        let mut chunk = tree.get(key).unwrap().unwrap().to_vec();
-        assert_eq!(chunk[0], format::EVENT_CHUNK_V1);
-        // Cut the value short: the header still says three entries.
-        chunk.truncate(chunk.len() - 10);
-        tree.insert(key, chunk).unwrap();
-    });
+    let segments: Vec<_> = std::fs::read_dir(dir.path().join("queue/events"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(segments.len(), 1, "{segments:?}");
+    let mut bytes = std::fs::read(&segments[0]).unwrap();
+    // The first frame: a 24-byte header whose bytes 4..8 give the payload's length.
+    let len = u32::from_le_bytes(bytes[4..8].try_into().unwrap()) as usize;
+    bytes[24 + len - 1] ^= 0x40;
+    std::fs::write(&segments[0], &bytes).unwrap();
+
     let q = Queue::open(dir.path(), settings(100)).unwrap();
     assert_eq!(q.stats().unwrap().pending, 5);
     let leased = q.lease(&limits()).unwrap();
@@ -380,10 +397,58 @@ async fn an_event_chunk_that_no_longer_frames_is_moved_aside_whole() {
             .reason
             .as_deref()
             .unwrap_or("")
-            .contains("event chunk"),
+            .contains("checksum mismatch"),
         "{:?}",
         dead[0]
     );
+    q.sync().await.unwrap();
+    drop(leased);
+    drop(q);
+    let q = Queue::open(dir.path(), settings(100)).unwrap();
+    let s = q.stats().unwrap();
+    assert_eq!((s.pending, s.dead), (2, 1));
+}
+
+/// A segment of the event log that is not the newest, damaged so that its frames cannot be
+/// walked, has its unreadable part moved to the dead letters at open, loudly; what came
+/// before and after it flows.
+#[tokio::test]
+async fn an_event_log_segment_that_cannot_be_walked_is_set_aside_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    queued_on_disk(dir.path(), vec![vec![event(1)], vec![event(2)]]).await;
+    // A second segment: each open appends to a new one.
+    queued_on_disk(dir.path(), vec![vec![event(3)]]).await;
+    let mut segments: Vec<_> = std::fs::read_dir(dir.path().join("queue/events"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    segments.sort();
+    assert_eq!(segments.len(), 2, "{segments:?}");
+    let mut bytes = std::fs::read(&segments[0]).unwrap();
+    let len = u32::from_le_bytes(bytes[4..8].try_into().unwrap()) as usize;
+    // The second frame's magic.
+    bytes[24 + len] ^= 0xff;
+    std::fs::write(&segments[0], &bytes).unwrap();
+
+    let q = Queue::open(dir.path(), settings(100)).unwrap();
+    let s = q.stats().unwrap();
+    assert_eq!((s.pending, s.dead), (2, 1));
+    let seqs: Vec<u64> = drain(&q, || Outcome::Delivered);
+    assert_eq!(seqs, vec![1, 3]);
+    let dead = q.dead(10).unwrap();
+    assert!(
+        dead[0]
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("no frame header"),
+        "{:?}",
+        dead[0]
+    );
+    drop(q);
+    let q = Queue::open(dir.path(), settings(100)).unwrap();
+    assert_eq!(q.stats().unwrap().dead, 1);
 }
 
 /// Events of one request share a chunk; delivering some of them and retrying the others
@@ -451,16 +516,24 @@ async fn dead_events_retried_and_refused_again_are_all_dead_again() {
 async fn a_dead_letter_holding_a_whole_chunk_is_retried_event_by_event() {
     use aiq_braze_sync::queue::{format, Selection};
     let dir = tempfile::tempdir().unwrap();
-    queued_on_disk(dir.path(), vec![vec![event(1), event(2), event(3)]]).await;
+    queued_on_disk(dir.path(), vec![]).await;
     // What the older release's quarantine wrote.
     edit_on_disk(dir.path(), |tree| {
-        let key = format::record_key(format::LANE_EVENTS, 1);
-        let chunk = tree.remove(key).unwrap().unwrap();
+        let envelopes = [envelope(1), envelope(2), envelope(3)];
+        let chunk = format::encode_event_chunk(
+            1,
+            envelopes
+                .iter()
+                .zip(1u64..)
+                .map(|(e, seq)| (seq, &e[..]))
+                .collect::<Vec<_>>()
+                .into_iter(),
+        );
         let dead = format::Dead {
             dead_at_ms: 1,
             attempts: 0,
             reason: "undecodable stored record: unknown format version 3".into(),
-            stored: chunk.to_vec(),
+            stored: chunk,
         };
         tree.insert(format::dead_key(1), format::encode_dead(&dead))
             .unwrap();

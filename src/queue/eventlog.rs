@@ -1,0 +1,636 @@
+//! The events lane: an append-only log of segment files under `DATA_DIR/queue/events/`.
+//!
+//! Events are only ever appended and drained in order, so sled's page cache, node copies and
+//! log buffers were pure overhead for them (a third of the daemon's CPU end to end). Here a
+//! request's events are written once, as frames at the end of the active segment, and the
+//! group committer makes them durable with one `fdatasync`. A segment file is deleted once
+//! every event in it has left the queue.
+//!
+//! **Frame** (little-endian): `magic u32 | len u32 | count u32 | first_seq u64 | crc32 u32 |
+//! payload[len]`. The payload is an event chunk exactly as `format::event_entries` reads it
+//! (or a bare envelope for one event whose seq is `first_seq`); the CRC covers `count`,
+//! `first_seq` and the payload. `count` lets the log be indexed at open from headers alone.
+//!
+//! **What has left the queue** is kept in the queue's sled tree, not here, and never synced:
+//! losing it in a crash only means sending some events again (at least once). It is the
+//! *watermark* (every chunk whose first seq is below it is gone) plus a *marker* for each chunk
+//! above it that is partly or wholly gone (`format::event_marker_key`): an empty value for a
+//! whole chunk, else the gone seqs. Markers are few: delivery takes chunks in order, so only
+//! the chunks leased out of order by concurrent workers sit above the watermark.
+//!
+//! **At open** the segments are indexed from their frame headers (a few hundred thousand
+//! `pread`s for a 10 million event backlog). The newest segment is checked frame by frame: a
+//! tail that a crash cut short was never acknowledged (acknowledgement waits for the sync) and
+//! is cut off. Appends always go to a new segment after a restart. A frame whose CRC fails
+//! elsewhere is found when it is leased and moved to the dead letters, like any record that no
+//! longer decodes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::format;
+
+const MAGIC: u32 = 0x3145_5141; // "AQE1"
+const HEADER: usize = 24;
+const EXTENSION: &str = "seg";
+
+/// A segment is closed once it reaches this size. Small enough that a drained backlog gives
+/// its disk back in steps, large enough that a 10 million event backlog is a few hundred files.
+const SEGMENT_BYTES: u64 = 8 << 20;
+
+/// A drained active segment at least this large is closed and deleted rather than appended to
+/// further, so an idle queue holds little disk.
+const RETIRE_BYTES: u64 = 1 << 20;
+
+/// One frame of the log: a chunk of one request's events.
+#[derive(Debug)]
+pub struct Chunk {
+    segment: u64,
+    offset: u64,
+    len: u32,
+    /// Events in the frame, gone or not.
+    pub count: u32,
+    /// Seqs already gone (delivered, dead-lettered or moved aside), in no order.
+    pub gone: Vec<u64>,
+    /// Events of the chunk currently leased to a worker: a lease skips a chunk whose every
+    /// remaining event is out, without reading it.
+    pub leased: u32,
+}
+
+impl Chunk {
+    pub fn live(&self) -> u64 {
+        u64::from(self.count).saturating_sub(self.gone.len() as u64)
+    }
+
+    /// Every event not gone is leased: nothing here for another lease.
+    pub fn all_out(&self) -> bool {
+        self.live() <= u64::from(self.leased)
+    }
+}
+
+/// What the queue's sled tree says has left the log (see the module doc).
+#[derive(Debug, Default)]
+pub struct GoneState {
+    pub watermark: u64,
+    /// Chunk first seq → the seqs gone, or `None` for the whole chunk.
+    pub markers: BTreeMap<u64, Option<Vec<u64>>>,
+}
+
+/// Part of a segment that cannot be indexed: its bytes go to the dead letters.
+#[derive(Debug)]
+pub struct Damage {
+    pub segment: PathBuf,
+    pub offset: u64,
+    pub bytes: Vec<u8>,
+    pub why: String,
+}
+
+/// A write for the sled tree that keeps `GoneState` in step with the log.
+pub enum GoneWrite {
+    Put(Vec<u8>, Vec<u8>),
+    Remove(Vec<u8>),
+}
+
+pub struct EventLog {
+    dir: PathBuf,
+    chunks: BTreeMap<u64, Chunk>,
+    /// Segment id → chunks still indexed in it.
+    segments: BTreeMap<u64, usize>,
+    active: Option<(u64, File, u64)>,
+    /// The last segment read from, kept open: leases read the same one over and over.
+    reader: Option<(u64, File)>,
+    /// Written since the last sync: their handles, and whether a new file was created.
+    unsynced: Vec<File>,
+    dir_unsynced: bool,
+    /// One past the highest seq ever appended or found.
+    end_seq: u64,
+    live: u64,
+    /// Chunks with a marker in the tree; those below the watermark are removed as it passes.
+    marked: BTreeSet<u64>,
+    /// Chunks whose gone set changed since `gone_writes` last ran.
+    touched: BTreeSet<u64>,
+    /// Drained segments, deleted only once the tree that says so is synced (`maintain`):
+    /// a segment may hold events that went to the dead letters, which must be durable first.
+    deletable: Vec<u64>,
+    next_id: u64,
+}
+
+/// Makes the log's writes since the last `take_unsynced` durable.
+pub struct Unsynced {
+    files: Vec<File>,
+    dir: Option<PathBuf>,
+}
+
+impl Unsynced {
+    pub fn sync(self) -> io::Result<()> {
+        for f in &self.files {
+            f.sync_data()?;
+        }
+        if let Some(dir) = self.dir {
+            super::store::sync_dir(&dir)?;
+        }
+        Ok(())
+    }
+}
+
+fn segment_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:010}.{EXTENSION}"))
+}
+
+fn crc(count: u32, first: u64, payload: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&count.to_le_bytes());
+    h.update(&first.to_le_bytes());
+    h.update(payload);
+    h.finalize()
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+/// Appends one frame to `out`.
+pub fn encode_frame(out: &mut Vec<u8>, first: u64, count: u32, payload: &[u8]) {
+    out.extend_from_slice(&MAGIC.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&count.to_le_bytes());
+    out.extend_from_slice(&first.to_le_bytes());
+    out.extend_from_slice(&crc(count, first, payload).to_le_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// A frame header: payload length, event count, first seq, CRC. `None` if it is not one.
+fn parse_header(h: &[u8; HEADER]) -> Option<(u32, u32, u64, u32)> {
+    if u32_at(h, 0) != MAGIC {
+        return None;
+    }
+    let first = u64::from_le_bytes(h[12..20].try_into().expect("8 bytes"));
+    Some((u32_at(h, 4), u32_at(h, 8), first, u32_at(h, 20)))
+}
+
+impl EventLog {
+    /// Indexes the segments under `dir`, skipping what `gone` says has left. Returns the log
+    /// and any part of a segment that could not be indexed.
+    pub fn open(dir: &Path, gone: &GoneState) -> io::Result<(EventLog, Vec<Damage>)> {
+        fs::create_dir_all(dir)?;
+        let mut ids: Vec<u64> = fs::read_dir(dir)?
+            .filter_map(|e| {
+                let name = e.ok()?.file_name();
+                let name = name.to_str()?;
+                name.strip_suffix(&format!(".{EXTENSION}"))?.parse().ok()
+            })
+            .collect();
+        ids.sort_unstable();
+        let mut log = EventLog {
+            dir: dir.to_path_buf(),
+            chunks: BTreeMap::new(),
+            segments: BTreeMap::new(),
+            active: None,
+            reader: None,
+            unsynced: Vec::new(),
+            dir_unsynced: false,
+            end_seq: 0,
+            live: 0,
+            marked: gone.markers.keys().copied().collect(),
+            touched: BTreeSet::new(),
+            deletable: Vec::new(),
+            next_id: ids.last().map_or(1, |l| l + 1),
+        };
+        let mut damage = Vec::new();
+        let last = ids.last().copied();
+        for id in ids {
+            let path = segment_path(dir, id);
+            let file = File::open(&path)?;
+            let size = file.metadata()?.len();
+            let mut offset = 0u64;
+            let mut indexed = 0usize;
+            let mut header = [0u8; HEADER];
+            while offset < size {
+                let complete = offset + HEADER as u64 <= size
+                    && file.read_exact_at(&mut header, offset).is_ok();
+                let parsed = complete
+                    .then(|| parse_header(&header))
+                    .flatten()
+                    .filter(|(len, ..)| offset + (HEADER as u64) + u64::from(*len) <= size);
+                let Some((len, count, first, sum)) = parsed else {
+                    if Some(id) == last {
+                        // A torn tail: never acknowledged. Cut it off.
+                        tracing::warn!(segment = %path.display(), offset, "event log ends in a partial frame (a crash mid-write); cutting it off");
+                        OpenOptions::new()
+                            .write(true)
+                            .open(&path)?
+                            .set_len(offset)?;
+                    } else {
+                        let mut bytes = vec![0u8; (size - offset) as usize];
+                        file.read_exact_at(&mut bytes, offset)?;
+                        damage.push(Damage {
+                            segment: path.clone(),
+                            offset,
+                            bytes,
+                            why: format!(
+                                "event log segment damaged at byte {offset}: no frame header"
+                            ),
+                        });
+                    }
+                    break;
+                };
+                let end = offset + HEADER as u64 + u64::from(len);
+                if Some(id) == last {
+                    // The newest segment is checked whole: a torn last frame is cut off.
+                    let mut payload = vec![0u8; len as usize];
+                    file.read_exact_at(&mut payload, offset + HEADER as u64)?;
+                    if crc(count, first, &payload) != sum && end == size {
+                        tracing::warn!(segment = %path.display(), offset, "event log ends in a torn frame (a crash mid-write); cutting it off");
+                        OpenOptions::new()
+                            .write(true)
+                            .open(&path)?
+                            .set_len(offset)?;
+                        break;
+                    }
+                }
+                log.end_seq = log.end_seq.max(first + u64::from(count.max(1)));
+                let gone_here = match gone.markers.get(&first) {
+                    _ if first < gone.watermark => None,
+                    Some(None) => None,
+                    Some(Some(seqs)) => Some(seqs.clone()),
+                    None => Some(Vec::new()),
+                };
+                if let Some(gone_seqs) = gone_here {
+                    if !log.chunks.contains_key(&first) {
+                        let chunk = Chunk {
+                            segment: id,
+                            offset,
+                            len,
+                            count,
+                            gone: gone_seqs,
+                            leased: 0,
+                        };
+                        if chunk.live() > 0 {
+                            log.live += chunk.live();
+                            log.chunks.insert(first, chunk);
+                            indexed += 1;
+                        }
+                    }
+                }
+                offset = end;
+            }
+            if indexed == 0 {
+                fs::remove_file(&path)?;
+                log.dir_unsynced = true;
+            } else {
+                log.segments.insert(id, indexed);
+            }
+        }
+        Ok((log, damage))
+    }
+
+    /// Events not yet gone.
+    pub fn live(&self) -> u64 {
+        self.live
+    }
+
+    /// One past the highest seq the log has held.
+    pub fn end_seq(&self) -> u64 {
+        self.end_seq
+    }
+
+    pub fn chunks(&self) -> impl DoubleEndedIterator<Item = (&u64, &Chunk)> {
+        self.chunks.iter()
+    }
+
+    /// Chunks whose first seq is `from` or later, in order.
+    pub fn chunks_from(&self, from: u64) -> impl Iterator<Item = (&u64, &Chunk)> {
+        self.chunks.range(from..)
+    }
+
+    pub fn contains(&self, first: u64) -> bool {
+        self.chunks.contains_key(&first)
+    }
+
+    pub fn chunk_mut(&mut self, first: u64) -> Option<&mut Chunk> {
+        self.chunks.get_mut(&first)
+    }
+
+    /// Appends chunks (first seq, event count, payload) as frames, in one write. Nothing is
+    /// durable until the next `take_unsynced().sync()`. On failure the segment is cut back,
+    /// so a half-written frame never sits before later ones.
+    pub fn append(&mut self, frames: &[(u64, u32, Vec<u8>)]) -> io::Result<()> {
+        if frames.is_empty() {
+            return Ok(());
+        }
+        if self
+            .active
+            .as_ref()
+            .is_none_or(|(_, _, len)| *len >= SEGMENT_BYTES)
+        {
+            self.rotate()?;
+        }
+        let (id, file, len) = self.active.as_mut().expect("an active segment");
+        let mut buf = Vec::with_capacity(frames.iter().map(|f| f.2.len() + HEADER).sum());
+        let mut at = Vec::with_capacity(frames.len());
+        for (first, count, payload) in frames {
+            at.push(*len + buf.len() as u64);
+            encode_frame(&mut buf, *first, *count, payload);
+        }
+        if let Err(e) = file.write_all(&buf) {
+            let _ = file.set_len(*len);
+            return Err(e);
+        }
+        *len += buf.len() as u64;
+        let id = *id;
+        self.unsynced.push(file.try_clone()?);
+        for ((first, count, payload), offset) in frames.iter().zip(at) {
+            self.chunks.insert(
+                *first,
+                Chunk {
+                    segment: id,
+                    offset,
+                    len: payload.len() as u32,
+                    count: *count,
+                    gone: Vec::new(),
+                    leased: 0,
+                },
+            );
+            self.live += u64::from(*count);
+            self.end_seq = self.end_seq.max(first + u64::from((*count).max(1)));
+        }
+        *self.segments.entry(id).or_default() += frames.len();
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .read(true)
+            .open(segment_path(&self.dir, id))?;
+        if let Some((old, ..)) = self.active.take() {
+            if self.segments.get(&old).is_none_or(|n| *n == 0) {
+                self.segments.remove(&old);
+                self.deletable.push(old);
+            }
+        }
+        self.dir_unsynced = true;
+        self.segments.entry(id).or_default();
+        self.active = Some((id, file, 0));
+        Ok(())
+    }
+
+    /// The handles to sync for everything written so far; the sync itself runs without the
+    /// log's lock.
+    pub fn take_unsynced(&mut self) -> Unsynced {
+        Unsynced {
+            files: std::mem::take(&mut self.unsynced),
+            dir: std::mem::take(&mut self.dir_unsynced).then(|| self.dir.clone()),
+        }
+    }
+
+    /// A chunk's payload, checked against its CRC. On failure, why, and whatever bytes could
+    /// be read (for the dead letter).
+    pub fn read(&mut self, first: u64) -> Result<Vec<u8>, (String, Vec<u8>)> {
+        let Some(chunk) = self.chunks.get(&first) else {
+            return Err(("no such chunk".into(), Vec::new()));
+        };
+        let (segment, offset, len) = (chunk.segment, chunk.offset, chunk.len);
+        let at = |what: String| format!("event log segment {segment} at byte {offset}: {what}");
+        let mut buf = vec![0u8; HEADER + len as usize];
+        let result = match &self.active {
+            Some((id, file, _)) if *id == segment => file.read_exact_at(&mut buf, offset),
+            _ => {
+                if self.reader.as_ref().is_none_or(|(id, _)| *id != segment) {
+                    let file = File::open(segment_path(&self.dir, segment))
+                        .map_err(|e| (at(e.to_string()), Vec::new()))?;
+                    self.reader = Some((segment, file));
+                }
+                let (_, file) = self.reader.as_ref().expect("just opened");
+                file.read_exact_at(&mut buf, offset)
+            }
+        };
+        result.map_err(|e| (at(e.to_string()), Vec::new()))?;
+        let header: &[u8; HEADER] = buf[..HEADER].try_into().expect("header");
+        let parsed = parse_header(header);
+        let payload = buf.split_off(HEADER);
+        match parsed {
+            Some((l, count, f, sum)) if l == len && f == first => {
+                if crc(count, f, &payload) == sum {
+                    Ok(payload)
+                } else {
+                    Err((at("checksum mismatch".into()), payload))
+                }
+            }
+            _ => Err((at("frame header damaged".into()), payload)),
+        }
+    }
+
+    /// Marks seqs of a chunk gone. Returns those that were not gone before; the chunk leaves
+    /// the index once all are, and its segment is deleted once it holds none.
+    pub fn mark_gone(&mut self, first: u64, seqs: &[u64]) -> Vec<u64> {
+        let Some(chunk) = self.chunks.get_mut(&first) else {
+            return Vec::new();
+        };
+        let fresh: Vec<u64> = seqs
+            .iter()
+            .copied()
+            .filter(|s| !chunk.gone.contains(s))
+            .collect();
+        if fresh.is_empty() {
+            return fresh;
+        }
+        chunk.gone.extend(&fresh);
+        self.live = self.live.saturating_sub(fresh.len() as u64);
+        self.touched.insert(first);
+        if chunk.live() == 0 {
+            self.remove_chunk(first);
+        }
+        fresh
+    }
+
+    /// Takes a whole chunk out (a frame that no longer reads). Returns the events it held.
+    pub fn drop_chunk(&mut self, first: u64) -> u64 {
+        let Some(live) = self.chunks.get(&first).map(Chunk::live) else {
+            return 0;
+        };
+        self.live = self.live.saturating_sub(live);
+        self.touched.insert(first);
+        self.remove_chunk(first);
+        live
+    }
+
+    fn remove_chunk(&mut self, first: u64) {
+        let Some(chunk) = self.chunks.remove(&first) else {
+            return;
+        };
+        let left = self.segments.entry(chunk.segment).or_default();
+        *left = left.saturating_sub(1);
+        if *left > 0 {
+            return;
+        }
+        match &self.active {
+            // The segment being appended to stays, unless a backlog drained out of it: then
+            // the next append starts a new one and this one's disk comes back.
+            Some((id, _, len)) if *id == chunk.segment => {
+                if *len >= RETIRE_BYTES {
+                    self.active = None;
+                    self.segments.remove(&chunk.segment);
+                    self.deletable.push(chunk.segment);
+                }
+            }
+            _ => {
+                self.segments.remove(&chunk.segment);
+                self.deletable.push(chunk.segment);
+            }
+        }
+    }
+
+    /// Drained segments, handed over for `delete_segments`. Take them with the queue's writer
+    /// lock held, so that the tree writes that drained them are all applied.
+    pub fn take_deletable(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.deletable)
+    }
+
+    /// Deletes drained segments. Call only once the tree is synced after `take_deletable`.
+    /// The deletes are not synced: a file a crash brings back holds only events below the
+    /// watermark or marked gone.
+    pub fn delete_segments(&mut self, ids: Vec<u64>) {
+        for id in ids {
+            if self.reader.as_ref().is_some_and(|(r, _)| *r == id) {
+                self.reader = None;
+            }
+            if let Err(e) = fs::remove_file(segment_path(&self.dir, id)) {
+                tracing::warn!(segment = id, error = %e, "could not delete a drained event log segment");
+            }
+        }
+    }
+
+    /// The tree writes that record what left the log since the last call.
+    pub fn gone_writes(&mut self) -> Vec<GoneWrite> {
+        let mut out = Vec::new();
+        if self.touched.is_empty() {
+            return out;
+        }
+        let watermark = self.chunks.keys().next().copied().unwrap_or(self.end_seq);
+        for first in std::mem::take(&mut self.touched) {
+            if first < watermark {
+                continue;
+            }
+            let value = match self.chunks.get(&first) {
+                Some(chunk) => chunk.gone.iter().flat_map(|s| s.to_be_bytes()).collect(),
+                None => Vec::new(),
+            };
+            out.push(GoneWrite::Put(
+                format::event_marker_key(first).to_vec(),
+                value,
+            ));
+            self.marked.insert(first);
+        }
+        let below: Vec<u64> = self.marked.range(..watermark).copied().collect();
+        for first in below {
+            self.marked.remove(&first);
+            out.push(GoneWrite::Remove(format::event_marker_key(first).to_vec()));
+        }
+        out.push(GoneWrite::Put(
+            format::META_EVENTS_GONE.to_vec(),
+            watermark.to_be_bytes().to_vec(),
+        ));
+        out
+    }
+
+    /// Bytes the segments take on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        super::store::dir_bytes(&self.dir)
+    }
+}
+
+/// Reads `GoneState` from the queue tree.
+pub fn gone_state(tree: &sled::Tree) -> Result<GoneState, super::QueueError> {
+    let watermark = tree
+        .get(format::META_EVENTS_GONE)?
+        .and_then(|v| Some(u64::from_be_bytes(v.get(..8)?.try_into().ok()?)))
+        .unwrap_or(0);
+    let mut markers = BTreeMap::new();
+    for item in tree.scan_prefix([format::EVENT_MARKERS]) {
+        let (key, value) = item?;
+        let Some(first) = format::seq_of(&key) else {
+            continue;
+        };
+        let seqs = (!value.is_empty()).then(|| {
+            value
+                .chunks_exact(8)
+                .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
+                .collect()
+        });
+        markers.insert(first, seqs);
+    }
+    Ok(GoneState { watermark, markers })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_a_flipped_byte_is_caught() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, damage) = EventLog::open(dir.path(), &GoneState::default()).unwrap();
+        assert!(damage.is_empty());
+        log.append(&[(1, 1, b"one".to_vec()), (2, 2, b"two and three".to_vec())])
+            .unwrap();
+        log.take_unsynced().sync().unwrap();
+        assert_eq!(log.read(2).unwrap(), b"two and three");
+        assert_eq!(log.live(), 3);
+        assert_eq!(log.end_seq(), 4);
+
+        let path = segment_path(dir.path(), 1);
+        let mut bytes = fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        fs::write(&path, &bytes).unwrap();
+        assert!(log.read(2).unwrap_err().0.contains("checksum"));
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_off_and_what_is_gone_stays_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = EventLog::open(dir.path(), &GoneState::default()).unwrap();
+        log.append(&[(1, 1, b"a".to_vec()), (2, 3, b"bcd".to_vec())])
+            .unwrap();
+        log.append(&[(5, 1, b"e".to_vec())]).unwrap();
+        assert_eq!(log.mark_gone(2, &[2, 3]), vec![2, 3]);
+        let writes = log.gone_writes();
+        let mut tree_state = GoneState::default();
+        for w in writes {
+            if let GoneWrite::Put(k, v) = w {
+                if k == format::META_EVENTS_GONE {
+                    tree_state.watermark = u64::from_be_bytes(v[..8].try_into().unwrap());
+                } else {
+                    let first = format::seq_of(&k).unwrap();
+                    let seqs = v
+                        .chunks_exact(8)
+                        .map(|b| u64::from_be_bytes(b.try_into().unwrap()))
+                        .collect();
+                    tree_state.markers.insert(first, Some(seqs));
+                }
+            }
+        }
+        assert_eq!(tree_state.watermark, 1);
+        drop(log);
+        // Half a frame at the end, as a crash mid-write leaves it.
+        let path = segment_path(dir.path(), 1);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&MAGIC.to_le_bytes()).unwrap();
+        f.write_all(&[9, 0, 0]).unwrap();
+        drop(f);
+
+        let (log, damage) = EventLog::open(dir.path(), &tree_state).unwrap();
+        assert!(damage.is_empty());
+        let live: Vec<(u64, u64)> = log.chunks().map(|(f, c)| (*f, c.live())).collect();
+        assert_eq!(live, vec![(1, 1), (2, 1), (5, 1)]);
+        assert_eq!(log.live(), 3);
+        assert_eq!(fs::metadata(&path).unwrap().len() as usize, 3 * HEADER + 5);
+    }
+}
