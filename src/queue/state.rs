@@ -84,6 +84,7 @@ impl State {
         settled: impl IntoIterator<Item = (&'a [u8], u64, Option<&'a [u8]>)>,
     ) -> Result<(), QueueError> {
         let mut batch = sled::Batch::default();
+        let mut any = false;
         for (key, seq, delivered) in settled {
             let delivered = delivered.unwrap_or_default();
             let mut value = Vec::with_capacity(9 + delivered.len());
@@ -91,8 +92,13 @@ impl State {
             value.extend_from_slice(&seq.to_be_bytes());
             value.extend_from_slice(delivered);
             batch.insert(key, value);
+            any = true;
         }
-        self.settled.apply_batch(batch)?;
+        // Even an empty batch makes sled 0.34 seal and write its log buffer: an I/O for every
+        // request of events, which have nothing to record here.
+        if any {
+            self.settled.apply_batch(batch)?;
+        }
         Ok(())
     }
 }
