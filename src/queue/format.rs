@@ -117,33 +117,35 @@ pub fn latest_key(user: &UserId, attribute: &str) -> Vec<u8> {
     k
 }
 
+/// Generic over the string type: records are encoded from borrowed `&str` (no copies on the
+/// ingest path) and decoded into `String`; bincode writes both the same way.
 #[derive(Serialize, Deserialize)]
-enum UserIdV1 {
-    External(String),
-    Braze(String),
+enum UserIdV1<S = String> {
+    External(S),
+    Braze(S),
 }
 
 #[derive(Serialize, Deserialize)]
-enum RecordV1 {
+enum RecordV1<S = String> {
     Membership {
-        user: UserIdV1,
-        audience_id: String,
-        split_id: String,
+        user: UserIdV1<S>,
+        audience_id: S,
+        split_id: S,
         member: bool,
-        time: Option<String>,
+        time: Option<S>,
     },
     Event {
-        user: UserIdV1,
-        name: String,
-        time: String,
-        properties: Option<String>,
+        user: UserIdV1<S>,
+        name: S,
+        time: S,
+        properties: Option<S>,
     },
 }
 
 #[derive(Serialize, Deserialize)]
-struct StoredV1 {
+struct StoredV1<S = String> {
     accepted_at_ms: u64,
-    record: RecordV1,
+    record: RecordV1<S>,
 }
 
 /// Identifiers in V2. Variants may only ever be appended.
@@ -259,10 +261,10 @@ fn decode_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, DecodeE
 }
 
 /// The V1 form of an identifier, if V1 can carry it.
-fn user_v1(u: &UserId) -> Option<UserIdV1> {
+fn user_v1(u: &UserId) -> Option<UserIdV1<&str>> {
     match u {
-        UserId::External(s) => Some(UserIdV1::External(s.clone())),
-        UserId::Braze(s) => Some(UserIdV1::Braze(s.clone())),
+        UserId::External(s) => Some(UserIdV1::External(s)),
+        UserId::Braze(s) => Some(UserIdV1::Braze(s)),
         _ => None,
     }
 }
@@ -295,20 +297,20 @@ fn user_of_v2(u: UserIdV2) -> UserId {
 }
 
 /// The V1 form of a record, if V1 can carry it.
-fn record_v1(record: &Record) -> Option<RecordV1> {
+fn record_v1(record: &Record) -> Option<RecordV1<&str>> {
     Some(match record {
         Record::Membership(m) => RecordV1::Membership {
             user: user_v1(&m.user)?,
-            audience_id: m.audience_id.clone(),
-            split_id: m.split_id.clone(),
+            audience_id: &m.audience_id,
+            split_id: &m.split_id,
             member: m.member,
-            time: m.time.clone(),
+            time: m.time.as_deref(),
         },
         Record::Event(e) => RecordV1::Event {
             user: user_v1(&e.user)?,
-            name: e.name.clone(),
-            time: e.time.clone(),
-            properties: e.properties.clone(),
+            name: &e.name,
+            time: &e.time,
+            properties: e.properties.as_deref(),
         },
         Record::Attribute(_) | Record::Tracked(_) => return None,
     })
