@@ -83,21 +83,16 @@ impl State {
         &self,
         settled: impl IntoIterator<Item = (&'a [u8], u64, Option<&'a [u8]>)>,
     ) -> Result<(), QueueError> {
-        let mut batch = sled::Batch::default();
-        let mut any = false;
+        // One key at a time, not a batch: sled 0.34 seals and writes its log buffer for every
+        // batch (an I/O per delivered request), and these facts need no atomicity: each one
+        // stands alone, and after a crash any of them may lag, never lead.
         for (key, seq, delivered) in settled {
             let delivered = delivered.unwrap_or_default();
             let mut value = Vec::with_capacity(9 + delivered.len());
             value.push(V2);
             value.extend_from_slice(&seq.to_be_bytes());
             value.extend_from_slice(delivered);
-            batch.insert(key, value);
-            any = true;
-        }
-        // Even an empty batch makes sled 0.34 seal and write its log buffer: an I/O for every
-        // request of events, which have nothing to record here.
-        if any {
-            self.settled.apply_batch(batch)?;
+            self.settled.insert(key, value)?;
         }
         Ok(())
     }
