@@ -1363,7 +1363,7 @@ fn migrate_sled_events(st: &Store, log: &mut EventLog) -> Result<(), QueueError>
 }
 
 /// Puts parts of the event log that can no longer be indexed into the dead letters (synced),
-/// then cuts them off their segments so the next open does not find them again.
+/// then seals them in their segments so the next open does not find them again.
 fn set_aside_damage(
     st: &Store,
     counters: &Counters,
@@ -1394,9 +1394,7 @@ fn set_aside_damage(
     counters.apply(change);
     st.sync()?;
     for d in damage {
-        let f = std::fs::OpenOptions::new().write(true).open(&d.segment)?;
-        f.set_len(d.offset)?;
-        f.sync_data()?;
+        d.seal()?;
     }
     Ok(())
 }
