@@ -45,6 +45,9 @@ const SEGMENT_BYTES: u64 = 8 << 20;
 /// further, so an idle queue holds little disk.
 const RETIRE_BYTES: u64 = 1 << 20;
 
+/// A chunk to append: its first seq, its event count and its payload.
+pub type Frame = (u64, u32, Vec<u8>);
+
 /// One frame of the log: a chunk of one request's events.
 #[derive(Debug)]
 pub struct Chunk {
@@ -377,7 +380,7 @@ impl EventLog {
     /// Appends chunks (first seq, event count, payload) as frames, in one write. Nothing is
     /// durable until the next `take_unsynced().sync()`. On failure the segment is cut back,
     /// so a half-written frame never sits before later ones.
-    pub fn append(&mut self, frames: &[(u64, u32, Vec<u8>)]) -> io::Result<()> {
+    pub fn append(&mut self, frames: &[Frame]) -> io::Result<()> {
         if frames.is_empty() {
             return Ok(());
         }
@@ -697,7 +700,7 @@ mod tests {
     use proptest::prelude::*;
 
     /// Frames (first seq, count, payload) written to a fresh log, and where each begins.
-    fn written(dir: &Path, sizes: &[usize]) -> (Vec<(u64, u32, Vec<u8>)>, Vec<u64>) {
+    fn written(dir: &Path, sizes: &[usize]) -> (Vec<Frame>, Vec<u64>) {
         let (mut log, _) = EventLog::open(dir, &GoneState::default()).unwrap();
         let mut frames = Vec::new();
         let mut starts = Vec::new();

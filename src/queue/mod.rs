@@ -1005,7 +1005,7 @@ struct Staging<'a> {
     chunk: Vec<(u64, Vec<u8>)>,
     chunk_bytes: usize,
     /// Chunks for the event log: first seq, event count, payload.
-    frames: Vec<(u64, u32, Vec<u8>)>,
+    frames: Vec<eventlog::Frame>,
     /// Latest-index entries this batch already set, so later records see them.
     latest_here: HashMap<Vec<u8>, (u64, Vec<u8>)>,
     next_seq: u64,
