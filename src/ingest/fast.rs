@@ -91,6 +91,9 @@ fn time(raw: &RawValue) -> Option<String> {
     let text = raw.get();
     let parsed = if text.starts_with('"') {
         let s: Cow<str> = serde_json::from_str(text).ok()?;
+        if super::is_canonical_time(&s) {
+            return Some(s.into_owned());
+        }
         OffsetDateTime::parse(&s, &Rfc3339).ok()?
     } else {
         let secs: i64 = serde_json::from_str(text).ok()?;
@@ -133,7 +136,7 @@ impl<'de> Deserialize<'de> for PropertyNames {
                 f.write_str("an object")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<PropertyNames, A::Error> {
-                let mut seen: Vec<Cow<'de, str>> = Vec::new();
+                let mut seen: Vec<Cow<'de, str>> = Vec::with_capacity(16);
                 let mut ok = true;
                 while let Some(key) = map.next_key::<Cow<'de, str>>()? {
                     map.next_value::<IgnoredAny>()?;
