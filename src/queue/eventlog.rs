@@ -11,12 +11,14 @@
 //! (or a bare envelope for one event whose seq is `first_seq`); the CRC covers `count`,
 //! `first_seq` and the payload. `count` lets the log be indexed at open from headers alone.
 //!
-//! **What has left the queue** is kept in the queue's sled tree, not here, and never synced:
-//! losing it in a crash only means sending some events again (at least once). It is the
-//! *watermark* (every chunk whose first seq is below it is gone) plus a *marker* for each chunk
-//! above it that is partly or wholly gone (`format::event_marker_key`): an empty value for a
-//! whole chunk, else the gone seqs. Markers are few: delivery takes chunks in order, so only
-//! the chunks leased out of order by concurrent workers sit above the watermark.
+//! **What has left the queue** is kept in the queue's sled tree, not here, as one value
+//! (`format::META_EVENTS_GONE`, rewritten by every completion and never synced: losing it in
+//! a crash only means sending some events again, at least once). It holds the *watermark*
+//! (every chunk whose first seq is below it is gone), the queue's next seq, and a *marker* for
+//! each chunk above the watermark that is partly or wholly gone. Markers are few: delivery
+//! takes chunks in order, so only chunks leased out of order by concurrent workers, and the
+//! one a batch ended in, sit above the watermark. One key, because sled's cost is per key
+//! written.
 //!
 //! **At open** the segments are indexed from their frame headers (a few hundred thousand
 //! `pread`s for a 10 million event backlog). The newest segment is checked frame by frame: a
@@ -75,11 +77,67 @@ impl Chunk {
 }
 
 /// What the queue's sled tree says has left the log (see the module doc).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct GoneState {
     pub watermark: u64,
+    /// The queue's next seq when this was written.
+    pub next_seq: u64,
     /// Chunk first seq → the seqs gone, or `None` for the whole chunk.
     pub markers: BTreeMap<u64, Option<Vec<u64>>>,
+}
+
+/// A marker's count for a wholly gone chunk.
+const WHOLE: u32 = u32::MAX;
+
+impl GoneState {
+    /// `[watermark u64][next_seq u64]` then per marker `[first u64][n u32][n × seq u64]`, with
+    /// `n` = `u32::MAX` for a wholly gone chunk; big-endian.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 + self.markers.len() * 12);
+        out.extend_from_slice(&self.watermark.to_be_bytes());
+        out.extend_from_slice(&self.next_seq.to_be_bytes());
+        for (first, seqs) in &self.markers {
+            out.extend_from_slice(&first.to_be_bytes());
+            match seqs {
+                None => out.extend_from_slice(&WHOLE.to_be_bytes()),
+                Some(seqs) => {
+                    out.extend_from_slice(&(seqs.len() as u32).to_be_bytes());
+                    for seq in seqs {
+                        out.extend_from_slice(&seq.to_be_bytes());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// `None` if the value is damaged; the caller then starts from nothing gone, which only
+    /// resends.
+    pub fn decode(v: &[u8]) -> Option<GoneState> {
+        let u64_at = |at: usize| Some(u64::from_be_bytes(v.get(at..at + 8)?.try_into().ok()?));
+        let mut state = GoneState {
+            watermark: u64_at(0)?,
+            next_seq: u64_at(8)?,
+            markers: BTreeMap::new(),
+        };
+        let mut at = 16;
+        while at < v.len() {
+            let first = u64_at(at)?;
+            let n = u32::from_be_bytes(v.get(at + 8..at + 12)?.try_into().ok()?);
+            at += 12;
+            let seqs = if n == WHOLE {
+                None
+            } else {
+                let seqs = (0..n as usize)
+                    .map(|i| u64_at(at + 8 * i))
+                    .collect::<Option<Vec<u64>>>()?;
+                at += 8 * n as usize;
+                Some(seqs)
+            };
+            state.markers.insert(first, seqs);
+        }
+        Some(state)
+    }
 }
 
 /// Part of a segment that cannot be indexed: its bytes go to the dead letters.
@@ -110,12 +168,6 @@ impl Damage {
     }
 }
 
-/// A write for the sled tree that keeps `GoneState` in step with the log.
-pub enum GoneWrite {
-    Put(Vec<u8>, Vec<u8>),
-    Remove(Vec<u8>),
-}
-
 pub struct EventLog {
     dir: PathBuf,
     chunks: BTreeMap<u64, Chunk>,
@@ -130,10 +182,13 @@ pub struct EventLog {
     /// One past the highest seq ever appended or found.
     end_seq: u64,
     live: u64,
-    /// Chunks with a marker in the tree; those below the watermark are removed as it passes.
-    marked: BTreeSet<u64>,
-    /// Chunks whose gone set changed since `gone_writes` last ran.
-    touched: BTreeSet<u64>,
+    /// Indexed chunks with some events gone: each has a marker.
+    partial: BTreeSet<u64>,
+    /// Chunks wholly gone that may sit above the watermark: each has a marker until the
+    /// watermark passes it.
+    whole: BTreeSet<u64>,
+    /// Something left since `gone_value` last ran.
+    changed: bool,
     /// Drained segments, deleted only once the tree that says so is synced (`maintain`):
     /// a segment may hold events that went to the dead letters, which must be durable first.
     deletable: Vec<u64>,
@@ -233,7 +288,13 @@ impl EventLog {
     /// Indexes the segments under `dir`, skipping what `gone` says has left. Returns the log
     /// and any part of a segment that could not be indexed.
     pub fn open(dir: &Path, gone: &GoneState) -> io::Result<(EventLog, Vec<Damage>)> {
-        fs::create_dir_all(dir)?;
+        if !dir.exists() {
+            fs::create_dir_all(dir)?;
+            // The directory's own entry, or a power cut could lose every segment with it.
+            if let Some(parent) = dir.parent() {
+                super::store::sync_dir(parent)?;
+            }
+        }
         let mut ids: Vec<u64> = fs::read_dir(dir)?
             .filter_map(|e| {
                 let name = e.ok()?.file_name();
@@ -252,8 +313,14 @@ impl EventLog {
             dir_unsynced: false,
             end_seq: 0,
             live: 0,
-            marked: gone.markers.keys().copied().collect(),
-            touched: BTreeSet::new(),
+            partial: BTreeSet::new(),
+            whole: gone
+                .markers
+                .iter()
+                .filter(|(f, seqs)| seqs.is_none() && **f >= gone.watermark)
+                .map(|(f, _)| *f)
+                .collect(),
+            changed: false,
             deletable: Vec::new(),
             next_id: ids.last().map_or(1, |l| l + 1),
         };
@@ -332,9 +399,14 @@ impl EventLog {
                         leased: 0,
                     };
                     if chunk.live() > 0 {
+                        if !chunk.gone.is_empty() {
+                            log.partial.insert(first);
+                        }
                         log.live += chunk.live();
                         log.chunks.insert(first, chunk);
                         indexed += 1;
+                    } else if first >= gone.watermark {
+                        log.whole.insert(first);
                     }
                 }
                 offset = end;
@@ -506,9 +578,11 @@ impl EventLog {
         }
         chunk.gone.extend(&fresh);
         self.live = self.live.saturating_sub(fresh.len() as u64);
-        self.touched.insert(first);
+        self.changed = true;
         if chunk.live() == 0 {
             self.remove_chunk(first);
+        } else {
+            self.partial.insert(first);
         }
         fresh
     }
@@ -519,7 +593,7 @@ impl EventLog {
             return 0;
         };
         self.live = self.live.saturating_sub(live);
-        self.touched.insert(first);
+        self.changed = true;
         self.remove_chunk(first);
         live
     }
@@ -528,6 +602,8 @@ impl EventLog {
         let Some(chunk) = self.chunks.remove(&first) else {
             return;
         };
+        self.partial.remove(&first);
+        self.whole.insert(first);
         let left = self.segments.entry(chunk.segment).or_default();
         *left = left.saturating_sub(1);
         if *left > 0 {
@@ -570,37 +646,29 @@ impl EventLog {
         }
     }
 
-    /// The tree writes that record what left the log since the last call.
-    pub fn gone_writes(&mut self) -> Vec<GoneWrite> {
-        let mut out = Vec::new();
-        if self.touched.is_empty() {
-            return out;
+    /// What has left the log, encoded for `format::META_EVENTS_GONE`, if anything left since
+    /// the last call.
+    pub fn gone_value(&mut self, next_seq: u64) -> Option<Vec<u8>> {
+        if !std::mem::take(&mut self.changed) {
+            return None;
         }
         let watermark = self.chunks.keys().next().copied().unwrap_or(self.end_seq);
-        for first in std::mem::take(&mut self.touched) {
-            if first < watermark {
-                continue;
+        self.whole = self.whole.split_off(&watermark);
+        let mut markers = BTreeMap::new();
+        for first in &self.whole {
+            markers.insert(*first, None);
+        }
+        for first in &self.partial {
+            if let Some(chunk) = self.chunks.get(first) {
+                markers.insert(*first, Some(chunk.gone.clone()));
             }
-            let value = match self.chunks.get(&first) {
-                Some(chunk) => chunk.gone.iter().flat_map(|s| s.to_be_bytes()).collect(),
-                None => Vec::new(),
-            };
-            out.push(GoneWrite::Put(
-                format::event_marker_key(first).to_vec(),
-                value,
-            ));
-            self.marked.insert(first);
         }
-        let below: Vec<u64> = self.marked.range(..watermark).copied().collect();
-        for first in below {
-            self.marked.remove(&first);
-            out.push(GoneWrite::Remove(format::event_marker_key(first).to_vec()));
-        }
-        out.push(GoneWrite::Put(
-            format::META_EVENTS_GONE.to_vec(),
-            watermark.to_be_bytes().to_vec(),
-        ));
-        out
+        let state = GoneState {
+            watermark,
+            next_seq,
+            markers,
+        };
+        Some(state.encode())
     }
 
     /// Bytes the segments take on disk.
@@ -609,27 +677,18 @@ impl EventLog {
     }
 }
 
-/// Reads `GoneState` from the queue tree.
+/// Reads `GoneState` from the queue tree. A damaged value counts as nothing gone, loudly: the
+/// events it described are sent again, none is lost.
 pub fn gone_state(tree: &sled::Tree) -> Result<GoneState, super::QueueError> {
-    let watermark = tree
-        .get(format::META_EVENTS_GONE)?
-        .and_then(|v| Some(u64::from_be_bytes(v.get(..8)?.try_into().ok()?)))
-        .unwrap_or(0);
-    let mut markers = BTreeMap::new();
-    for item in tree.scan_prefix([format::EVENT_MARKERS]) {
-        let (key, value) = item?;
-        let Some(first) = format::seq_of(&key) else {
-            continue;
-        };
-        let seqs = (!value.is_empty()).then(|| {
-            value
-                .chunks_exact(8)
-                .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
-                .collect()
-        });
-        markers.insert(first, seqs);
-    }
-    Ok(GoneState { watermark, markers })
+    let Some(v) = tree.get(format::META_EVENTS_GONE)? else {
+        return Ok(GoneState::default());
+    };
+    Ok(GoneState::decode(&v).unwrap_or_else(|| {
+        tracing::error!(
+            "the event log's progress record no longer decodes; pending events may be sent again"
+        );
+        GoneState::default()
+    }))
 }
 
 #[cfg(test)]
@@ -664,22 +723,10 @@ mod tests {
             .unwrap();
         log.append(&[(5, 1, b"e".to_vec())]).unwrap();
         assert_eq!(log.mark_gone(2, &[2, 3]), vec![2, 3]);
-        let writes = log.gone_writes();
-        let mut tree_state = GoneState::default();
-        for w in writes {
-            if let GoneWrite::Put(k, v) = w {
-                if k == format::META_EVENTS_GONE {
-                    tree_state.watermark = u64::from_be_bytes(v[..8].try_into().unwrap());
-                } else {
-                    let first = format::seq_of(&k).unwrap();
-                    let seqs = v
-                        .chunks_exact(8)
-                        .map(|b| u64::from_be_bytes(b.try_into().unwrap()))
-                        .collect();
-                    tree_state.markers.insert(first, Some(seqs));
-                }
-            }
-        }
+        let tree_state = GoneState::decode(&log.gone_value(9).unwrap()).unwrap();
+        assert_eq!(log.gone_value(9), None, "nothing left since");
+        assert_eq!(tree_state.next_seq, 9);
+        assert_eq!(tree_state.markers.get(&2), Some(&Some(vec![2, 3])));
         assert_eq!(tree_state.watermark, 1);
         drop(log);
         // Half a frame at the end, as a crash mid-write leaves it.

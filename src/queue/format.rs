@@ -16,9 +16,6 @@ pub const LANE_EVENTS: u8 = 0x01;
 pub const LANE_ATTRIBUTES: u8 = 0x02;
 pub const LATEST: u8 = 0x03;
 pub const DEAD: u8 = 0x04;
-/// Events lane progress: a chunk of the event log (`eventlog.rs`) that is partly or wholly
-/// delivered while an older one is still pending.
-pub const EVENT_MARKERS: u8 = 0x05;
 
 /// The meta key holding the next sequence number, so ids never repeat across restarts.
 pub const META_NEXT_SEQ: &[u8] = &[META, b'n'];
@@ -29,13 +26,9 @@ pub const META_NEXT_SEQ: &[u8] = &[META, b'n'];
 /// queue of millions needs no scan.
 pub const META_COUNTS: &[u8] = &[META, b'c'];
 
-/// The meta key holding the event log's watermark: every event chunk whose first seq is below
-/// it has left the queue (u64 big-endian). See `eventlog.rs`.
+/// The meta key holding what has left the event log: its watermark, the next seq and markers
+/// for chunks above the watermark (`eventlog::GoneState::encode`).
 pub const META_EVENTS_GONE: &[u8] = &[META, b'w'];
-
-pub fn event_marker_key(first: u64) -> [u8; 9] {
-    record_key(EVENT_MARKERS, first)
-}
 
 pub fn encode_counts(events: u64, attributes: u64, dead: u64) -> [u8; 24] {
     let mut v = [0u8; 24];

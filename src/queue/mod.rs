@@ -19,12 +19,11 @@
 //! |---|---|
 //! | `00 'n'` | next sequence number, u64 big-endian (ids never repeat) |
 //! | `00 'c'` | records in the attribute lane and the dead letters (the first of 3 × u64 BE, once events, is unused), kept in step by every batch |
-//! | `00 'w'` | the event log's watermark: every chunk whose first seq is below it has left the queue |
+//! | `00 'w'` | what has left the event log: its watermark (every chunk whose first seq is below it has left), the next seq, and markers for chunks above the watermark partly or wholly gone (`eventlog::GoneState`) |
 //! | `01 seq` | events of a release before the event log, moved into it at open |
 //! | `02 seq` | a pending membership update (lane 2, backfills) |
 //! | `03 kind len id attribute` | the seq of the newest pending update of that user's attribute, then its object fields |
 //! | `04 seq` | a dead-lettered record with Braze's reason |
-//! | `05 seq` | an event log chunk above the watermark that has partly (the seqs gone) or wholly (empty) left |
 //!
 //! `seq` is big-endian so iteration order is acceptance order. Values start with a format
 //! version byte (`format.rs`); bincode is not self-describing, so a new record shape gets a
@@ -37,7 +36,7 @@
 //! are not replaced: several may be pending, and they are leased strictly in acceptance
 //! order. Events and purchases are all kept, in the event log, in chunks of up to
 //! `CHUNK_BYTES`: appended once, never rewritten. A delivery records which events left (the
-//! `00 'w'` and `05` keys); a segment goes once all of its events have.
+//! `00 'w'` key); a segment goes once all of its events have.
 //!
 //! **Leases** live in memory only. A worker leases records; they stay in sled until the worker
 //! completes them: delivered (removed), dead (moved to `04` with the reason) or retry (left in
@@ -378,6 +377,7 @@ impl Queue {
         let mut next_seq = next_seq_of(&st.tree)?
             .max(log.end_seq())
             .max(gone.watermark)
+            .max(gone.next_seq)
             .max(gone.markers.keys().next_back().map_or(0, |m| m + 1));
         migrate_sled_events(&st, &mut log)?;
         next_seq = next_seq.max(log.end_seq());
@@ -709,7 +709,9 @@ impl Queue {
             batch.insert(&format::dead_key(seq), encode_dead(&entry));
             change.dead += 1;
         }
-        stage_gone(&mut batch, log.gone_writes(), *next_seq);
+        if let Some(gone) = log.gone_value(*next_seq) {
+            batch.insert(format::META_EVENTS_GONE, gone);
+        }
         drop(log);
         self.counters.stage(&mut batch, change);
         store.tree.apply_batch(batch)?;
@@ -767,7 +769,7 @@ impl Queue {
         for (first, seqs) in events {
             removed.extend(log.mark_gone(first, &seqs));
         }
-        let gone = log.gone_writes();
+        let gone = log.gone_value(*next_seq);
         drop(log);
         change.events -= removed.len() as i64;
         for (item, outcome) in &results {
@@ -780,15 +782,16 @@ impl Queue {
             }
         }
         if tree_ops {
-            stage_gone(&mut batch, gone, *next_seq);
+            if let Some(gone) = gone {
+                batch.insert(format::META_EVENTS_GONE, gone);
+            }
             self.counters.stage(&mut batch, change);
             store.tree.apply_batch(batch)?;
-        } else {
-            // sled 0.34 seals its log buffer for every multi-key batch (one write and one
-            // sync_file_range each): a quarter of the daemon's CPU when every delivered
-            // request was a batch. Event progress needs no atomicity: a watermark or marker
-            // that a crash loses only resends, and the open takes the highest seq it finds.
-            write_gone(&store.tree, gone, *next_seq)?;
+        } else if let Some(gone) = gone {
+            // One key, not a batch: sled 0.34 seals its log buffer for every multi-key batch
+            // (one write and one sync_file_range each), a quarter of the daemon's CPU when
+            // every delivered request was one.
+            store.tree.insert(format::META_EVENTS_GONE, gone)?;
         }
         self.state
             .record_settled(results.iter().filter_map(|(item, outcome)| {
@@ -1285,44 +1288,6 @@ fn log_records(log: &mut EventLog, limit: usize) -> Vec<(u64, Result<Vec<u8>, St
         }
     }
     out
-}
-
-/// Puts the event log's progress into `batch`, with the sequence high-water mark: a watermark
-/// stored without it could let a restart hand out seqs below it again.
-fn stage_gone(batch: &mut sled::Batch, writes: Vec<eventlog::GoneWrite>, next_seq: u64) {
-    if writes.is_empty() {
-        return;
-    }
-    for write in writes {
-        match write {
-            eventlog::GoneWrite::Put(k, v) => batch.insert(k, v),
-            eventlog::GoneWrite::Remove(k) => batch.remove(k),
-        }
-    }
-    batch.insert(META_NEXT_SEQ, &next_seq.to_be_bytes());
-}
-
-/// The same writes as `stage_gone`, one key at a time, the high-water mark first.
-fn write_gone(
-    tree: &sled::Tree,
-    writes: Vec<eventlog::GoneWrite>,
-    next_seq: u64,
-) -> Result<(), QueueError> {
-    if writes.is_empty() {
-        return Ok(());
-    }
-    tree.insert(META_NEXT_SEQ, &next_seq.to_be_bytes())?;
-    for write in writes {
-        match write {
-            eventlog::GoneWrite::Put(k, v) => {
-                tree.insert(k, v)?;
-            }
-            eventlog::GoneWrite::Remove(k) => {
-                tree.remove(k)?;
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Moves events that an older release kept in sled (lane `01`) into the event log: append,

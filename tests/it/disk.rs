@@ -11,7 +11,7 @@ use crate::common::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_space_comes_back_after_a_backlog_drains() {
     let mut env = Env::start_with(|c| {
-        c.queue.compact_min_bytes = 4 << 20;
+        c.queue.compact_min_bytes = 1 << 20;
     })
     .await;
     env.fake.set_behaviour(Behaviour::FailStatus {
