@@ -27,11 +27,12 @@
 //! elsewhere is found when it is leased and moved to the dead letters, like any record that no
 //! longer decodes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::format;
 
@@ -42,6 +43,10 @@ const EXTENSION: &str = "seg";
 /// A segment is closed once it reaches this size. Small enough that a drained backlog gives
 /// its disk back in steps, large enough that a 10 million event backlog is a few hundred files.
 const SEGMENT_BYTES: u64 = 8 << 20;
+
+/// Payloads kept in memory after an append or a read: a lease then need not read back what
+/// ingest has just written, nor re-read the chunk the last lease left half-taken.
+const CACHE_BYTES: usize = 4 << 20;
 
 /// A drained active segment at least this large is closed and deleted rather than appended to
 /// further, so an idle queue holds little disk.
@@ -193,6 +198,10 @@ pub struct EventLog {
     /// a segment may hold events that went to the dead letters, which must be durable first.
     deletable: Vec<u64>,
     next_id: u64,
+    cache: HashMap<u64, Arc<Vec<u8>>>,
+    /// Cached chunks, oldest first (some may have left the cache already).
+    cache_order: VecDeque<u64>,
+    cache_bytes: usize,
 }
 
 /// Makes the log's writes since the last `take_unsynced` durable.
@@ -323,6 +332,9 @@ impl EventLog {
             changed: false,
             deletable: Vec::new(),
             next_id: ids.last().map_or(1, |l| l + 1),
+            cache: HashMap::new(),
+            cache_order: VecDeque::new(),
+            cache_bytes: 0,
         };
         let mut damage = Vec::new();
         // The newest segment with anything in it: the only one a crash can have cut short.
@@ -452,7 +464,7 @@ impl EventLog {
     /// Appends chunks (first seq, event count, payload) as frames, in one write. Nothing is
     /// durable until the next `take_unsynced().sync()`. On failure the segment is cut back,
     /// so a half-written frame never sits before later ones.
-    pub fn append(&mut self, frames: &[Frame]) -> io::Result<()> {
+    pub fn append(&mut self, frames: Vec<Frame>) -> io::Result<()> {
         if frames.is_empty() {
             return Ok(());
         }
@@ -466,7 +478,7 @@ impl EventLog {
         let (id, file, len) = self.active.as_mut().expect("an active segment");
         let mut buf = Vec::with_capacity(frames.iter().map(|f| f.2.len() + HEADER).sum());
         let mut at = Vec::with_capacity(frames.len());
-        for (first, count, payload) in frames {
+        for (first, count, payload) in &frames {
             at.push(*len + buf.len() as u64);
             encode_frame(&mut buf, *first, *count, payload);
         }
@@ -477,23 +489,44 @@ impl EventLog {
         *len += buf.len() as u64;
         let id = *id;
         self.unsynced.push(file.try_clone()?);
-        for ((first, count, payload), offset) in frames.iter().zip(at) {
+        *self.segments.entry(id).or_default() += frames.len();
+        for ((first, count, payload), offset) in frames.into_iter().zip(at) {
             self.chunks.insert(
-                *first,
+                first,
                 Chunk {
                     segment: id,
                     offset,
                     len: payload.len() as u32,
-                    count: *count,
+                    count,
                     gone: Vec::new(),
                     leased: 0,
                 },
             );
-            self.live += u64::from(*count);
-            self.end_seq = self.end_seq.max(first + u64::from((*count).max(1)));
+            self.live += u64::from(count);
+            self.end_seq = self.end_seq.max(first + u64::from(count.max(1)));
+            self.remember(first, Arc::new(payload));
         }
-        *self.segments.entry(id).or_default() += frames.len();
         Ok(())
+    }
+
+    fn remember(&mut self, first: u64, payload: Arc<Vec<u8>>) {
+        self.cache_bytes += payload.len();
+        if let Some(old) = self.cache.insert(first, payload) {
+            self.cache_bytes -= old.len();
+        }
+        self.cache_order.push_back(first);
+        while self.cache_bytes > CACHE_BYTES {
+            let Some(oldest) = self.cache_order.pop_front() else {
+                break;
+            };
+            self.forget(oldest);
+        }
+    }
+
+    fn forget(&mut self, first: u64) {
+        if let Some(old) = self.cache.remove(&first) {
+            self.cache_bytes -= old.len();
+        }
     }
 
     fn rotate(&mut self) -> io::Result<()> {
@@ -527,7 +560,10 @@ impl EventLog {
 
     /// A chunk's payload, checked against its CRC. On failure, why, and whatever bytes could
     /// be read (for the dead letter).
-    pub fn read(&mut self, first: u64) -> Result<Vec<u8>, (String, Vec<u8>)> {
+    pub fn read(&mut self, first: u64) -> Result<Arc<Vec<u8>>, (String, Vec<u8>)> {
+        if let Some(payload) = self.cache.get(&first) {
+            return Ok(Arc::clone(payload));
+        }
         let Some(chunk) = self.chunks.get(&first) else {
             return Err(("no such chunk".into(), Vec::new()));
         };
@@ -553,6 +589,8 @@ impl EventLog {
         match parsed {
             Some((l, count, f, sum)) if l == len && f == first => {
                 if crc(count, f, &payload) == sum {
+                    let payload = Arc::new(payload);
+                    self.remember(first, Arc::clone(&payload));
                     Ok(payload)
                 } else {
                     Err((at("checksum mismatch".into()), payload))
@@ -604,6 +642,7 @@ impl EventLog {
         };
         self.partial.remove(&first);
         self.whole.insert(first);
+        self.forget(first);
         let left = self.segments.entry(chunk.segment).or_default();
         *left = left.saturating_sub(1);
         if *left > 0 {
@@ -700,28 +739,36 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut log, damage) = EventLog::open(dir.path(), &GoneState::default()).unwrap();
         assert!(damage.is_empty());
-        log.append(&[(1, 1, b"one".to_vec()), (2, 2, b"two and three".to_vec())])
-            .unwrap();
+        log.append(vec![
+            (1, 1, b"one".to_vec()),
+            (2, 2, b"two and three".to_vec()),
+            (4, 1, b"four".to_vec()),
+        ])
+        .unwrap();
         log.take_unsynced().sync().unwrap();
-        assert_eq!(log.read(2).unwrap(), b"two and three");
-        assert_eq!(log.live(), 3);
-        assert_eq!(log.end_seq(), 4);
+        assert_eq!(log.read(2).unwrap().as_slice(), b"two and three");
+        assert_eq!(log.live(), 4);
+        assert_eq!(log.end_seq(), 5);
 
+        // The last byte of the middle frame's payload.
         let path = segment_path(dir.path(), 1);
         let mut bytes = fs::read(&path).unwrap();
-        let last = bytes.len() - 1;
-        bytes[last] ^= 0xff;
+        bytes[2 * HEADER + 3 + 13 - 1] ^= 0xff;
         fs::write(&path, &bytes).unwrap();
+        // A fresh open: what was appended is no longer in memory.
+        drop(log);
+        let (mut log, _) = EventLog::open(dir.path(), &GoneState::default()).unwrap();
         assert!(log.read(2).unwrap_err().0.contains("checksum"));
+        assert_eq!(log.read(4).unwrap().as_slice(), b"four");
     }
 
     #[test]
     fn a_torn_tail_is_cut_off_and_what_is_gone_stays_gone() {
         let dir = tempfile::tempdir().unwrap();
         let (mut log, _) = EventLog::open(dir.path(), &GoneState::default()).unwrap();
-        log.append(&[(1, 1, b"a".to_vec()), (2, 3, b"bcd".to_vec())])
+        log.append(vec![(1, 1, b"a".to_vec()), (2, 3, b"bcd".to_vec())])
             .unwrap();
-        log.append(&[(5, 1, b"e".to_vec())]).unwrap();
+        log.append(vec![(5, 1, b"e".to_vec())]).unwrap();
         assert_eq!(log.mark_gone(2, &[2, 3]), vec![2, 3]);
         let tree_state = GoneState::decode(&log.gone_value(9).unwrap()).unwrap();
         assert_eq!(log.gone_value(9), None, "nothing left since");
@@ -759,7 +806,7 @@ mod tests {
             at += (HEADER + size) as u64;
         }
         for frame in &frames {
-            log.append(std::slice::from_ref(frame)).unwrap();
+            log.append(vec![frame.clone()]).unwrap();
         }
         log.take_unsynced().sync().unwrap();
         (frames, starts)
@@ -787,7 +834,8 @@ mod tests {
                 let whole = starts[i] + (HEADER + payload.len()) as u64 <= cut;
                 prop_assert_eq!(log.contains(*first), whole);
                 if whole {
-                    prop_assert_eq!(&log.read(*first).unwrap(), payload);
+                    let read = log.read(*first).unwrap();
+                    prop_assert_eq!(read.as_slice(), &payload[..]);
                 }
             }
         }
@@ -812,7 +860,7 @@ mod tests {
             let in_payload = at >= starts[hit] as usize + HEADER;
             for (i, (first, _, payload)) in frames.iter().enumerate() {
                 match log.read(*first) {
-                    Ok(read) => prop_assert_eq!(&read, payload),
+                    Ok(read) => prop_assert_eq!(read.as_slice(), &payload[..]),
                     Err(_) => prop_assert!(i == hit || !in_payload, "frame {} lost to a flip in frame {}", i, hit),
                 }
                 if in_payload && i != hit {

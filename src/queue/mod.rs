@@ -512,7 +512,7 @@ impl Queue {
     ) -> Result<Vec<Leased>, QueueError> {
         let store = self.read_store()?;
         let mut leases = self.leases.lock().expect("queue lease lock poisoned");
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(limits.max_objects);
         let mut undecodable = Vec::new();
         let mut bytes = 0usize;
 
@@ -550,7 +550,7 @@ impl Queue {
                         lane: LANE_EVENTS,
                         key_seq: first,
                         entry: None,
-                        value: payload.clone(),
+                        value: payload.to_vec(),
                         why: e.to_string(),
                     });
                     continue;
@@ -1138,7 +1138,7 @@ impl<'a> Staging<'a> {
         if !self.frames.is_empty() {
             let frames = std::mem::take(&mut self.frames);
             let mut log = self.log.lock().expect("event log lock poisoned");
-            log.append(&frames)?;
+            log.append(frames)?;
             if self.dead_removed > 0 {
                 // Dead letters moving back: their events must be durable before sled forgets
                 // the dead letters, or a power cut between the two could lose both. Synced
@@ -1308,14 +1308,14 @@ fn migrate_sled_events(st: &Store, log: &mut EventLog) -> Result<(), QueueError>
         if keys.is_empty() {
             break;
         }
-        log.append(&frames)?;
+        moved += frames.len();
+        log.append(frames)?;
         log.take_unsynced().sync()?;
         let mut batch = sled::Batch::default();
         for key in keys {
             batch.remove(key);
         }
         st.tree.apply_batch(batch)?;
-        moved += frames.len();
     }
     if moved > 0 {
         st.sync()?;
