@@ -181,8 +181,10 @@ pub struct EventLog {
     active: Option<(u64, File, u64)>,
     /// The last segment read from, kept open: leases read the same one over and over.
     reader: Option<(u64, File)>,
-    /// Written since the last sync: their handles, and whether a new file was created.
+    /// Written since the last sync: closed segments' handles, whether the active one was
+    /// written to, and whether a new file was created.
     unsynced: Vec<File>,
+    active_unsynced: bool,
     dir_unsynced: bool,
     /// One past the highest seq ever appended or found.
     end_seq: u64,
@@ -319,6 +321,7 @@ impl EventLog {
             active: None,
             reader: None,
             unsynced: Vec::new(),
+            active_unsynced: false,
             dir_unsynced: false,
             end_seq: 0,
             live: 0,
@@ -488,7 +491,7 @@ impl EventLog {
         }
         *len += buf.len() as u64;
         let id = *id;
-        self.unsynced.push(file.try_clone()?);
+        self.active_unsynced = true;
         *self.segments.entry(id).or_default() += frames.len();
         for ((first, count, payload), offset) in frames.into_iter().zip(at) {
             self.chunks.insert(
@@ -521,6 +524,12 @@ impl EventLog {
             };
             self.forget(oldest);
         }
+        // Chunks that left the cache early (delivered) still have a place in the order: drop
+        // those places now and then, or a busy idle-cache log would grow it for ever.
+        if self.cache_order.len() > 2 * self.cache.len() + 64 {
+            let cache = &self.cache;
+            self.cache_order.retain(|f| cache.contains_key(f));
+        }
     }
 
     fn forget(&mut self, first: u64) {
@@ -537,7 +546,10 @@ impl EventLog {
             .append(true)
             .read(true)
             .open(segment_path(&self.dir, id))?;
-        if let Some((old, ..)) = self.active.take() {
+        if let Some((old, old_file, _)) = self.active.take() {
+            if std::mem::take(&mut self.active_unsynced) {
+                self.unsynced.push(old_file);
+            }
             if self.segments.get(&old).is_none_or(|n| *n == 0) {
                 self.segments.remove(&old);
                 self.deletable.push(old);
@@ -551,11 +563,18 @@ impl EventLog {
 
     /// The handles to sync for everything written so far; the sync itself runs without the
     /// log's lock.
-    pub fn take_unsynced(&mut self) -> Unsynced {
-        Unsynced {
-            files: std::mem::take(&mut self.unsynced),
-            dir: std::mem::take(&mut self.dir_unsynced).then(|| self.dir.clone()),
+    pub fn take_unsynced(&mut self) -> io::Result<Unsynced> {
+        let mut files = std::mem::take(&mut self.unsynced);
+        if self.active_unsynced {
+            if let Some((_, file, _)) = &self.active {
+                files.push(file.try_clone()?);
+            }
+            self.active_unsynced = false;
         }
+        Ok(Unsynced {
+            files,
+            dir: std::mem::take(&mut self.dir_unsynced).then(|| self.dir.clone()),
+        })
     }
 
     /// A chunk's payload, checked against its CRC. On failure, why, and whatever bytes could
@@ -745,7 +764,7 @@ mod tests {
             (4, 1, b"four".to_vec()),
         ])
         .unwrap();
-        log.take_unsynced().sync().unwrap();
+        log.take_unsynced().unwrap().sync().unwrap();
         assert_eq!(log.read(2).unwrap().as_slice(), b"two and three");
         assert_eq!(log.live(), 4);
         assert_eq!(log.end_seq(), 5);
@@ -808,7 +827,7 @@ mod tests {
         for frame in &frames {
             log.append(vec![frame.clone()]).unwrap();
         }
-        log.take_unsynced().sync().unwrap();
+        log.take_unsynced().unwrap().sync().unwrap();
         (frames, starts)
     }
 

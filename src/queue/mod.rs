@@ -399,7 +399,10 @@ impl Queue {
                 Arc::clone(&sled_dirty),
             );
             Committer::spawn(move || {
-                let unsynced = log.lock().expect("event log lock poisoned").take_unsynced();
+                let unsynced = log
+                    .lock()
+                    .expect("event log lock poisoned")
+                    .take_unsynced()?;
                 unsynced.sync()?;
                 if sled_dirty.swap(false, Ordering::AcqRel) {
                     let synced = store.read().expect("queue store lock poisoned").sync();
@@ -1143,7 +1146,7 @@ impl<'a> Staging<'a> {
                 // Dead letters moving back: their events must be durable before sled forgets
                 // the dead letters, or a power cut between the two could lose both. Synced
                 // under the lock, so no commit answers for these writes before they are.
-                log.take_unsynced().sync()?;
+                log.take_unsynced()?.sync()?;
             }
         }
         let change = CountChange {
@@ -1310,7 +1313,7 @@ fn migrate_sled_events(st: &Store, log: &mut EventLog) -> Result<(), QueueError>
         }
         moved += frames.len();
         log.append(frames)?;
-        log.take_unsynced().sync()?;
+        log.take_unsynced()?.sync()?;
         let mut batch = sled::Batch::default();
         for key in keys {
             batch.remove(key);
