@@ -381,14 +381,13 @@ impl EventLog {
                     continue;
                 };
                 let end = offset + HEADER as u64 + u64::from(len);
+                let past = first.checked_add(u64::from(count.max(1))).unwrap_or(0);
                 if newest {
-                    // The newest segment is checked whole: a torn last frame is cut off, and
-                    // only checked frames say how far the seqs have gone.
+                    // The newest segment is checked whole: a torn last frame is cut off.
                     let mut payload = vec![0u8; len as usize];
                     file.read_exact_at(&mut payload, offset + HEADER as u64)?;
                     if crc(count, first, &payload) == sum {
-                        let past = first.checked_add(u64::from(count.max(1)));
-                        log.end_seq = log.end_seq.max(past.unwrap_or(0));
+                        log.end_seq = log.end_seq.max(past);
                     } else if end == size {
                         tracing::warn!(segment = %path.display(), offset, "event log ends in a torn frame (a crash mid-write); cutting it off");
                         OpenOptions::new()
@@ -397,6 +396,12 @@ impl EventLog {
                             .set_len(offset)?;
                         break;
                     }
+                }
+                if !newest {
+                    // Unchecked, but the seqs of every acknowledged event must count: sled may
+                    // know none of them (Braze down since they came). A damaged header can
+                    // only make the next seq larger than needed.
+                    log.end_seq = log.end_seq.max(past);
                 }
                 let gone_here = match gone.markers.get(&first) {
                     _ if first < gone.watermark => None,
@@ -442,7 +447,7 @@ impl EventLog {
         self.live
     }
 
-    /// One past the highest seq the log has held.
+    /// One past the highest seq the log has held (read from frame headers at open).
     pub fn end_seq(&self) -> u64 {
         self.end_seq
     }
@@ -470,6 +475,14 @@ impl EventLog {
     pub fn append(&mut self, frames: Vec<Frame>) -> io::Result<()> {
         if frames.is_empty() {
             return Ok(());
+        }
+        // Seqs never repeat; if one ever did, refusing the request beats overwriting the index
+        // entry of events still pending.
+        if let Some((first, ..)) = frames.iter().find(|f| self.chunks.contains_key(&f.0)) {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("event log already holds a chunk at seq {first}"),
+            ));
         }
         if self
             .active

@@ -559,3 +559,22 @@ async fn a_dead_letter_holding_a_whole_chunk_is_retried_event_by_event() {
     let records: Vec<_> = leased.iter().map(|l| l.stored.record.clone()).collect();
     assert_eq!(records, vec![event(1), event(2), event(3)]);
 }
+
+/// Events accepted while nothing was ever delivered are known only to the event log. After a
+/// crash that left the newest segment holding only a torn write, the next events still get
+/// seqs after every stored one (a repeat would collide with a pending chunk).
+#[tokio::test]
+async fn seqs_continue_past_events_only_the_log_knows() {
+    let dir = tempfile::tempdir().unwrap();
+    queued_on_disk(dir.path(), vec![vec![event(1), event(2), event(3)]]).await;
+    // A newer segment holding half a frame header: a crash in the middle of its first write.
+    std::fs::write(
+        dir.path().join("queue/events/0000000002.seg"),
+        [0x41, 0x51, 0x45],
+    )
+    .unwrap();
+    let q = Queue::open(dir.path(), settings(100)).unwrap();
+    q.enqueue(vec![event(4)]).await.unwrap();
+    let seqs = drain(&q, || Outcome::Delivered);
+    assert_eq!(seqs, vec![1, 2, 3, 4]);
+}
