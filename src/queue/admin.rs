@@ -234,6 +234,10 @@ impl Queue {
         // Original sequence numbers of the updates retried in this call, per attribute: a
         // retried update is compared with others by when it was first accepted.
         let mut retried_here: HashMap<Vec<u8>, u64> = HashMap::new();
+        // Per attribute, the update that was pending before this call staged anything for it:
+        // once a retry is staged, the index names the retry (under a new seq, newer than any
+        // id), which must neither pass for a newer update nor hide the one that was there.
+        let mut pending_before: HashMap<Vec<u8>, Option<u64>> = HashMap::new();
         for (id, value) in entries {
             // A whole event chunk in a dead letter: an older release that could not read
             // chunks moved it aside. Its events are retried one by one.
@@ -253,14 +257,19 @@ impl Queue {
             };
             if let Some(attribute) = stored.record.attribute_name() {
                 let lk = latest_key(stored.record.user(), &attribute);
+                let before = match pending_before.get(&lk) {
+                    Some(before) => *before,
+                    None => {
+                        let before = staging.pending(&lk)?.map(|(seq, _)| seq);
+                        pending_before.insert(lk.clone(), before);
+                        before
+                    }
+                };
                 // Only a plain value can be superseded; an operation (`add`, `remove`, ...)
                 // still means something after newer updates, so it is retried at the back of
                 // the lane.
                 if stored.record.plain_value().is_some() {
-                    let pending = match retried_here.get(&lk) {
-                        Some(original) => Some(*original),
-                        None => staging.pending(&lk)?.map(|(seq, _)| seq),
-                    };
+                    let pending = before.max(retried_here.get(&lk).copied());
                     let newest = pending.max(self.state.settled_seq(&lk)?);
                     if newest.is_some_and(|n| n > id) {
                         staging.remove_dead(id);
