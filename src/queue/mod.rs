@@ -919,7 +919,7 @@ impl Queue {
 
     /// Deletes event log segments that have drained, once sled (which says they have) is
     /// synced: a drained segment may hold events that went to the dead letters.
-    fn delete_drained_segments(&self) -> Result<(), QueueError> {
+    pub fn delete_drained_segments(&self) -> Result<(), QueueError> {
         let ids = {
             let _writer = self.writer.lock().expect("queue writer lock poisoned");
             self.log
