@@ -21,11 +21,12 @@
 //! written.
 //!
 //! **At open** the segments are indexed from their frame headers (a few hundred thousand
-//! `pread`s for a 10 million event backlog). The newest segment is checked frame by frame: a
-//! tail that a crash cut short was never acknowledged (acknowledgement waits for the sync) and
-//! is cut off. Appends always go to a new segment after a restart. A frame whose CRC fails
-//! elsewhere is found when it is leased and moved to the dead letters, like any record that no
-//! longer decodes.
+//! `pread`s for a 10 million event backlog). The newest segment's tail is checked: a partial
+//! frame, or a last frame whose CRC fails, is a write a crash cut short, never acknowledged
+//! (acknowledgement waits for the sync), and is cut off. Where a header cannot be read but a
+//! sound frame follows, the bytes between are set aside for the dead letters. Appends always
+//! go to a new segment after a restart. A frame whose CRC fails elsewhere is found when it is
+//! leased and moved to the dead letters, like any record that no longer decodes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
@@ -250,6 +251,12 @@ pub fn encode_frame(out: &mut Vec<u8>, first: u64, count: u32, payload: &[u8]) {
     out.extend_from_slice(payload);
 }
 
+/// Cuts a segment back to `len` bytes (what follows was never acknowledged, or is safe in the
+/// dead letters).
+fn cut(path: &Path, len: u64) -> io::Result<()> {
+    OpenOptions::new().write(true).open(path)?.set_len(len)
+}
+
 /// The frame header at `offset` if there is one whose payload fits in the file.
 fn header_at(file: &File, offset: u64, size: u64) -> Option<(u32, u32, u64, u32)> {
     let mut header = [0u8; HEADER];
@@ -362,10 +369,7 @@ impl EventLog {
                     let next = resync(&file, offset + 1, size)?;
                     if next.is_none() && newest {
                         tracing::warn!(segment = %path.display(), offset, "event log ends in a partial frame (a crash mid-write); cutting it off");
-                        OpenOptions::new()
-                            .write(true)
-                            .open(&path)?
-                            .set_len(offset)?;
+                        cut(&path, offset)?;
                         break;
                     }
                     let to = next.unwrap_or(size);
@@ -381,28 +385,21 @@ impl EventLog {
                     continue;
                 };
                 let end = offset + HEADER as u64 + u64::from(len);
-                let past = first.checked_add(u64::from(count.max(1))).unwrap_or(0);
-                if newest {
-                    // The newest segment is checked whole: a torn last frame is cut off.
+                if newest && end == size {
+                    // The newest segment's last frame is checked: a torn one is cut off.
                     let mut payload = vec![0u8; len as usize];
                     file.read_exact_at(&mut payload, offset + HEADER as u64)?;
-                    if crc(count, first, &payload) == sum {
-                        log.end_seq = log.end_seq.max(past);
-                    } else if end == size {
+                    if crc(count, first, &payload) != sum {
                         tracing::warn!(segment = %path.display(), offset, "event log ends in a torn frame (a crash mid-write); cutting it off");
-                        OpenOptions::new()
-                            .write(true)
-                            .open(&path)?
-                            .set_len(offset)?;
+                        cut(&path, offset)?;
                         break;
                     }
                 }
-                if !newest {
-                    // Unchecked, but the seqs of every acknowledged event must count: sled may
-                    // know none of them (Braze down since they came). A damaged header can
-                    // only make the next seq larger than needed.
-                    log.end_seq = log.end_seq.max(past);
-                }
+                // The seqs of every acknowledged event must count, sled may know none of them
+                // (Braze down since they came); a damaged header can only push the next seq
+                // higher than needed.
+                let past = first.checked_add(u64::from(count.max(1))).unwrap_or(0);
+                log.end_seq = log.end_seq.max(past);
                 let gone_here = match gone.markers.get(&first) {
                     _ if first < gone.watermark => None,
                     Some(None) => None,
@@ -450,10 +447,6 @@ impl EventLog {
     /// One past the highest seq the log has held (read from frame headers at open).
     pub fn end_seq(&self) -> u64 {
         self.end_seq
-    }
-
-    pub fn chunks(&self) -> impl DoubleEndedIterator<Item = (&u64, &Chunk)> {
-        self.chunks.iter()
     }
 
     /// Chunks whose first seq is `from` or later, in order.
@@ -817,7 +810,7 @@ mod tests {
 
         let (log, damage) = EventLog::open(dir.path(), &tree_state).unwrap();
         assert!(damage.is_empty());
-        let live: Vec<(u64, u64)> = log.chunks().map(|(f, c)| (*f, c.live())).collect();
+        let live: Vec<(u64, u64)> = log.chunks_from(0).map(|(f, c)| (*f, c.live())).collect();
         assert_eq!(live, vec![(1, 1), (2, 1), (5, 1)]);
         assert_eq!(log.live(), 3);
         assert_eq!(fs::metadata(&path).unwrap().len() as usize, 3 * HEADER + 5);

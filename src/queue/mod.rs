@@ -377,8 +377,7 @@ impl Queue {
         let mut next_seq = next_seq_of(&st.tree)?
             .max(log.end_seq())
             .max(gone.watermark)
-            .max(gone.next_seq)
-            .max(gone.markers.keys().next_back().map_or(0, |m| m + 1));
+            .max(gone.next_seq);
         migrate_sled_events(&st, &mut log)?;
         next_seq = next_seq.max(log.end_seq());
         if !damage.is_empty() {
@@ -1262,16 +1261,19 @@ fn lane_records(
 /// The first `limit` pending events in acceptance order, each as its seq and envelope; a chunk
 /// that no longer reads is one item: its first seq and why.
 fn log_records(log: &mut EventLog, limit: usize) -> Vec<(u64, Result<Vec<u8>, String>)> {
-    let firsts: Vec<u64> = log.chunks().map(|(f, _)| *f).collect::<Vec<_>>();
     let mut out = Vec::new();
-    for first in firsts {
-        if out.len() >= limit {
+    let mut cursor = 0;
+    while out.len() < limit {
+        // One chunk at a time from a cursor: `stats` asks for one record of a backlog that
+        // may hold hundreds of thousands of chunks.
+        let Some((first, gone)) = log
+            .chunks_from(cursor)
+            .next()
+            .map(|(f, c)| (*f, c.gone.clone()))
+        else {
             break;
-        }
-        let gone = log
-            .chunk_mut(first)
-            .map(|c| c.gone.clone())
-            .unwrap_or_default();
+        };
+        cursor = first + 1;
         let payload = match log.read(first) {
             Ok(p) => p,
             Err((why, _)) => {
