@@ -39,12 +39,11 @@ pub struct State {
 
 impl State {
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<State, QueueError> {
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
-            .flush_every_ms(Some(1000))
-            .open()
-            .map_err(|e| QueueError::from_sled_open(dir, e))?;
+            .flush_every_ms(Some(1000));
+        let db = super::store::open_sled(&config, dir)?;
         let settled = db.open_tree("settled")?;
         Ok(State { _db: db, settled })
     }

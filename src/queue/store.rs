@@ -33,16 +33,15 @@ pub struct Store {
 
 impl Store {
     pub fn open(dir: &Path, generation: u64, cache_bytes: u64) -> Result<Store, QueueError> {
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
             // The background flusher persists what no one waits for: delivery progress (a
             // crash sends again whatever it had not yet written) and deletes. Acknowledged
             // inserts never rely on it. Every 100 ms bounds those resends to a tenth of a
             // second of delivery, for a few small writes a second.
-            .flush_every_ms(Some(100))
-            .open()
-            .map_err(|e| QueueError::from_sled_open(dir, e))?;
+            .flush_every_ms(Some(100));
+        let db = open_sled(&config, dir)?;
         let tree = db.open_tree("queue")?;
         let log_file = File::open(dir.join("db"))?;
         // sled creates its files without syncing their directory entries or its `conf`; a
@@ -117,6 +116,25 @@ pub fn dir_bytes(dir: &Path) -> u64 {
             Err(_) => 0,
         })
         .sum()
+}
+
+/// Opens a sled database, waiting up to a second for its lock. sled writes sealed log buffers
+/// from its own threads, which keep the database file, and its lock, open until they finish:
+/// a database dropped in this process (a queue closed and opened again) can still be locked
+/// for a moment after the drop returns. Another process holding it is reported after the wait.
+pub fn open_sled(config: &sled::Config, dir: &Path) -> Result<sled::Db, QueueError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        match config
+            .open()
+            .map_err(|e| QueueError::from_sled_open(dir, e))
+        {
+            Err(QueueError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
 }
 
 pub fn sync_dir(dir: &Path) -> io::Result<()> {

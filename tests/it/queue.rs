@@ -275,7 +275,19 @@ async fn queued_on_disk(dir: &std::path::Path, requests: Vec<Vec<Record>>) {
 fn edit_on_disk(dir: &std::path::Path, edit: impl FnOnce(&sled::Tree)) {
     let queue_dir = dir.join("queue");
     let generation = std::fs::read_to_string(queue_dir.join("CURRENT")).unwrap();
-    let db = sled::open(queue_dir.join(generation.trim())).unwrap();
+    // sled's I/O threads may hold a just-closed database's lock for a moment (see
+    // `store::open_sled`).
+    let path = queue_dir.join(generation.trim());
+    let started = std::time::Instant::now();
+    let db = loop {
+        match sled::open(&path) {
+            Ok(db) => break db,
+            Err(_) if started.elapsed() < std::time::Duration::from_secs(1) => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
     edit(&db.open_tree("queue").unwrap());
     db.flush().unwrap();
 }
