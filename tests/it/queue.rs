@@ -306,6 +306,22 @@ fn drain(q: &Queue, outcome: impl Fn() -> Outcome) -> Vec<u64> {
     }
 }
 
+/// The event log's segment files, oldest first.
+fn event_segments(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut segments: Vec<_> = std::fs::read_dir(dir.join("queue/events"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    segments.sort();
+    segments
+}
+
+/// The payload length of a segment's first frame: its 24-byte header holds it at bytes 4..8.
+fn first_payload_len(segment: &[u8]) -> usize {
+    u32::from_le_bytes(segment[4..8].try_into().unwrap()) as usize
+}
+
 /// The envelope an event is stored as.
 fn envelope(n: u32) -> Vec<u8> {
     aiq_braze_sync::queue::format::encode(&event(n), 1)
@@ -383,15 +399,10 @@ async fn an_event_log_frame_that_fails_its_checksum_is_moved_aside_whole() {
         vec![vec![event(1), event(2), event(3)], vec![event(4), event(5)]],
     )
     .await;
-    let segments: Vec<_> = std::fs::read_dir(dir.path().join("queue/events"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
+    let segments = event_segments(dir.path());
     assert_eq!(segments.len(), 1, "{segments:?}");
     let mut bytes = std::fs::read(&segments[0]).unwrap();
-    // The first frame: a 24-byte header whose bytes 4..8 give the payload's length.
-    let len = u32::from_le_bytes(bytes[4..8].try_into().unwrap()) as usize;
+    let len = first_payload_len(&bytes);
     bytes[24 + len - 1] ^= 0x40;
     std::fs::write(&segments[0], &bytes).unwrap();
 
@@ -434,15 +445,10 @@ async fn an_event_log_frame_header_damaged_is_set_aside_at_open() {
     .await;
     // A second segment: each open appends to a new one.
     queued_on_disk(dir.path(), vec![vec![event(4)]]).await;
-    let mut segments: Vec<_> = std::fs::read_dir(dir.path().join("queue/events"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    segments.sort();
+    let segments = event_segments(dir.path());
     assert_eq!(segments.len(), 2, "{segments:?}");
     let mut bytes = std::fs::read(&segments[0]).unwrap();
-    let len = u32::from_le_bytes(bytes[4..8].try_into().unwrap()) as usize;
+    let len = first_payload_len(&bytes);
     // The second frame's magic.
     bytes[24 + len] ^= 0xff;
     std::fs::write(&segments[0], &bytes).unwrap();
