@@ -147,6 +147,7 @@ impl Delivery {
                     (n < self.backfill_slots).then_some(n + 1)
                 })
                 .is_ok();
+            let signal = self.queue.work_signal();
             let leased = {
                 let _busy = self.activity.busy(id);
                 self.queue.lease_lanes(&self.limits, backfill_slot)
@@ -175,7 +176,7 @@ impl Delivery {
             if items.is_empty() {
                 self.gate.unused(permit);
                 tokio::select! {
-                    _ = self.queue.wait_for_work(Duration::from_millis(250)) => {}
+                    _ = tokio::time::timeout(Duration::from_millis(250), signal) => {}
                     _ = stop.changed() => {}
                 }
                 continue;
