@@ -73,7 +73,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
@@ -84,6 +84,7 @@ use format::{
     decode, encode, encode_dead, latest_key, record_key, seq_of, Dead, Stored, DEAD,
     LANE_ATTRIBUTES, LANE_EVENTS, META_COUNTS, META_NEXT_SEQ,
 };
+use rustc_hash::{FxHashMap, FxHashSet};
 use store::Store;
 
 /// Records per sled batch within one enqueue; see `Staging::flush`.
@@ -97,6 +98,12 @@ const CHUNK_BYTES: usize = 7 << 10;
 /// A rebuild copies the live keys with ingest paused, so it waits until at most this many are
 /// left (a few milliseconds of copying).
 const COMPACT_MAX_LIVE: u64 = 10_000;
+
+/// A completion of events alone writes what has left the log at most this often; the daemon's
+/// upkeep and every other write to the tree carry it in between. Never synced anyway, so this
+/// only widens a crash's resend window by as much, and a write per delivered request was a
+/// twentieth of the daemon's CPU end to end.
+const PROGRESS_EVERY: Duration = Duration::from_millis(20);
 
 /// The event log's directory under `DATA_DIR/queue/`, beside the sled generations.
 const EVENTS_DIR: &str = "events";
@@ -233,9 +240,14 @@ pub struct Compaction {
 
 #[derive(Default)]
 struct Leases {
-    seqs: HashSet<u64>,
+    seqs: FxHashSet<u64>,
     attributes: HashSet<Vec<u8>>,
-    attempts: HashMap<u64, u32>,
+    attempts: FxHashMap<u64, u32>,
+    /// Every attribute update below this seq is leased: a lease scans the lane from here, not
+    /// from its start. Walking sled past the batches other workers hold was two thirds of a
+    /// membership lease. Only a lease moves it up, over records it finds leased or takes
+    /// itself; an update handed back for a retry moves it down.
+    attributes_from: u64,
 }
 
 #[derive(Default)]
@@ -320,6 +332,18 @@ pub struct Queue {
     /// sled holds writes that an acknowledgement depends on (attribute updates, dead letters
     /// moved back): the next commit must sync sled too, not only the event log.
     sled_dirty: Arc<AtomicBool>,
+    /// When a completion last wrote the log's progress (`PROGRESS_EVERY`).
+    progress_written: Mutex<Instant>,
+}
+
+impl Drop for Queue {
+    /// A queue closed without `sync` (tests, commands) still records what left the log, so
+    /// the next open does not send it again; sled flushes it as the database closes.
+    fn drop(&mut self) {
+        if let Err(e) = self.flush_progress() {
+            tracing::warn!(error = %e, "could not record delivery progress at close");
+        }
+    }
 }
 
 fn now_ms() -> u64 {
@@ -427,6 +451,7 @@ impl Queue {
             work: tokio::sync::Notify::new(),
             log,
             sled_dirty,
+            progress_written: Mutex::new(Instant::now()),
         }))
     }
 
@@ -607,10 +632,26 @@ impl Queue {
         };
         let mut users: HashSet<(UserId, String)> = HashSet::new();
         if memberships && max_user_objects > 0 && bytes < limits.max_bytes {
-            for item in store.tree.scan_prefix([LANE_ATTRIBUTES]) {
+            let from = record_key(LANE_ATTRIBUTES, leases.attributes_from);
+            let to = record_key(LANE_ATTRIBUTES, u64::MAX);
+            // Until the scan passes a record it leaves for later, everything it has passed is
+            // leased, and the next scan may start after it.
+            let mut floor = Some(leases.attributes_from);
+            for item in store.tree.range(from..=to) {
+                let leased = match &item {
+                    Ok((key, _)) => seq_of(key).filter(|s| leases.seqs.contains(s)),
+                    Err(_) => None,
+                };
+                if let Some(seq) = leased {
+                    floor = floor.map(|_| seq + 1);
+                    continue;
+                }
                 let Some((seq, value, stored)) = candidate(item, &leases, &mut undecodable)? else {
+                    floor = None;
                     continue;
                 };
+                // Taken below, or left for a later lease.
+                let passed = floor.take();
                 let Some(attribute) = stored.record.attribute_name() else {
                     undecodable.push(Undecodable {
                         lane: LANE_ATTRIBUTES,
@@ -636,10 +677,10 @@ impl Queue {
                     } else {
                         16
                     };
-                if new_user && users.len() >= max_user_objects {
-                    break;
-                }
-                if bytes + size > limits.max_bytes && !out.is_empty() {
+                if new_user && users.len() >= max_user_objects
+                    || bytes + size > limits.max_bytes && !out.is_empty()
+                {
+                    floor = passed;
                     break;
                 }
                 bytes += size;
@@ -648,6 +689,7 @@ impl Queue {
                 }
                 leases.seqs.insert(seq);
                 leases.attributes.insert(lk.clone());
+                floor = passed.map(|_| seq + 1);
                 out.push(Leased {
                     seq,
                     lane: LANE_ATTRIBUTES,
@@ -657,6 +699,9 @@ impl Queue {
                     raw: value.to_vec(),
                     latest: Some(lk),
                 });
+            }
+            if let Some(floor) = floor {
+                leases.attributes_from = floor;
             }
         }
         drop(leases);
@@ -728,6 +773,53 @@ impl Queue {
         if results.is_empty() {
             return Ok(());
         }
+        // Before the writer lock, which ingest waits on: this state's own database, and its
+        // facts may lead the queue's removal of the same records (they were delivered), so a
+        // concurrent enqueue still sees them pending and queues a new value rather than
+        // skipping it as unchanged.
+        self.state
+            .record_settled(results.iter().filter_map(|(item, outcome)| {
+                let lk = item.latest.as_deref()?;
+                match outcome {
+                    Outcome::Retry => None,
+                    Outcome::Dead(_) => Some((lk, item.seq, None)),
+                    Outcome::Delivered => Some((
+                        lk,
+                        item.seq,
+                        item.stored.record.plain_value().map(str::as_bytes),
+                    )),
+                }
+            }))?;
+        self.settle(&results)?;
+
+        let mut leases = self.leases.lock().expect("queue lease lock poisoned");
+        let mut released = false;
+        for (item, outcome) in results {
+            leases.seqs.remove(&item.seq);
+            if let Some(lk) = &item.latest {
+                leases.attributes.remove(lk);
+            }
+            if outcome == Outcome::Retry {
+                if item.lane == LANE_ATTRIBUTES {
+                    leases.attributes_from = leases.attributes_from.min(item.seq);
+                }
+                *leases.attempts.entry(item.seq).or_default() += 1;
+            } else {
+                leases.attempts.remove(&item.seq);
+            }
+            released |= item.latest.is_some();
+        }
+        drop(leases);
+        if released {
+            // A newer update of an attribute that was in flight may now be leased.
+            self.work.notify_waiters();
+        }
+        Ok(())
+    }
+
+    /// Removes what left the queue among `results` and dead-letters what Braze refused, in
+    /// one batch under the writer lock.
+    fn settle(&self, results: &[(Leased, Outcome)]) -> Result<(), QueueError> {
         let store = self.store.read().expect("queue store lock poisoned");
         let next_seq = self.writer.lock().expect("queue writer lock poisoned");
         let mut batch = sled::Batch::default();
@@ -737,7 +829,7 @@ impl Queue {
         // Only event progress to record: no batch needed (see below).
         let mut tree_ops = false;
         let mut log = self.log.lock().expect("event log lock poisoned");
-        for (item, outcome) in &results {
+        for (item, outcome) in results {
             if item.lane == LANE_EVENTS {
                 if let Some(chunk) = log.chunk_mut(item.key_seq) {
                     chunk.leased = chunk.leased.saturating_sub(1);
@@ -767,14 +859,23 @@ impl Queue {
                 }
             }
         }
-        let mut removed = HashSet::new();
+        let mut removed = FxHashSet::default();
         for (first, seqs) in events {
             removed.extend(log.mark_gone(first, &seqs));
         }
-        let gone = log.gone_value(*next_seq);
+        let dead_events = results.iter().any(|(item, outcome)| {
+            item.lane == LANE_EVENTS
+                && matches!(outcome, Outcome::Dead(_))
+                && removed.contains(&item.seq)
+        });
+        let gone = if tree_ops || dead_events || self.progress_due() {
+            log.gone_value(*next_seq)
+        } else {
+            None
+        };
         drop(log);
         change.events -= removed.len() as i64;
-        for (item, outcome) in &results {
+        for (item, outcome) in results {
             if let (LANE_EVENTS, Outcome::Dead(reason)) = (item.lane, outcome) {
                 if removed.contains(&item.seq) {
                     batch.insert(&format::dead_key(item.seq), dead_entry(item, reason));
@@ -795,47 +896,51 @@ impl Queue {
             // every delivered request was one.
             store.tree.insert(format::META_EVENTS_GONE, gone)?;
         }
-        self.state
-            .record_settled(results.iter().filter_map(|(item, outcome)| {
-                let lk = item.latest.as_deref()?;
-                match outcome {
-                    Outcome::Retry => None,
-                    Outcome::Dead(_) => Some((lk, item.seq, None)),
-                    Outcome::Delivered => Some((
-                        lk,
-                        item.seq,
-                        item.stored.record.plain_value().map(str::as_bytes),
-                    )),
-                }
-            }))?;
         self.counters.apply(change);
-        drop(next_seq);
+        Ok(())
+    }
 
-        let mut leases = self.leases.lock().expect("queue lease lock poisoned");
-        let mut released = false;
-        for (item, outcome) in results {
-            leases.seqs.remove(&item.seq);
-            if let Some(lk) = &item.latest {
-                leases.attributes.remove(lk);
-            }
-            if outcome == Outcome::Retry {
-                *leases.attempts.entry(item.seq).or_default() += 1;
-            } else {
-                leases.attempts.remove(&item.seq);
-            }
-            released |= item.latest.is_some();
+    /// Whether a completion of events alone should write the log's progress now.
+    fn progress_due(&self) -> bool {
+        let mut last = self
+            .progress_written
+            .lock()
+            .expect("progress time lock poisoned");
+        let due = last.elapsed() >= PROGRESS_EVERY;
+        if due {
+            *last = Instant::now();
         }
-        drop(leases);
-        if released {
-            // A newer update of an attribute that was in flight may now be leased.
-            self.work.notify_waiters();
+        due
+    }
+
+    /// Writes what has left the log, if anything has since it was last written. Call with the
+    /// writer lock held (`next_seq` is its value).
+    fn write_progress(
+        &self,
+        store: &Store,
+        log: &mut EventLog,
+        next_seq: u64,
+    ) -> Result<(), QueueError> {
+        if let Some(gone) = log.gone_value(next_seq) {
+            store.tree.insert(format::META_EVENTS_GONE, gone)?;
         }
         Ok(())
     }
 
-    /// Waits until new work may be there (an enqueue or a released attribute), or `timeout`.
-    pub async fn wait_for_work(&self, timeout: Duration) {
-        let _ = tokio::time::timeout(timeout, self.work.notified()).await;
+    /// Writes the log's progress now (at shutdown and close).
+    fn flush_progress(&self) -> Result<(), QueueError> {
+        let store = self.store.read().expect("queue store lock poisoned");
+        let next_seq = self.writer.lock().expect("queue writer lock poisoned");
+        let mut log = self.log.lock().expect("event log lock poisoned");
+        self.write_progress(&store, &mut log, *next_seq)
+    }
+
+    /// Completes once new work may be there (an enqueue or a released attribute) after this
+    /// call. Take it *before* looking for work: one taken after an empty lease misses an
+    /// enqueue that fell between the two, and events then waited for the idle timeout (a
+    /// p99 of 175 ms while a backfill kept the lease busy).
+    pub fn work_signal(&self) -> tokio::sync::futures::Notified<'_> {
+        self.work.notified()
     }
 
     pub fn pending(&self) -> u64 {
@@ -883,6 +988,7 @@ impl Queue {
 
     /// Makes everything written so far durable (used at shutdown).
     pub async fn sync(&self) -> Result<(), QueueError> {
+        self.flush_progress()?;
         self.sled_dirty.store(true, Ordering::Release);
         self.committer.commit().await
     }
@@ -920,11 +1026,12 @@ impl Queue {
     /// synced: a drained segment may hold events that went to the dead letters.
     pub fn delete_drained_segments(&self) -> Result<(), QueueError> {
         let ids = {
-            let _writer = self.writer.lock().expect("queue writer lock poisoned");
-            self.log
-                .lock()
-                .expect("event log lock poisoned")
-                .take_deletable()
+            let store = self.store.read().expect("queue store lock poisoned");
+            let next_seq = self.writer.lock().expect("queue writer lock poisoned");
+            let mut log = self.log.lock().expect("event log lock poisoned");
+            // What says these segments drained goes into the tree before the sync below.
+            self.write_progress(&store, &mut log, *next_seq)?;
+            log.take_deletable()
         };
         if ids.is_empty() {
             return Ok(());

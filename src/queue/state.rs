@@ -13,8 +13,9 @@
 //!
 //! Two uses: `retry-dead` drops a dead update older than `seq` (it would overwrite a newer
 //! value), and ingest skips an update whose value is the one Braze already has (Braze bills
-//! every attribute write). Written without a sync: after a crash it may lag a little (an
-//! update is then sent once more), never lead.
+//! every attribute write). Written without a sync, after Braze answered and before the queue
+//! records the same completion: after a crash it may lag a little (an update is then sent
+//! once more), never claim a value Braze was not sent.
 
 use std::path::Path;
 

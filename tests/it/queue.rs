@@ -96,6 +96,64 @@ async fn no_update_is_leased_while_an_older_one_of_the_same_attribute_is_in_flig
     assert_eq!(q.pending(), 0);
 }
 
+/// The user behind each leased membership, and the value it carries.
+fn members(leased: &[aiq_braze_sync::queue::Leased]) -> Vec<(String, bool)> {
+    leased
+        .iter()
+        .filter_map(|l| match &l.stored.record {
+            Record::Membership(m) => Some((m.user.value().to_string(), m.member)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A lease starts past the updates other leases hold; this checks it never starts past one
+/// that is free: handed back for a retry, or left behind while its attribute was in flight.
+#[tokio::test]
+async fn membership_leases_come_back_for_what_is_handed_back_or_was_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), settings(1000)).unwrap();
+    let users: Vec<String> = (0..150).map(|n| format!("u{n}")).collect();
+    q.enqueue(users.iter().map(|u| member(u, true)).collect())
+        .await
+        .unwrap();
+    let a = q.lease(&limits()).unwrap();
+    let b = q.lease(&limits()).unwrap();
+    assert_eq!((a.len(), b.len()), (75, 75));
+    assert_eq!(members(&a)[0].0, "u0");
+    assert_eq!(members(&b)[0].0, "u75");
+
+    // A newer value for u10, whose older one is out with `a`: it waits for it.
+    q.enqueue(vec![member("u10", false)]).await.unwrap();
+    assert!(q.lease(&limits()).unwrap().is_empty());
+    q.complete(a.into_iter().map(|l| (l, Outcome::Delivered)).collect())
+        .unwrap();
+    let waited = q.lease(&limits()).unwrap();
+    assert_eq!(members(&waited), vec![("u10".to_string(), false)]);
+
+    // `b` comes back with its first five to be retried: they are leased again.
+    let outcomes = b
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| {
+            (
+                l,
+                if i < 5 {
+                    Outcome::Retry
+                } else {
+                    Outcome::Delivered
+                },
+            )
+        })
+        .collect();
+    q.complete(outcomes).unwrap();
+    let retried: Vec<String> = members(&q.lease(&limits()).unwrap())
+        .into_iter()
+        .map(|(u, _)| u)
+        .collect();
+    assert_eq!(retried, ["u75", "u76", "u77", "u78", "u79"]);
+}
+
 #[tokio::test]
 async fn leased_records_are_pending_again_after_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
