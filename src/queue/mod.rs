@@ -340,6 +340,10 @@ impl Drop for Queue {
     /// A queue closed without `sync` (tests, commands) still records what left the log, so
     /// the next open does not send it again; sled flushes it as the database closes.
     fn drop(&mut self) {
+        // A panic may have poisoned the locks this takes; a resend beats an abort.
+        if std::thread::panicking() {
+            return;
+        }
         if let Err(e) = self.flush_progress() {
             tracing::warn!(error = %e, "could not record delivery progress at close");
         }
