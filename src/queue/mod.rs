@@ -867,17 +867,6 @@ impl Queue {
         for (first, seqs) in events {
             removed.extend(log.mark_gone(first, &seqs));
         }
-        let dead_events = results.iter().any(|(item, outcome)| {
-            item.lane == LANE_EVENTS
-                && matches!(outcome, Outcome::Dead(_))
-                && removed.contains(&item.seq)
-        });
-        let gone = if tree_ops || dead_events || self.progress_due() {
-            log.gone_value(*next_seq)
-        } else {
-            None
-        };
-        drop(log);
         change.events -= removed.len() as i64;
         for (item, outcome) in results {
             if let (LANE_EVENTS, Outcome::Dead(reason)) = (item.lane, outcome) {
@@ -888,6 +877,14 @@ impl Queue {
                 }
             }
         }
+        // A batch goes to the tree anyway: progress rides along. Otherwise it waits for
+        // `PROGRESS_EVERY`.
+        let gone = if tree_ops || self.progress_due() {
+            log.gone_value(*next_seq)
+        } else {
+            None
+        };
+        drop(log);
         if tree_ops {
             if let Some(gone) = gone {
                 batch.insert(format::META_EVENTS_GONE, gone);
