@@ -218,7 +218,11 @@ fn prepare(more: &str) -> Run {
     )
     .unwrap();
     Run {
-        bin: PathBuf::from(env!("CARGO_BIN_EXE_aiq-braze-sync")),
+        // A wrapper (perf record, a stat tool) may stand in for the binary when profiling.
+        bin: std::env::var_os("AIQ_BENCH_BIN").map_or_else(
+            || PathBuf::from(env!("CARGO_BIN_EXE_aiq-braze-sync")),
+            PathBuf::from,
+        ),
         log: dir.path().join("daemon.log"),
         dir,
         data,
