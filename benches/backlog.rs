@@ -480,22 +480,27 @@ async fn snapshot(members: u64) {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let drained = started.elapsed().as_secs_f64();
-        // The daemon rebuilds its database once a backlog has drained; stopping before that
-        // would leave the next import to open the whole drained file (about 1 GB of RSS
-        // after 10 M), which no running daemon keeps for more than a few seconds.
+        // The daemon rebuilds its database once a backlog has drained and left a file of at
+        // least `queue.compact_min_mb` (256 MB). Stopping before that would leave the next
+        // import to open the whole drained file (about 1 GB of RSS after 10 M), which no
+        // running daemon keeps for more than a few seconds.
         let client = reqwest::Client::new();
-        let rebuilt = Instant::now();
-        while stats(&client, port).await["queue"]["disk_bytes"]
-            .as_u64()
-            .is_none_or(|b| b > 64 << 20)
-            && rebuilt.elapsed() < Duration::from_secs(120)
-        {
+        let waited = Instant::now();
+        let rebuilt = loop {
+            let q = &stats(&client, port).await["queue"];
+            let bytes = q["disk_bytes"].as_u64().unwrap_or(u64::MAX);
+            if bytes < 256 << 20 {
+                break format!("{} MB on disk", bytes >> 20);
+            }
+            if waited.elapsed() > Duration::from_secs(120) {
+                break "no rebuild within 120 s".to_string();
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        let rebuilt = rebuilt.elapsed().as_secs_f64();
+        };
+        let rebuilt = format!("{rebuilt} {:.1} s later", waited.elapsed().as_secs_f64());
         d.stop();
         println!(
-            "{name}: diffed and queued in {took:.1} s, peak RSS {peak} MB; {changes} changes delivered in {drained:.1} s with {} Braze requests; rebuilt {rebuilt:.1} s later",
+            "{name}: diffed and queued in {took:.1} s, peak RSS {peak} MB; {changes} changes delivered in {drained:.1} s with {} Braze requests; {rebuilt}",
             requests.load(Ordering::Relaxed) - before
         );
     }
