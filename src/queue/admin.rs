@@ -1,12 +1,11 @@
 //! What operators do with the queue: look at pending and dead records, retry or purge dead
 //! ones. Listing reads lazily and stops at the limit; it never loads the whole queue.
 
-use std::collections::HashMap;
-
 use serde::{Deserialize, Serialize};
 
 use super::format::{
-    dead_key, decode, decode_dead, event_entries, latest_key, seq_of, Stored, DEAD, EVENT_CHUNK_V1,
+    dead_key, decode, decode_dead, event_entries, latest_key, seq_of, with_origin, Stored, DEAD,
+    EVENT_CHUNK_V1,
 };
 use super::{lane_records, log_records, now_ms, Queue, QueueError, Staging, LANE_ATTRIBUTES};
 use crate::record::Record;
@@ -231,13 +230,6 @@ impl Queue {
             ..RetryReport::default()
         };
         let mut staging = Staging::new(self, &store.tree, &mut next_seq);
-        // Original sequence numbers of the updates retried in this call, per attribute: a
-        // retried update is compared with others by when it was first accepted.
-        let mut retried_here: HashMap<Vec<u8>, u64> = HashMap::new();
-        // Per attribute, the update that was pending before this call staged anything for it:
-        // once a retry is staged, the index names the retry (under a new seq, newer than any
-        // id), which must neither pass for a newer update nor hide the one that was there.
-        let mut pending_before: HashMap<Vec<u8>, Option<u64>> = HashMap::new();
         for (id, value) in entries {
             // A whole event chunk in a dead letter: an older release that could not read
             // chunks moved it aside. Its events are retried one by one.
@@ -255,34 +247,32 @@ impl Queue {
                 report.undecodable.push(id);
                 continue;
             };
-            if let Some(attribute) = stored.record.attribute_name() {
-                let lk = latest_key(stored.record.user(), &attribute);
-                let before = match pending_before.get(&lk) {
-                    Some(before) => *before,
-                    None => {
-                        let before = staging.pending(&lk)?.map(|(seq, _)| seq);
-                        pending_before.insert(lk.clone(), before);
-                        before
-                    }
-                };
-                // Only a plain value can be superseded; an operation (`add`, `remove`, ...)
-                // still means something after newer updates, so it is retried at the back of
-                // the lane.
-                if stored.record.plain_value().is_some() {
-                    let pending = before.max(retried_here.get(&lk).copied());
-                    let newest = pending.max(self.state.settled_seq(&lk)?);
-                    if newest.is_some_and(|n| n > id) {
-                        staging.remove_dead(id);
-                        report.superseded.push(id);
-                        continue;
-                    }
-                }
-                // An operation too: staged here it has a new seq, newer than any id, which
-                // would pass for a newer update and drop a value accepted after it.
-                retried_here.insert(lk, id);
-            }
             staging.remove_dead(id);
-            if staging.add(&stored.record, dead.stored)? {
+            let Some(attribute) = stored.record.attribute_name() else {
+                staging.add(&stored.record, dead.stored)?;
+                report.retried.push(id);
+                continue;
+            };
+            // Updates are compared by when they were first accepted (their rank), not by
+            // seq: a retry takes a new seq, newer than anything accepted after the update it
+            // repeats, and keeps its rank (`format::with_origin`) through later retries.
+            let rank = stored.rank(id);
+            // Only a plain value can be superseded; an operation (`add`, `remove`, ...)
+            // still means something after newer updates, so it is retried at the back of
+            // the lane.
+            if stored.record.plain_value().is_some() {
+                let lk = latest_key(stored.record.user(), &attribute);
+                // Pending (this call's retries included: the index ranks them), or gone
+                // from the queue: delivered or dead.
+                let pending = staging.pending(&lk)?.map(|p| p.rank);
+                let newest = pending.max(self.state.settled_seq(&lk)?);
+                if newest.is_some_and(|n| n > rank) {
+                    report.superseded.push(id);
+                    continue;
+                }
+            }
+            let envelope = with_origin(&dead.stored, rank);
+            if staging.add_ranked(&stored.record, envelope, Some(rank))? {
                 report.retried.push(id);
             } else {
                 // Braze already holds this value: nothing to send.

@@ -51,6 +51,55 @@ const V1: u8 = 1;
 const V2: u8 = 2;
 /// Version byte of `DeadV1`.
 const DEAD_V1: u8 = 1;
+/// Version byte of an attribute update that `retry-dead` put back: `[4][origin u64 BE]`, then
+/// the update's own envelope (V1 or V2) unchanged. The origin is the seq it was first accepted
+/// under, kept through every later death and retry (`Stored::rank`). 3 is `EVENT_CHUNK_V1`.
+pub const RETRIED_V1: u8 = 4;
+
+/// `envelope` marked as first accepted under `origin` (any earlier mark replaced).
+pub fn with_origin(envelope: &[u8], origin: u64) -> Vec<u8> {
+    let inner = match envelope.split_first() {
+        Some((&RETRIED_V1, rest)) => rest.get(8..).unwrap_or_default(),
+        _ => envelope,
+    };
+    let mut out = Vec::with_capacity(9 + inner.len());
+    out.push(RETRIED_V1);
+    out.extend_from_slice(&origin.to_be_bytes());
+    out.extend_from_slice(inner);
+    out
+}
+
+/// A latest-index value (key `LATEST ...`, see `latest_key`): the seq of the attribute's
+/// newest pending update; then, only when it differs from that seq, `0xFF` and the highest
+/// rank (`Stored::rank`) among the attribute's pending updates; then the newest one's object
+/// fields (JSON object text or nothing, so never starting with 0xFF). Fresh updates always
+/// hold the highest rank themselves; only `retry-dead` staging an operation behind a newer
+/// update writes the marked form. A release before this one reads it as other object fields,
+/// so it does not coalesce a new update into that one: both are sent, in order.
+pub fn latest_value(seq: u64, rank: u64, fields: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(17 + fields.len());
+    v.extend_from_slice(&seq.to_be_bytes());
+    if rank != seq {
+        v.push(RANK_MARK);
+        v.extend_from_slice(&rank.to_be_bytes());
+    }
+    v.extend_from_slice(fields);
+    v
+}
+
+/// `(seq, highest pending rank, object fields)` of a latest-index value.
+pub fn decode_latest(v: &[u8]) -> Option<(u64, u64, &[u8])> {
+    let seq = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+    match v.get(8) {
+        Some(&RANK_MARK) => {
+            let rank = u64::from_be_bytes(v.get(9..17)?.try_into().ok()?);
+            Some((seq, rank, &v[17..]))
+        }
+        _ => Some((seq, seq, &v[8..])),
+    }
+}
+
+const RANK_MARK: u8 = 0xFF;
 
 /// A pending record's key: prefix then the big-endian sequence, so iteration order is
 /// acceptance order within a lane.
@@ -201,6 +250,18 @@ struct DeadV1 {
 pub struct Stored {
     pub accepted_at_ms: u64,
     pub record: Record,
+    /// For an update `retry-dead` put back: the seq it was first accepted under
+    /// (`RETRIED_V1`).
+    pub origin: Option<u64>,
+}
+
+impl Stored {
+    /// Where this update stands among its attribute's updates, by first acceptance: its
+    /// origin if it was retried, else its own seq. `retry-dead` compares ranks, not seqs: a
+    /// retry gets a new seq, newer than any update accepted after the one it repeats.
+    pub fn rank(&self, seq: u64) -> u64 {
+        self.origin.unwrap_or(seq)
+    }
 }
 
 /// A dead-lettered record decoded from disk.
@@ -458,6 +519,7 @@ pub fn decode(bytes: &[u8]) -> Result<Stored, DecodeError> {
             Ok(Stored {
                 accepted_at_ms: v1.accepted_at_ms,
                 record,
+                origin: None,
             })
         }
         V2 => {
@@ -465,6 +527,24 @@ pub fn decode(bytes: &[u8]) -> Result<Stored, DecodeError> {
             Ok(Stored {
                 accepted_at_ms: v2.accepted_at_ms,
                 record: record_of_v2(v2.record),
+                origin: None,
+            })
+        }
+        RETRIED_V1 => {
+            let corrupt = |what: &str| DecodeError::Corrupt(format!("retried update: {what}"));
+            let origin = body
+                .get(..8)
+                .ok_or_else(|| corrupt("truncated origin"))?
+                .try_into()
+                .map(u64::from_be_bytes)
+                .expect("8 bytes");
+            let inner = &body[8..];
+            if inner.first() == Some(&RETRIED_V1) {
+                return Err(corrupt("wrapped twice"));
+            }
+            Ok(Stored {
+                origin: Some(origin),
+                ..decode(inner)?
             })
         }
         other => Err(DecodeError::UnknownVersion(other)),
@@ -605,6 +685,50 @@ mod tests {
         assert_eq!(bytes[0], V1);
         let back = decode(&bytes).unwrap();
         assert_eq!((back.accepted_at_ms, back.record), (42, r));
+    }
+
+    /// A retried update keeps its origin through a second retry, and a latest-index value
+    /// carries a rank only where it differs from the seq.
+    #[test]
+    fn origins_and_index_ranks_round_trip() {
+        let r = Record::Attribute(AttributeUpdate {
+            user: UserId::External("u".into()),
+            name: "color".into(),
+            value: r#""blue""#.into(),
+            object_fields: None,
+        });
+        let plain = encode(&r, 7);
+        assert_eq!(decode(&plain).unwrap().rank(12), 12);
+        let once = with_origin(&plain, 3);
+        let twice = with_origin(&once, 3);
+        assert_eq!(once, twice, "a second retry does not wrap again");
+        let back = decode(&twice).unwrap();
+        assert_eq!((back.origin, back.rank(40), back.record), (Some(3), 3, r));
+        assert!(matches!(
+            decode(&[RETRIED_V1, 0, 0, 0, 0, 0, 0, 0, 3, RETRIED_V1]),
+            Err(DecodeError::Corrupt(_))
+        ));
+        assert!(matches!(
+            decode(&[RETRIED_V1, 0, 3]),
+            Err(DecodeError::Corrupt(_))
+        ));
+
+        let fields = br#"{"_update_existing_only":true}"#;
+        let fresh = latest_value(9, 9, fields);
+        assert_eq!(
+            fresh.len(),
+            8 + fields.len(),
+            "the form every release wrote"
+        );
+        assert_eq!(decode_latest(&fresh), Some((9, 9, &fields[..])));
+        let behind = latest_value(9, 12, fields);
+        assert_eq!(decode_latest(&behind), Some((9, 12, &fields[..])));
+        assert_eq!(
+            decode_latest(&latest_value(9, 12, b"")),
+            Some((9, 12, &b""[..]))
+        );
+        assert_eq!(decode_latest(&[0; 8]), Some((0, 0, &b""[..])));
+        assert_eq!(decode_latest(&[0; 7]), None);
     }
 
     /// Bytes written by version 1 must decode forever: this literal is a V1 membership.

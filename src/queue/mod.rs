@@ -784,12 +784,14 @@ impl Queue {
         self.state
             .record_settled(results.iter().filter_map(|(item, outcome)| {
                 let lk = item.latest.as_deref()?;
+                let (rank, retried) = (item.stored.rank(item.seq), item.stored.origin.is_some());
                 match outcome {
                     Outcome::Retry => None,
-                    Outcome::Dead(_) => Some((lk, item.seq, None)),
+                    Outcome::Dead(_) => Some((lk, rank, retried, None)),
                     Outcome::Delivered => Some((
                         lk,
-                        item.seq,
+                        rank,
+                        retried,
                         item.stored.record.plain_value().map(str::as_bytes),
                     )),
                 }
@@ -1095,6 +1097,17 @@ impl Queue {
     }
 }
 
+/// What the latest-value index says of one user's attribute (`format::latest_value`).
+#[derive(Debug, Clone)]
+struct Pending {
+    /// The newest pending update.
+    seq: u64,
+    /// The highest rank (`Stored::rank`) among the attribute's pending updates.
+    rank: u64,
+    /// The newest pending update's object fields.
+    fields: Vec<u8>,
+}
+
 /// One atomic batch of new pending records. Memberships coalesce: a record replaces the
 /// pending update of the same user and attribute, whether that is in the tree or earlier in
 /// this same batch.
@@ -1120,7 +1133,7 @@ struct Staging<'a> {
     /// Chunks for the event log: first seq, event count, payload.
     frames: Vec<eventlog::Frame>,
     /// Latest-index entries this batch already set, so later records see them.
-    latest_here: HashMap<Vec<u8>, (u64, Vec<u8>)>,
+    latest_here: HashMap<Vec<u8>, Pending>,
     next_seq: u64,
     events: u64,
     attributes: u64,
@@ -1164,14 +1177,18 @@ impl<'a> Staging<'a> {
         self.dead_removed += 1;
     }
 
-    /// The pending update of this user's attribute, if any: its seq and object fields.
-    fn pending(&self, latest: &[u8]) -> Result<Option<(u64, Vec<u8>)>, QueueError> {
+    /// The pending updates of this user's attribute, if any.
+    fn pending(&self, latest: &[u8]) -> Result<Option<Pending>, QueueError> {
         Ok(match self.latest_here.get(latest) {
             Some(p) => Some(p.clone()),
-            None => self
-                .tree
-                .get(latest)?
-                .and_then(|v| Some((seq_of_value(&v)?, v[8..].to_vec()))),
+            None => self.tree.get(latest)?.and_then(|v| {
+                let (seq, rank, fields) = format::decode_latest(&v)?;
+                Some(Pending {
+                    seq,
+                    rank,
+                    fields: fields.to_vec(),
+                })
+            }),
         })
     }
 
@@ -1179,6 +1196,17 @@ impl<'a> Staging<'a> {
     /// `false` when it changes nothing: no update of that attribute is pending or in flight,
     /// and Braze was last sent this very value (Braze bills every attribute write).
     fn add(&mut self, record: &Record, value: Vec<u8>) -> Result<bool, QueueError> {
+        self.add_ranked(record, value, None)
+    }
+
+    /// `add`, for an update `retry-dead` puts back: `origin` is the seq it was first
+    /// accepted under (`value` already carries it, `format::with_origin`).
+    fn add_ranked(
+        &mut self,
+        record: &Record,
+        value: Vec<u8>,
+        origin: Option<u64>,
+    ) -> Result<bool, QueueError> {
         let seq = self.next_seq;
         match record.attribute_name() {
             None => {
@@ -1202,12 +1230,19 @@ impl<'a> Staging<'a> {
                         .is_some_and(|d| d == p.as_bytes()),
                     _ => false,
                 };
-                match pending {
+                // The highest rank pending for the attribute once this is added. A fresh update
+                // is the newest; a retried one may sit behind updates accepted after it.
+                let rank = match (origin, &pending) {
+                    (None, _) => seq,
+                    (Some(origin), Some(p)) => origin.max(p.rank),
+                    (Some(origin), None) => origin,
+                };
+                match &pending {
                     // A plain value replaces whatever is pending before it, operations
                     // included, as long as both travel with the same object fields (an
                     // update-only write must not swallow one that creates the profile).
-                    Some((old, old_fields)) if plain.is_some() && old_fields == fields => {
-                        self.batch.remove(&record_key(LANE_ATTRIBUTES, old));
+                    Some(p) if plain.is_some() && p.fields == fields => {
+                        self.batch.remove(&record_key(LANE_ATTRIBUTES, p.seq));
                         self.coalesced += 1;
                     }
                     // Otherwise both stay, in order: the lease never takes a newer update
@@ -1223,11 +1258,16 @@ impl<'a> Staging<'a> {
                 }
                 self.tree_writes = true;
                 self.batch.insert(&record_key(LANE_ATTRIBUTES, seq), value);
-                let mut index = Vec::with_capacity(8 + fields.len());
-                index.extend_from_slice(&seq.to_be_bytes());
-                index.extend_from_slice(fields);
-                self.batch.insert(lk.as_slice(), index);
-                self.latest_here.insert(lk, (seq, fields.to_vec()));
+                self.batch
+                    .insert(lk.as_slice(), format::latest_value(seq, rank, fields));
+                self.latest_here.insert(
+                    lk,
+                    Pending {
+                        seq,
+                        rank,
+                        fields: fields.to_vec(),
+                    },
+                );
             }
         }
         self.next_seq += 1;

@@ -7,11 +7,12 @@
 //! **On-disk format** (changing it breaks existing databases; add a version instead):
 //! tree `settled`, key = the queue's latest-value key (`03 kind len id attribute`), value =
 //! one of
-//! - `[1][seq u64 BE]`: the newest update of that user's attribute that left the queue;
-//! - `[2][seq u64 BE][value]`: the same, and it was delivered with this value (JSON text);
-//!   an empty value means it was dead-lettered, so Braze's value is unknown.
+//! - `[1][rank u64 BE]`: the highest rank (`format::Stored::rank`: the seq an update was
+//!   first accepted under) among that user's attribute's updates that left the queue;
+//! - `[2][rank u64 BE][value]`: the same, and the last to leave was delivered with this value
+//!   (JSON text); an empty value means it was dead-lettered, so Braze's value is unknown.
 //!
-//! Two uses: `retry-dead` drops a dead update older than `seq` (it would overwrite a newer
+//! Two uses: `retry-dead` drops a dead update ranked below it (it would overwrite a newer
 //! value), and ingest skips an update whose value is the one Braze already has (Braze bills
 //! every attribute write). Written without a sync, after Braze answered and before the queue
 //! records the same completion: after a crash it may lag a little (an update is then sent
@@ -27,6 +28,7 @@ const V2: u8 = 2;
 /// What is known of one user's attribute.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settled {
+    /// The highest rank that left the queue (see the module doc).
     pub seq: u64,
     /// The value Braze was last sent (JSON text), if the last update was delivered.
     pub delivered: Option<Vec<u8>>,
@@ -71,22 +73,28 @@ impl State {
         })
     }
 
-    /// The newest sequence number of this attribute that left the queue, if any.
+    /// The highest rank of this attribute's updates that left the queue, if any.
     pub fn settled_seq(&self, latest_key: &[u8]) -> Result<Option<u64>, QueueError> {
         Ok(self.settled(latest_key)?.map(|s| s.seq))
     }
 
-    /// Records that these updates left the queue, with the value Braze now has (`None` when
-    /// dead-lettered). Per attribute they settle in order (the queue never has two of one
-    /// attribute in flight), so the last write is the newest.
+    /// Records that these updates left the queue: `(key, rank, retried, value Braze now
+    /// has)`, the value `None` when dead-lettered. Per attribute they settle in order (the
+    /// queue never has two of one attribute in flight), so the last write holds the value
+    /// Braze has. Its rank is the highest too, except for a retried update (`retried`), which
+    /// may leave after updates accepted later than it: its rank never lowers what is there.
     pub fn record_settled<'a>(
         &self,
-        settled: impl IntoIterator<Item = (&'a [u8], u64, Option<&'a [u8]>)>,
+        settled: impl IntoIterator<Item = (&'a [u8], u64, bool, Option<&'a [u8]>)>,
     ) -> Result<(), QueueError> {
         // One key at a time, not a batch: sled 0.34 seals and writes its log buffer for every
         // batch (an I/O per delivered request), and these facts need no atomicity: each one
         // stands alone, and after a crash any of them may lag, never lead.
-        for (key, seq, delivered) in settled {
+        for (key, rank, retried, delivered) in settled {
+            let seq = match retried {
+                true => self.settled_seq(key)?.map_or(rank, |s| s.max(rank)),
+                false => rank,
+            };
             let delivered = delivered.unwrap_or_default();
             let mut value = Vec::with_capacity(9 + delivered.len());
             value.push(V2);

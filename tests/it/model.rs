@@ -103,6 +103,9 @@ struct Rec {
     fields: bool,
     /// Model clock at acceptance; a retry from the dead letters accepts it again.
     acc: u64,
+    /// Model clock at the first acceptance, kept through retries: what `retry-dead` compares
+    /// to decide whether a newer update supersedes a dead one.
+    first: u64,
     /// The value Braze last received for this attribute when this was accepted: if equal,
     /// the queue may skip it.
     braze_had: Option<String>,
@@ -244,6 +247,7 @@ impl Model {
             value,
             fields,
             acc: self.clock,
+            first: self.clock,
             braze_had,
             status: Status::Queued,
             seq: None,
@@ -538,9 +542,9 @@ async fn retry_dead(
         report
     );
 
-    // Whether a newer update exists is judged on acceptance before this call: records this
-    // call puts back are compared by when they were first accepted.
-    let before: Vec<u64> = m.recs.iter().map(|r| r.acc).collect();
+    // Whether a newer update exists is judged by when each was first accepted, whatever
+    // retries came since.
+    let before: Vec<u64> = m.recs.iter().map(|r| r.first).collect();
     for seq in &selected {
         let tag = m.by_seq(*seq).expect("a dead record is known");
         let r = &m.recs[tag];
@@ -990,4 +994,99 @@ async fn retrying_an_operation_with_the_newer_value_after_it_keeps_the_newer_val
         Some(r#""blue""#),
         "sent: {sent:?}"
     );
+}
+
+fn color(value: &str) -> Record {
+    Record::Attribute(AttributeUpdate {
+        user: user_id(0),
+        name: "color".into(),
+        value: value.into(),
+        object_fields: None,
+    })
+}
+
+/// Leases until nothing is left and ends every lease with `outcome`: the values, in order.
+fn drain_colors(q: &Queue, outcome: &Outcome) -> Vec<(String, u64)> {
+    let limits = BatchLimits {
+        max_objects: 50,
+        per_array: false,
+        max_bytes: 3_500_000,
+    };
+    let mut out = Vec::new();
+    loop {
+        let leased = q.lease(&limits).unwrap();
+        if leased.is_empty() {
+            return out;
+        }
+        for l in &leased {
+            if let Record::Attribute(a) = &l.stored.record {
+                out.push((a.value.clone(), l.seq));
+            }
+        }
+        q.complete(leased.into_iter().map(|l| (l, outcome.clone())).collect())
+            .unwrap();
+    }
+}
+
+/// Accepts `value` and has Braze refuse it: its dead letter's id.
+async fn refused(q: &Queue, value: &str) -> u64 {
+    q.enqueue(vec![color(value)]).await.unwrap();
+    let dead = drain_colors(q, &Outcome::Dead("refused".into()));
+    assert_eq!(dead.len(), 1);
+    dead[0].1
+}
+
+fn values(sent: &[(String, u64)]) -> Vec<&str> {
+    sent.iter().map(|(v, _)| v.as_str()).collect()
+}
+
+/// Braze refused an `add` on a user's attribute and then the plain value accepted after it.
+/// The operator retries them in two calls, the `add` first, delivered in between: the plain
+/// value is still the newest accepted and must go out, not be dropped as superseded by the
+/// `add`'s retry (a retry takes a new seq, not a new place in acceptance order). And a retried
+/// `add`, pending behind a newer update or delivered after one, must not let an older plain
+/// value through.
+#[tokio::test]
+async fn retries_in_separate_calls_keep_acceptance_order() {
+    const ADD: &str = r#"{"add":["x"]}"#;
+    let delivered = Outcome::Delivered;
+
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), settings()).unwrap();
+    let (add, blue) = (refused(&q, ADD).await, refused(&q, r#""blue""#).await);
+    let report = q.retry_dead(&Selection::Ids(vec![add])).await.unwrap();
+    assert_eq!(report.retried, vec![add], "{report:?}");
+    assert_eq!(values(&drain_colors(&q, &delivered)), vec![ADD]);
+    let report = q.retry_dead(&Selection::Ids(vec![blue])).await.unwrap();
+    assert_eq!(report.retried, vec![blue], "{report:?}");
+    assert_eq!(values(&drain_colors(&q, &delivered)), vec![r#""blue""#]);
+    drop(q);
+
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), settings()).unwrap();
+    let (add, red) = (refused(&q, ADD).await, refused(&q, r#""red""#).await);
+    q.enqueue(vec![color(r#""green""#)]).await.unwrap();
+    let report = q.retry_dead(&Selection::Ids(vec![add])).await.unwrap();
+    assert_eq!(report.retried, vec![add], "{report:?}");
+    let report = q.retry_dead(&Selection::Ids(vec![red])).await.unwrap();
+    assert_eq!(report.superseded, vec![red], "{report:?}");
+    assert_eq!(
+        values(&drain_colors(&q, &delivered)),
+        vec![r#""green""#, ADD]
+    );
+    drop(q);
+
+    // A retried `add` delivered after a newer value still leaves that value the newest known.
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), settings()).unwrap();
+    let add = refused(&q, ADD).await;
+    let red = refused(&q, r#""red""#).await;
+    let blue = refused(&q, r#""blue""#).await;
+    for id in [blue, add] {
+        let report = q.retry_dead(&Selection::Ids(vec![id])).await.unwrap();
+        assert_eq!(report.retried, vec![id], "{report:?}");
+        drain_colors(&q, &delivered);
+    }
+    let report = q.retry_dead(&Selection::Ids(vec![red])).await.unwrap();
+    assert_eq!(report.superseded, vec![red], "{report:?}");
 }
