@@ -455,11 +455,6 @@ async fn snapshot(members: u64) {
         data.display()
     );
     let (received, requests) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    tokio::spawn(counting_braze_requests(
-        braze_port,
-        received.clone(),
-        requests.clone(),
-    ));
     let mut expected = 0;
     for (name, file, changes) in [
         ("first upload", &first, members),
@@ -472,6 +467,31 @@ async fn snapshot(members: u64) {
                 .arg(file),
         )
         .await;
+        if expected == 0 {
+            // The whole split pending as memberships (issue 7, item 4's backlog as state
+            // rather than events): disk, then start and SIGKILL with Braze not there yet.
+            let bytes = dir_bytes(&data);
+            println!(
+                "{members} memberships pending: {bytes} bytes on disk, {:.0} bytes per membership",
+                bytes as f64 / members as f64
+            );
+            for round in 1..=3 {
+                let (d, ready) = Daemon::start(&bin, &config, port, &log).await;
+                let at_ready = rss_mb(d.child.id()).0;
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                let (later, peak) = rss_mb(d.child.id());
+                println!(
+                    "start {round}: ready in {:.2} s, RSS {at_ready} MB at ready, {later} MB 3 s later (peak {peak} MB)",
+                    ready.as_secs_f64()
+                );
+                d.kill();
+            }
+            tokio::spawn(counting_braze_requests(
+                braze_port,
+                received.clone(),
+                requests.clone(),
+            ));
+        }
         let before = requests.load(Ordering::Relaxed);
         expected += changes;
         let (d, _) = Daemon::start(&bin, &config, port, &log).await;
