@@ -232,6 +232,22 @@ fn prepare(more: &str) -> Run {
     }
 }
 
+/// Starts the daemon on what is queued three times, SIGKILLing it 3 s after it is ready:
+/// time to ready and RSS each time.
+async fn starts_and_kills(bin: &Path, config: &Path, port: u16, log: &Path) {
+    for round in 1..=3 {
+        let (d, ready) = Daemon::start(bin, config, port, log).await;
+        let at_ready = rss_mb(d.child.id()).0;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (later, peak) = rss_mb(d.child.id());
+        println!(
+            "start {round}: ready in {:.2} s, RSS {at_ready} MB at ready, {later} MB 3 s later (peak {peak} MB)",
+            ready.as_secs_f64()
+        );
+        d.kill();
+    }
+}
+
 async fn stats(client: &reqwest::Client, port: u16) -> serde_json::Value {
     match client
         .get(format!("http://127.0.0.1:{port}/v1/admin/queue/stats"))
@@ -304,17 +320,7 @@ async fn main() {
     );
 
     // 2. Ready after SIGKILL, Braze unreachable.
-    for round in 1..=3 {
-        let (d, ready) = Daemon::start(&bin, &config, port, &log).await;
-        let at_ready = rss_mb(d.child.id()).0;
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        let (later, peak) = rss_mb(d.child.id());
-        println!(
-            "start {round}: ready in {:.2} s, RSS {at_ready} MB at ready, {later} MB 3 s later (peak {peak} MB)",
-            ready.as_secs_f64()
-        );
-        d.kill();
-    }
+    starts_and_kills(&bin, &config, port, &log).await;
 
     // 3. Drain into the counting stand-in.
     let received = Arc::new(AtomicU64::new(0));
@@ -475,17 +481,7 @@ async fn snapshot(members: u64) {
                 "{members} memberships pending: {bytes} bytes on disk, {:.0} bytes per membership",
                 bytes as f64 / members as f64
             );
-            for round in 1..=3 {
-                let (d, ready) = Daemon::start(&bin, &config, port, &log).await;
-                let at_ready = rss_mb(d.child.id()).0;
-                tokio::time::sleep(Duration::from_secs(3)).await;
-                let (later, peak) = rss_mb(d.child.id());
-                println!(
-                    "start {round}: ready in {:.2} s, RSS {at_ready} MB at ready, {later} MB 3 s later (peak {peak} MB)",
-                    ready.as_secs_f64()
-                );
-                d.kill();
-            }
+            starts_and_kills(&bin, &config, port, &log).await;
             tokio::spawn(counting_braze_requests(
                 braze_port,
                 received.clone(),
