@@ -293,13 +293,22 @@ fn resync(file: &File, from: u64, size: u64) -> io::Result<Option<u64>> {
     Ok(None)
 }
 
+/// No queue hands out seqs this high (at a million records a second, 146,000 years). Headers
+/// are indexed at open without their checksum (that would read every payload), so a damaged
+/// one can claim any first seq; one up here would overflow the seq arithmetic that follows.
+const MAX_SEQ: u64 = 1 << 62;
+
 /// A frame header: payload length, event count, first seq, CRC. `None` if it is not one.
 fn parse_header(h: &[u8; HEADER]) -> Option<(u32, u32, u64, u32)> {
     if u32_at(h, 0) != MAGIC {
         return None;
     }
     let first = u64::from_le_bytes(h[12..20].try_into().expect("8 bytes"));
-    Some((u32_at(h, 4), u32_at(h, 8), first, u32_at(h, 20)))
+    let count = u32_at(h, 8);
+    if first.saturating_add(u64::from(count)) > MAX_SEQ {
+        return None;
+    }
+    Some((u32_at(h, 4), count, first, u32_at(h, 20)))
 }
 
 impl EventLog {
@@ -785,6 +794,25 @@ mod tests {
         let (mut log, _) = EventLog::open(dir.path(), &GoneState::default()).unwrap();
         assert!(log.read(2).unwrap_err().0.contains("checksum"));
         assert_eq!(log.read(4).unwrap().as_slice(), b"four");
+    }
+
+    /// Found by the `event_log` fuzz target: a header claiming a first seq near 2^64 (its
+    /// checksum even sound) overflowed the lease's seq arithmetic. It is damage: set aside,
+    /// and the frames around it still read.
+    #[test]
+    fn a_header_claiming_an_impossible_seq_is_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bytes = Vec::new();
+        encode_frame(&mut bytes, 1, 1, b"one");
+        encode_frame(&mut bytes, u64::MAX - 1, 1, b"bogus");
+        encode_frame(&mut bytes, 2, 1, b"two");
+        fs::write(segment_path(dir.path(), 1), &bytes).unwrap();
+        let (mut log, damage) = EventLog::open(dir.path(), &GoneState::default()).unwrap();
+        assert_eq!(damage.len(), 1, "{damage:?}");
+        assert_eq!(damage[0].bytes.len(), HEADER + 5);
+        assert_eq!(log.read(1).unwrap().as_slice(), b"one");
+        assert_eq!(log.read(2).unwrap().as_slice(), b"two");
+        assert_eq!(log.end_seq(), 3);
     }
 
     #[test]
