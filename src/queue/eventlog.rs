@@ -415,7 +415,24 @@ impl EventLog {
                     Some(Some(seqs)) => Some(seqs.clone()),
                     None => Some(Vec::new()),
                 };
-                if let Some(gone_seqs) = gone_here.filter(|_| !log.chunks.contains_key(&first)) {
+                if gone_here.is_some() && log.chunks.contains_key(&first) {
+                    // Seqs only grow, so two frames never share a first seq: one of these
+                    // headers is damaged, and which one cannot be told without reading both.
+                    // The first stays; this one goes to the dead letters whole, not lost.
+                    let mut bytes = vec![0u8; (end - offset) as usize];
+                    file.read_exact_at(&mut bytes, offset)?;
+                    damage.push(Damage {
+                        segment: path.clone(),
+                        offset,
+                        bytes,
+                        why: format!(
+                            "event log segment damaged at byte {offset}: a frame claims first seq {first}, which an earlier frame has"
+                        ),
+                    });
+                    offset = end;
+                    continue;
+                }
+                if let Some(gone_seqs) = gone_here {
                     let chunk = Chunk {
                         segment: id,
                         offset,
@@ -813,6 +830,31 @@ mod tests {
         assert_eq!(log.read(1).unwrap().as_slice(), b"one");
         assert_eq!(log.read(2).unwrap().as_slice(), b"two");
         assert_eq!(log.end_seq(), 3);
+    }
+
+    /// A damaged header can also claim a plausible seq that an earlier frame has: that
+    /// frame's events must reach the dead letters, not vanish at open.
+    #[test]
+    fn a_frame_repeating_a_first_seq_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bytes = Vec::new();
+        encode_frame(&mut bytes, 1, 1, b"one");
+        encode_frame(&mut bytes, 1, 2, b"two and three");
+        encode_frame(&mut bytes, 4, 1, b"four");
+        fs::write(segment_path(dir.path(), 1), &bytes).unwrap();
+        let (mut log, damage) = EventLog::open(dir.path(), &GoneState::default()).unwrap();
+        assert_eq!(damage.len(), 1, "{damage:?}");
+        assert_eq!(damage[0].bytes, bytes[HEADER + 3..2 * HEADER + 16]);
+        assert_eq!(log.read(1).unwrap().as_slice(), b"one");
+        assert_eq!(log.read(4).unwrap().as_slice(), b"four");
+        assert_eq!(log.live(), 2);
+
+        // Sealed once the dead letters hold it: the next open passes over it.
+        damage[0].seal().unwrap();
+        drop(log);
+        let (log, damage) = EventLog::open(dir.path(), &GoneState::default()).unwrap();
+        assert!(damage.is_empty(), "{damage:?}");
+        assert_eq!(log.live(), 2);
     }
 
     #[test]
