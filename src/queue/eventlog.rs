@@ -156,6 +156,23 @@ pub struct Damage {
 }
 
 impl Damage {
+    /// The bytes of `range` in a segment, set aside for `why`.
+    fn read(
+        file: &File,
+        segment: &Path,
+        range: std::ops::Range<u64>,
+        why: &str,
+    ) -> io::Result<Damage> {
+        let mut bytes = vec![0u8; (range.end - range.start) as usize];
+        file.read_exact_at(&mut bytes, range.start)?;
+        Ok(Damage {
+            segment: segment.to_path_buf(),
+            offset: range.start,
+            bytes,
+            why: format!("event log segment damaged at byte {}: {why}", range.start),
+        })
+    }
+
     /// Once the damaged bytes are safe in the dead letters: makes the next open pass over
     /// them. A range that sound frames follow becomes a frame of no events (it is at least a
     /// header long: it began with a frame header); a range at the end is cut off.
@@ -382,14 +399,7 @@ impl EventLog {
                         break;
                     }
                     let to = next.unwrap_or(size);
-                    let mut bytes = vec![0u8; (to - offset) as usize];
-                    file.read_exact_at(&mut bytes, offset)?;
-                    damage.push(Damage {
-                        segment: path.clone(),
-                        offset,
-                        bytes,
-                        why: format!("event log segment damaged at byte {offset}: no frame header"),
-                    });
+                    damage.push(Damage::read(&file, &path, offset..to, "no frame header")?);
                     offset = to;
                     continue;
                 };
@@ -419,16 +429,9 @@ impl EventLog {
                     // Seqs only grow, so two frames never share a first seq: one of these
                     // headers is damaged, and which one cannot be told without reading both.
                     // The first stays; this one goes to the dead letters whole, not lost.
-                    let mut bytes = vec![0u8; (end - offset) as usize];
-                    file.read_exact_at(&mut bytes, offset)?;
-                    damage.push(Damage {
-                        segment: path.clone(),
-                        offset,
-                        bytes,
-                        why: format!(
-                            "event log segment damaged at byte {offset}: a frame claims first seq {first}, which an earlier frame has"
-                        ),
-                    });
+                    let why =
+                        format!("a frame claims first seq {first}, which an earlier frame has");
+                    damage.push(Damage::read(&file, &path, offset..end, &why)?);
                     offset = end;
                     continue;
                 }
