@@ -4,8 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::format::{
-    dead_key, decode, decode_dead, event_entries, latest_key, seq_of, with_origin, Stored, DEAD,
-    EVENT_CHUNK_V1,
+    dead_key, decode, decode_dead, event_entries, latest_key, seq_of, Stored, DEAD, EVENT_CHUNK_V1,
 };
 use super::{lane_records, log_records, now_ms, Queue, QueueError, Staging, LANE_ATTRIBUTES};
 use crate::record::Record;
@@ -271,8 +270,7 @@ impl Queue {
                     continue;
                 }
             }
-            let envelope = with_origin(&dead.stored, rank);
-            if staging.add_ranked(&stored.record, envelope, Some(rank))? {
+            if staging.add_ranked(&stored.record, dead.stored, Some(rank))? {
                 report.retried.push(id);
             } else {
                 // Braze already holds this value: nothing to send.

@@ -1200,13 +1200,17 @@ impl<'a> Staging<'a> {
     }
 
     /// `add`, for an update `retry-dead` puts back: `origin` is the seq it was first
-    /// accepted under (`value` already carries it, `format::with_origin`).
+    /// accepted under, and the stored envelope is marked with it (`format::with_origin`).
     fn add_ranked(
         &mut self,
         record: &Record,
         value: Vec<u8>,
         origin: Option<u64>,
     ) -> Result<bool, QueueError> {
+        let value = match origin {
+            Some(origin) => format::with_origin(&value, origin),
+            None => value,
+        };
         let seq = self.next_seq;
         match record.attribute_name() {
             None => {
@@ -1526,7 +1530,7 @@ fn by_kind(counters: &[AtomicU64; 4]) -> std::collections::BTreeMap<String, u64>
 }
 
 /// The seq at the start of a latest-index value (or the sequence high-water mark). An index
-/// value may go on with the pending update's object fields.
+/// value goes on with a rank and object fields (`format::latest_value`).
 fn seq_of_value(v: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(v.get(..8)?.try_into().ok()?))
 }
