@@ -31,7 +31,7 @@ use serde_json::{Map, Value};
 use crate::config::{Config, PreferId};
 use crate::ingest::{self, BadInput};
 use crate::queue::{Queue, QueueError};
-use crate::record::{Event, Membership, Record};
+use crate::record::{Membership, Record};
 
 /// Records per durable chunk (one request to the daemon, or one commit).
 const CHUNK: usize = 5_000;
@@ -573,19 +573,11 @@ fn to_json(record: &Record) -> Value {
                 o.insert("time".into(), t.as_str().into());
             }
         }
-        Record::Event(Event {
-            name,
-            time,
-            properties,
-            ..
-        }) => {
-            o.insert("name".into(), name.as_str().into());
-            o.insert("time".into(), time.as_str().into());
-            if let Some(p) = properties
-                .as_deref()
-                .and_then(|p| serde_json::from_str(p).ok())
+        Record::Event(e) => {
+            // Built by ingest's checks just before, so they parse.
+            if let Ok(Value::Object(members)) = serde_json::from_str(&format!("{{{}}}", e.members))
             {
-                o.insert("properties".into(), p);
+                o.extend(members);
             }
         }
         Record::Attribute(a) => {

@@ -85,14 +85,42 @@ impl Membership {
 }
 
 /// A customer event: a log entry, delivered once per acceptance (Braze never deduplicates).
+///
+/// Its name, time and properties are kept as the JSON members Braze's `events` object takes,
+/// built once at ingest: an event is stored, leased and sent many times more often than it
+/// is looked at, and keeping the fields apart cost a decode and a re-encode of each on the
+/// way out (BENCHMARKS.md, end to end). [`Event::fields`] reads them back for people.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
     pub user: UserId,
+    /// `"name":…,"time":…` then `,"properties":{…}` when there are any: checked at ingest,
+    /// written by `braze::wire::event_members`, sent as they are.
+    pub members: String,
+}
+
+/// An event's fields, read back from its members.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct EventFields {
     pub name: String,
     /// RFC 3339, UTC, millisecond precision: the form Braze documents.
     pub time: String,
-    /// The properties object as JSON text (kept as text: bincode cannot carry a JSON value).
-    pub properties: Option<String>,
+    #[serde(default)]
+    pub properties: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+impl Event {
+    /// `time` must already be in Braze's form and `properties` an object's JSON text.
+    pub fn new(user: UserId, name: &str, time: &str, properties: Option<&str>) -> Event {
+        Event {
+            user,
+            members: crate::braze::wire::event_members(name, time, properties),
+        }
+    }
+
+    /// The fields, for display and tools; `None` only if the members were damaged on disk.
+    pub fn fields(&self) -> Option<EventFields> {
+        serde_json::from_str(&format!("{{{}}}", self.members)).ok()
+    }
 }
 
 /// One custom (or standard) attribute of one user set to a value. State, like a membership:

@@ -128,21 +128,30 @@ fn object_fields<'a>(record: &'a Record, policy: &UpdateExistingOnly) -> Cow<'a,
     }
 }
 
+/// An event's members after its identifier and object-level fields (`Event::members`).
+/// `properties` goes in as given: ingest has checked it is an object's JSON text.
+pub fn event_members(name: &str, time: &str, properties: Option<&str>) -> String {
+    // The punctuation and member names take 33 bytes; escapes are rare.
+    let mut out = Vec::with_capacity(48 + name.len() + time.len() + properties.map_or(0, str::len));
+    out.extend_from_slice(b"\"name\":");
+    json_str(&mut out, name);
+    out.extend_from_slice(b",\"time\":");
+    json_str(&mut out, time);
+    if let Some(p) = properties {
+        out.extend_from_slice(b",\"properties\":");
+        out.extend_from_slice(p.as_bytes());
+    }
+    String::from_utf8(out).expect("JSON text built from &str is UTF-8")
+}
+
 fn write_event(out: &mut Vec<u8>, record: &Record, policy: &UpdateExistingOnly) {
     match record {
         Record::Event(e) => {
             out.push(b'{');
             write_user(out, &e.user);
             write_members(out, &object_fields(record, policy));
-            out.extend_from_slice(b",\"name\":");
-            json_str(out, &e.name);
-            out.extend_from_slice(b",\"time\":");
-            json_str(out, &e.time);
-            if let Some(p) = &e.properties {
-                // Stored as JSON text re-encoded by serde_json at ingest: valid as is.
-                out.extend_from_slice(b",\"properties\":");
-                out.extend_from_slice(p.as_bytes());
-            }
+            out.push(b',');
+            out.extend_from_slice(e.members.as_bytes());
             out.push(b'}');
         }
         // Relayed objects go out exactly as the client sent them.

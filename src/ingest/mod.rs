@@ -306,12 +306,12 @@ fn event_of(raw: &RawRecord, prefer: PreferId) -> Result<Event, BadInput> {
             ))
         }
     };
-    Ok(Event {
-        user: user_id(raw, prefer)?,
-        name,
-        time,
-        properties,
-    })
+    Ok(Event::new(
+        user_id(raw, prefer)?,
+        &name,
+        &time,
+        properties.as_deref(),
+    ))
 }
 
 /// Splits a JSON array or NDJSON body into objects, keeping each one's index and line.

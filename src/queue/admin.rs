@@ -64,7 +64,10 @@ pub struct PurgeReport {
 fn view(id: u64, stored: &Stored, attempts: u32) -> RecordView {
     let what = match &stored.record {
         Record::Membership(m) => format!("{} = {}", m.attribute(), m.member),
-        Record::Event(e) => format!("{} at {}", e.name, e.time),
+        Record::Event(e) => match e.fields() {
+            Some(f) => format!("{} at {}", f.name, f.time),
+            None => e.members.clone(),
+        },
         Record::Attribute(a) if a.is_profile_only() => "(the profile alone)".to_string(),
         Record::Attribute(a) => format!("{} = {}", a.name, a.value),
         Record::Tracked(t) => t.json.clone(),

@@ -55,6 +55,15 @@ const DEAD_V1: u8 = 1;
 /// the update's own envelope (V1 or V2) unchanged. The origin is the seq it was first accepted
 /// under, kept through every later death and retry (`Stored::rank`). 3 is `EVENT_CHUNK_V1`.
 pub const RETRIED_V1: u8 = 4;
+/// Version byte of an event kept as the JSON members Braze takes (`Event::members`):
+/// `[5][accepted_at_ms u64 BE][identifier][members]`, the identifier as its form byte (`e`,
+/// `b`, `m`, `p`, or `a` for an alias, as in `latest_key`) and then each of its strings as a
+/// u32 BE length and its bytes; the members run to the end. Framed by hand, not by bincode:
+/// what is left of an event is two strings, and serde's walk over them was most of what
+/// encoding and decoding events cost. Every event is written this way; the release before
+/// it reads one as an unknown version and moves it to the dead letters, whence `retry-dead`
+/// restores it once this release runs again.
+pub const EVENT_V3: u8 = 5;
 
 /// `envelope` marked as first accepted under `origin` (any earlier mark replaced).
 pub fn with_origin(envelope: &[u8], origin: u64) -> Vec<u8> {
@@ -360,13 +369,7 @@ fn record_v1(record: &Record) -> Option<RecordV1<&str>> {
             member: m.member,
             time: m.time.as_deref(),
         },
-        Record::Event(e) => RecordV1::Event {
-            user: user_v1(&e.user)?,
-            name: &e.name,
-            time: &e.time,
-            properties: e.properties.as_deref(),
-        },
-        Record::Attribute(_) | Record::Tracked(_) => return None,
+        Record::Event(_) | Record::Attribute(_) | Record::Tracked(_) => return None,
     })
 }
 
@@ -379,12 +382,7 @@ fn record_v2(record: &Record) -> RecordV2 {
             member: m.member,
             time: m.time.clone(),
         },
-        Record::Event(e) => RecordV2::Event {
-            user: user_v2(&e.user),
-            name: e.name.clone(),
-            time: e.time.clone(),
-            properties: e.properties.clone(),
-        },
+        Record::Event(_) => unreachable!("`encode` writes every event as EVENT_V3"),
         Record::Attribute(a) => RecordV2::Attribute {
             user: user_v2(&a.user),
             name: a.name.clone(),
@@ -419,12 +417,12 @@ fn record_of_v2(r: RecordV2) -> Record {
             name,
             time,
             properties,
-        } => Record::Event(Event {
-            user: user_of_v2(user),
-            name,
-            time,
-            properties,
-        }),
+        } => Record::Event(Event::new(
+            user_of_v2(user),
+            &name,
+            &time,
+            properties.as_deref(),
+        )),
         RecordV2::Attribute {
             user,
             name,
@@ -453,6 +451,9 @@ fn record_of_v2(r: RecordV2) -> Record {
 }
 
 pub fn encode(record: &Record, accepted_at_ms: u64) -> Vec<u8> {
+    if let Record::Event(e) = record {
+        return encode_event(e, accepted_at_ms);
+    }
     // Encoding plain structs of strings into a Vec cannot fail.
     let fail = "bincode encoding into a Vec cannot fail";
     match record_v1(record) {
@@ -509,12 +510,12 @@ pub fn decode(bytes: &[u8]) -> Result<Stored, DecodeError> {
                     name,
                     time,
                     properties,
-                } => Record::Event(Event {
-                    user: user_of(user),
-                    name,
-                    time,
-                    properties,
-                }),
+                } => Record::Event(Event::new(
+                    user_of(user),
+                    &name,
+                    &time,
+                    properties.as_deref(),
+                )),
             };
             Ok(Stored {
                 accepted_at_ms: v1.accepted_at_ms,
@@ -547,8 +548,89 @@ pub fn decode(bytes: &[u8]) -> Result<Stored, DecodeError> {
                 ..decode(inner)?
             })
         }
+        EVENT_V3 => decode_event(body),
         other => Err(DecodeError::UnknownVersion(other)),
     }
+}
+
+/// An identifier's form byte and strings, as `EVENT_V3` and `latest_key` write them.
+fn user_parts(user: &UserId) -> (u8, &str, Option<&str>) {
+    match user {
+        UserId::External(id) => (b'e', id, None),
+        UserId::Braze(id) => (b'b', id, None),
+        UserId::Email(id) => (b'm', id, None),
+        UserId::Phone(id) => (b'p', id, None),
+        UserId::Alias { name, label } => (b'a', name, Some(label)),
+    }
+}
+
+fn encode_event(e: &Event, accepted_at_ms: u64) -> Vec<u8> {
+    let (form, id, label) = user_parts(&e.user);
+    let text = |out: &mut Vec<u8>, s: &str| {
+        // An identifier is at most a few KiB: ingest refuses longer ones.
+        out.extend_from_slice(
+            &u32::try_from(s.len())
+                .expect("an id under 4 GiB")
+                .to_be_bytes(),
+        );
+        out.extend_from_slice(s.as_bytes());
+    };
+    let label_len = label.map_or(0, |l| 4 + l.len());
+    let mut out = Vec::with_capacity(14 + id.len() + label_len + e.members.len());
+    out.push(EVENT_V3);
+    out.extend_from_slice(&accepted_at_ms.to_be_bytes());
+    out.push(form);
+    text(&mut out, id);
+    if let Some(label) = label {
+        text(&mut out, label);
+    }
+    out.extend_from_slice(e.members.as_bytes());
+    out
+}
+
+fn decode_event(body: &[u8]) -> Result<Stored, DecodeError> {
+    let corrupt = |what: &str| DecodeError::Corrupt(format!("event: {what}"));
+    let (at, rest) = body
+        .split_first_chunk::<8>()
+        .ok_or_else(|| corrupt("truncated time"))?;
+    let (&form, mut rest) = rest.split_first().ok_or_else(|| corrupt("no identifier"))?;
+    let mut text = || -> Result<String, DecodeError> {
+        let (len, tail) = rest
+            .split_first_chunk::<4>()
+            .ok_or_else(|| corrupt("truncated identifier"))?;
+        let len = u32::from_be_bytes(*len) as usize;
+        if len > tail.len() {
+            return Err(corrupt("identifier past the value"));
+        }
+        let (s, tail) = tail.split_at(len);
+        rest = tail;
+        std::str::from_utf8(s)
+            .map(str::to_string)
+            .map_err(|_| corrupt("identifier is not UTF-8"))
+    };
+    let user = match form {
+        b'e' => UserId::External(text()?),
+        b'b' => UserId::Braze(text()?),
+        b'm' => UserId::Email(text()?),
+        b'p' => UserId::Phone(text()?),
+        b'a' => UserId::Alias {
+            name: text()?,
+            label: text()?,
+        },
+        _ => return Err(corrupt("unknown identifier form")),
+    };
+    let members = std::str::from_utf8(rest).map_err(|_| corrupt("members are not UTF-8"))?;
+    if !members.starts_with("\"name\":") {
+        return Err(corrupt("members do not start with the name"));
+    }
+    Ok(Stored {
+        accepted_at_ms: u64::from_be_bytes(*at),
+        record: Record::Event(Event {
+            user,
+            members: members.to_string(),
+        }),
+        origin: None,
+    })
 }
 
 /// Version byte of an event chunk: a lane-1 value holding several events. Events are a log
@@ -674,17 +756,69 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_record_round_trips_through_its_envelope() {
-        let r = Record::Event(Event {
-            user: UserId::Braze("b1".into()),
-            name: "purchase".into(),
-            time: "2026-01-01T00:00:00.000Z".into(),
-            properties: Some(r#"{"sku":"x","n":[1,2]}"#.into()),
-        });
-        let bytes = encode(&r, 42);
-        assert_eq!(bytes[0], V1);
-        let back = decode(&bytes).unwrap();
-        assert_eq!((back.accepted_at_ms, back.record), (42, r));
+    fn events_round_trip_as_their_members() {
+        let time = "2026-01-01T00:00:00.000Z";
+        let users = [
+            UserId::Braze("b1".into()),
+            UserId::External("caf\u{e9}".into()),
+            UserId::Email("a@b.co".into()),
+            UserId::Phone("+15550100".into()),
+            UserId::Alias {
+                name: "n".into(),
+                label: "l".into(),
+            },
+        ];
+        for (i, user) in users.into_iter().enumerate() {
+            let props = (i % 2 == 0).then_some(r#"{"sku":"x","n":[1,2]}"#);
+            let r = Record::Event(Event::new(user, "purchase \"x\"", time, props));
+            let bytes = encode(&r, 42);
+            assert_eq!(bytes[0], EVENT_V3);
+            let back = decode(&bytes).unwrap();
+            assert_eq!((back.accepted_at_ms, &back.record), (42, &r));
+            let Record::Event(e) = back.record else {
+                unreachable!()
+            };
+            let fields = e.fields().unwrap();
+            assert_eq!(
+                (fields.name.as_str(), fields.time.as_str()),
+                ("purchase \"x\"", time)
+            );
+            assert_eq!(fields.properties.is_some(), props.is_some());
+            // Any cut through the identifier is an error, never a panic or a shorter event.
+            for cut in 9..bytes.len() - e.members.len() {
+                assert!(decode(&bytes[..cut]).is_err(), "cut at {cut}");
+            }
+        }
+    }
+
+    /// Events written before `EVENT_V3` still decode, into the same members. The V1 literal
+    /// is `{accepted 7, external_id "u", name "n", time "t", properties {}}`.
+    #[test]
+    fn events_written_as_version_one_or_two_still_decode() {
+        let v1 = [1, 7, 1, 0, 1, b'u', 1, b'n', 1, b't', 1, 2, b'{', b'}'];
+        let back = decode(&v1).unwrap();
+        let expected = Event::new(UserId::External("u".into()), "n", "t", Some("{}"));
+        assert_eq!(back.record, Record::Event(expected));
+        assert_eq!(back.accepted_at_ms, 7);
+
+        let mut v2 = vec![V2];
+        bincode::serde::encode_into_std_write(
+            StoredV2 {
+                accepted_at_ms: 9,
+                record: RecordV2::Event {
+                    user: UserIdV2::Phone("+1".into()),
+                    name: "e".into(),
+                    time: "t".into(),
+                    properties: None,
+                },
+            },
+            &mut v2,
+            config(),
+        )
+        .unwrap();
+        let back = decode(&v2).unwrap();
+        let expected = Event::new(UserId::Phone("+1".into()), "e", "t", None);
+        assert_eq!(back.record, Record::Event(expected));
     }
 
     /// A retried update keeps its origin through a second retry, and a latest-index value
@@ -762,12 +896,6 @@ mod tests {
                 array: TrackArray::Purchases,
                 user: UserId::Email("a@b.co".into()),
                 json: r#"{"email":"a@b.co","product_id":"p"}"#.into(),
-            }),
-            Record::Event(Event {
-                user: UserId::Phone("+15550100".into()),
-                name: "e".into(),
-                time: "2026-01-01T00:00:00.000Z".into(),
-                properties: None,
             }),
         ];
         for r in records {

@@ -194,8 +194,10 @@ pub struct Leased {
     pub stored: Stored,
     /// Deliveries tried since this daemon started.
     pub attempts: u32,
-    /// The envelope as stored, kept for the dead-letter entry.
-    raw: Vec<u8>,
+    /// The envelope as stored, kept for the dead-letter entry. `None` for an event: it is
+    /// written again from the record (`EVENT_V3` has one encoding), which spares every
+    /// delivered event a copy.
+    raw: Option<Vec<u8>>,
     latest: Option<Vec<u8>>,
 }
 
@@ -622,7 +624,7 @@ impl Queue {
                     key_seq: first,
                     attempts: leases.attempts.get(&seq).copied().unwrap_or(0),
                     stored,
-                    raw: envelope.to_vec(),
+                    raw: None,
                     latest: None,
                 });
             }
@@ -700,7 +702,7 @@ impl Queue {
                     key_seq: seq,
                     attempts: leases.attempts.get(&seq).copied().unwrap_or(0),
                     stored,
-                    raw: value.to_vec(),
+                    raw: Some(value.to_vec()),
                     latest: Some(lk),
                 });
             }
@@ -1385,7 +1387,10 @@ fn dead_entry(item: &Leased, reason: &str) -> Vec<u8> {
         dead_at_ms: now_ms(),
         attempts: item.attempts + 1,
         reason: reason.to_string(),
-        stored: item.raw.clone(),
+        stored: item
+            .raw
+            .clone()
+            .unwrap_or_else(|| encode(&item.stored.record, item.stored.accepted_at_ms)),
     })
 }
 

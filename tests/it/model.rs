@@ -150,12 +150,12 @@ fn user_id(u: usize) -> UserId {
 
 fn record(g: Gen, tag: usize) -> Record {
     match g {
-        Gen::Event(u) => Record::Event(Event {
-            user: user_id(u),
-            name: format!("e{tag}"),
-            time: "2026-01-01T00:00:00.000Z".into(),
-            properties: None,
-        }),
+        Gen::Event(u) => Record::Event(Event::new(
+            user_id(u),
+            &format!("e{tag}"),
+            "2026-01-01T00:00:00.000Z",
+            None,
+        )),
         Gen::Member(u, member) => Record::Membership(Membership {
             user: user_id(u),
             audience_id: "a".into(),
@@ -184,7 +184,7 @@ fn digits(s: &str) -> usize {
 /// The tag a record was built with.
 fn tag_of(r: &Record) -> usize {
     match r {
-        Record::Event(e) => digits(&e.name),
+        Record::Event(e) => digits(&e.fields().expect("members parse").name),
         Record::Membership(m) => digits(m.time.as_deref().expect("tagged")),
         Record::Attribute(a) => digits(&a.value),
         Record::Tracked(_) => unreachable!("never enqueued here"),

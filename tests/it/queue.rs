@@ -26,12 +26,12 @@ fn limits() -> BatchLimits {
 }
 
 fn event(n: u32) -> Record {
-    Record::Event(Event {
-        user: UserId::Braze(format!("b{n}")),
-        name: "e".into(),
-        time: "2026-01-01T00:00:00.000Z".into(),
-        properties: Some(format!("{{\"n\":{n}}}")),
-    })
+    Record::Event(Event::new(
+        UserId::Braze(format!("b{n}")),
+        "e",
+        "2026-01-01T00:00:00.000Z",
+        Some(&format!("{{\"n\":{n}}}")),
+    ))
 }
 
 fn values(leased: &[aiq_braze_sync::queue::Leased]) -> Vec<bool> {

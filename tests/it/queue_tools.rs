@@ -92,12 +92,12 @@ async fn queue_commands_work_stopped_and_running_and_retry_never_overwrites_a_ne
     )
     .await;
     settle(&q, member("u1", false), Outcome::Delivered).await;
-    let event = Record::Event(Event {
-        user: UserId::External("u3".into()),
-        name: "purchase".into(),
-        time: "2026-11-28T10:00:00.000Z".into(),
-        properties: None,
-    });
+    let event = Record::Event(Event::new(
+        UserId::External("u3".into()),
+        "purchase",
+        "2026-11-28T10:00:00.000Z",
+        None,
+    ));
     let dead_event = settle(&q, event, Outcome::Dead("BAD_EVENT".into())).await;
     let u2_true = settle(
         &q,
