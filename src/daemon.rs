@@ -24,6 +24,23 @@ use crate::delivery::{Delivery, DeliveryCounters};
 use crate::http::{self, AppState};
 use crate::queue::{BatchLimits, Queue, QueueError, QueueSettings, PID_FILE};
 
+/// The async runtime the binary runs on: one worker thread, unless `TOKIO_WORKER_THREADS`
+/// (read by tokio) asks for more.
+///
+/// One is enough because Braze's burst limit, 3,000 requests per 3 s (`BRAZE-API.md` §2.4),
+/// is about 75,000 events a second, and one core drives twice that end to end; the work that can
+/// fill a core has threads of its own (bodies over 64 KiB are parsed on the blocking pool,
+/// syncs run on the commit thread, sled flushes on its own). A second worker bought no
+/// throughput on two cores and cost 8% more CPU per record in hand-offs between the two
+/// (BENCHMARKS.md, end to end).
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        builder.worker_threads(1);
+    }
+    builder.enable_all().build()
+}
+
 /// How often the queue's disk size is measured and a rebuild considered.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(1);
 /// Drained event log segments are deleted this often (each time after a sled sync, and only

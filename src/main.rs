@@ -41,10 +41,7 @@ fn main() -> ExitCode {
     };
     let level = config.as_ref().map_or(LevelFilter::WARN, |c| c.log.level);
     let log_level = aiq_braze_sync::logging::init(level, cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match aiq_braze_sync::daemon::runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("aiq-braze-sync: cannot start the async runtime: {e}");
