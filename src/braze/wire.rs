@@ -131,16 +131,53 @@ fn object_fields<'a>(record: &'a Record, policy: &UpdateExistingOnly) -> Cow<'a,
 /// An event's members after its identifier and object-level fields (`Event::members`).
 /// `properties` goes in as given: ingest has checked it is an object's JSON text.
 pub fn event_members(name: &str, time: &str, properties: Option<&str>) -> String {
+    members_with(name, time, properties.map_or(0, str::len), |out| {
+        if let Some(p) = properties {
+            out.extend_from_slice(b",\"properties\":");
+            out.extend_from_slice(p.as_bytes());
+        }
+    })
+}
+
+/// `event_members` for properties read as their top-level names and each value's text as
+/// sent (ingest's fast path); `None` if the object's text would pass `max_properties` bytes.
+pub fn event_members_of(
+    name: &str,
+    time: &str,
+    properties: &[(Cow<str>, &serde_json::value::RawValue)],
+    max_properties: usize,
+) -> Option<String> {
+    let sent: usize = properties
+        .iter()
+        .map(|(k, v)| k.len() + v.get().len() + 4)
+        .sum();
+    let mut object = 0;
+    let members = members_with(name, time, sent, |out| {
+        out.extend_from_slice(b",\"properties\":");
+        let start = out.len();
+        out.push(b'{');
+        for (i, (key, value)) in properties.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            json_str(out, key);
+            out.push(b':');
+            out.extend_from_slice(value.get().as_bytes());
+        }
+        out.push(b'}');
+        object = out.len() - start;
+    });
+    (object <= max_properties).then_some(members)
+}
+
+fn members_with(name: &str, time: &str, extra: usize, rest: impl FnOnce(&mut Vec<u8>)) -> String {
     // The punctuation and member names take 33 bytes; escapes are rare.
-    let mut out = Vec::with_capacity(48 + name.len() + time.len() + properties.map_or(0, str::len));
+    let mut out = Vec::with_capacity(48 + name.len() + time.len() + extra);
     out.extend_from_slice(b"\"name\":");
     json_str(&mut out, name);
     out.extend_from_slice(b",\"time\":");
     json_str(&mut out, time);
-    if let Some(p) = properties {
-        out.extend_from_slice(b",\"properties\":");
-        out.extend_from_slice(p.as_bytes());
-    }
+    rest(&mut out);
     String::from_utf8(out).expect("JSON text built from &str is UTF-8")
 }
 

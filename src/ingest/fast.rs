@@ -11,13 +11,14 @@
 
 use std::borrow::Cow;
 
-use serde::de::{IgnoredAny, MapAccess, Visitor};
+use serde::de::{MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::{format_time, MAX_EXTERNAL_ID_BYTES, MAX_NAME_CHARS, MAX_PROPERTIES_BYTES};
+use crate::braze::wire;
 use crate::config::PreferId;
 use crate::record::{Event, UserId};
 
@@ -29,7 +30,7 @@ struct Fields<'a> {
     #[serde(borrow, default)]
     time: Option<&'a RawValue>,
     #[serde(borrow, default)]
-    properties: Option<&'a RawValue>,
+    properties: Option<Properties<'a>>,
     #[serde(borrow, default)]
     external_id: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
@@ -60,12 +61,15 @@ fn event(f: Fields, prefer: PreferId) -> Option<Event> {
     if name.trim().is_empty() || name.chars().count() > MAX_NAME_CHARS {
         return None;
     }
-    Some(Event::new(
-        user(f.external_id, f.braze_id, prefer)?,
-        &name,
-        &time(f.time?)?,
-        properties(f.properties)?,
-    ))
+    let time = time(f.time?)?;
+    let members = match f.properties {
+        None => wire::event_members(&name, &time, None),
+        Some(p) => wire::event_members_of(&name, &time, &p.0, MAX_PROPERTIES_BYTES)?,
+    };
+    Some(Event {
+        user: user(f.external_id, f.braze_id, prefer)?,
+        members,
+    })
 }
 
 /// The same choice and checks as the full path's `user_id`.
@@ -102,58 +106,44 @@ fn time(raw: &RawValue) -> Option<Cow<'_, str>> {
     Some(format_time(parsed).into())
 }
 
-/// `Some(None)` for no properties, `Some(Some(text))` for an object whose names Braze takes,
-/// `None` for anything the full path must judge.
-fn properties(raw: Option<&RawValue>) -> Option<Option<&str>> {
-    let Some(raw) = raw else {
-        return Some(None);
-    };
-    let text = raw.get();
-    if text == "null" {
-        return Some(None);
-    }
-    // Over the limit as sent may still fit once the full path has re-encoded it compactly.
-    if !text.starts_with('{') || text.len() > MAX_PROPERTIES_BYTES {
-        return None;
-    }
-    let names: PropertyNames = serde_json::from_str(text).ok()?;
-    names.0.then_some(Some(text))
-}
-
 /// Objects with more names than this are checked by the full path.
 const MAX_FAST_NAMES: usize = 64;
 
-/// Whether every top-level name of an object is one Braze takes, and none repeats (the full
-/// path keeps the last of a repeated name; sending both would leave the choice to Braze).
-struct PropertyNames(bool);
+/// A properties object, read in the same pass as its event: its top-level names, each one
+/// Braze takes and none repeated (the full path keeps the last of a repeated name; sending
+/// both would leave the choice to Braze), and each value's text as sent. Anything else is an
+/// error here, which sends the body to the full path to be judged and explained.
+struct Properties<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
 
-impl<'de> Deserialize<'de> for PropertyNames {
+impl<'de: 'a, 'a> Deserialize<'de> for Properties<'a> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Names;
-        impl<'de> Visitor<'de> for Names {
-            type Value = PropertyNames;
+        struct Members<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for Members<'a> {
+            type Value = Properties<'a>;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("an object")
+                f.write_str("an object whose names Braze takes")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<PropertyNames, A::Error> {
-                let mut seen: Vec<Cow<'de, str>> = Vec::with_capacity(16);
-                let mut ok = true;
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Properties<'a>, A::Error> {
+                let mut members: Vec<(Cow<'a, str>, &'a RawValue)> = Vec::with_capacity(8);
                 while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-                    map.next_value::<IgnoredAny>()?;
+                    let value: &'de RawValue = map.next_value()?;
                     // The repeat check is quadratic: many names go to the full path instead.
-                    ok &= seen.len() < MAX_FAST_NAMES
+                    let takes = members.len() < MAX_FAST_NAMES
                         && !key.is_empty()
                         && !key.starts_with('$')
                         && key != "time"
                         && key != "event_name"
                         && key.chars().count() <= MAX_NAME_CHARS
-                        && !seen.contains(&key);
-                    seen.push(key);
+                        && members.iter().all(|(k, _)| *k != key);
+                    if !takes {
+                        return Err(serde::de::Error::custom("for the full path"));
+                    }
+                    members.push((key, value));
                 }
-                Ok(PropertyNames(ok))
+                Ok(Properties(members))
             }
         }
-        d.deserialize_map(Names)
+        d.deserialize_map(Members(std::marker::PhantomData))
     }
 }
 
