@@ -103,17 +103,34 @@ fn percentiles(fake: &FakeBraze, acked: &HashMap<u64, Instant>) -> String {
     )
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
+fn main() {
     let args = args();
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // The clients and the fake Braze get a runtime of their own; the daemon runs on one
+    // shaped as the binary's.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let fake = FakeBraze::start(KEY).await.unwrap();
+    let fake = runtime.block_on(FakeBraze::start(KEY)).unwrap();
     let mut config = Config::for_local(dir.path().join("data"), fake.url(), KEY);
     config.queue.max_records = args.backfill + 1_000_000;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let running = daemon::start(&config, listener).await.unwrap();
-    let base = format!("http://{}", running.addr);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (daemon_runtime, running) = daemon::start_on_own_runtime(&config, listener).unwrap();
+    let queue = running.queue.clone();
+    runtime.block_on(measure(&args, &fake, &queue, running.addr));
+    daemon_runtime.block_on(running.shutdown()).unwrap();
+}
+
+async fn measure(
+    args: &Args,
+    fake: &FakeBraze,
+    queue: &aiq_braze_sync::queue::Queue,
+    addr: std::net::SocketAddr,
+) {
+    let base = format!("http://{addr}");
     let client = reqwest::Client::new();
 
     // 1. Events alone.
@@ -125,7 +142,7 @@ async fn main() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     println!(
         "events alone at 1,000/s:            {}",
-        percentiles(&fake, &acked)
+        percentiles(fake, &acked)
     );
 
     // 2. Events while a backfill is posted and drains.
@@ -166,7 +183,7 @@ async fn main() {
     }
     let ingested = started.elapsed();
     loop {
-        let s = running.queue.stats().unwrap();
+        let s = queue.stats().unwrap();
         if s.pending_memberships == 0 && s.in_flight == 0 {
             break;
         }
@@ -179,7 +196,7 @@ async fn main() {
     println!(
         "events during a {}-record backfill: {}",
         args.backfill,
-        percentiles(&fake, &acked)
+        percentiles(fake, &acked)
     );
     println!(
         "backfill: posted in {:.1} s ({:.0} records/s durable), drained in {:.1} s ({:.0} records/s end to end), {} Braze requests",
@@ -189,5 +206,4 @@ async fn main() {
         args.backfill as f64 / drained.as_secs_f64(),
         fake.requests().len()
     );
-    running.shutdown().await.unwrap();
 }

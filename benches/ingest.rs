@@ -135,24 +135,25 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    let dir = match &args.dir {
+        Some(d) => tempfile::tempdir_in(d).unwrap(),
+        None => tempfile::tempdir().unwrap(),
+    };
+    let fake = runtime.block_on(FakeBraze::start(KEY)).unwrap();
+    fake.set_behaviour(Behaviour::FailStatus {
+        status: 503,
+        until: Instant::now() + Duration::from_secs(24 * 3600),
+    });
+    let mut config = Config::for_local(dir.path().join("data"), fake.url(), KEY);
+    config.delivery.backoff_max = Duration::from_secs(60);
+    config.queue.max_records = u64::MAX;
+    config.queue.max_disk_bytes = u64::MAX;
+    config.queue.min_free_bytes = 0;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (daemon_runtime, running) = daemon::start_on_own_runtime(&config, listener).unwrap();
+    let addr = running.addr;
     runtime.block_on(async {
-        let dir = match &args.dir {
-            Some(d) => tempfile::tempdir_in(d).unwrap(),
-            None => tempfile::tempdir().unwrap(),
-        };
-        let fake = FakeBraze::start(KEY).await.unwrap();
-        fake.set_behaviour(Behaviour::FailStatus {
-            status: 503,
-            until: Instant::now() + Duration::from_secs(24 * 3600),
-        });
-        let mut config = Config::for_local(dir.path().join("data"), fake.url(), KEY);
-        config.delivery.backoff_max = Duration::from_secs(60);
-        config.queue.max_records = u64::MAX;
-        config.queue.max_disk_bytes = u64::MAX;
-        config.queue.min_free_bytes = 0;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let running = daemon::start(&config, listener).await.unwrap();
-        let base = format!("http://{}", running.addr);
+        let base = format!("http://{addr}");
         let record_bytes = event_line(123_456).len();
         println!(
             "durable ingest, {} s per cell, {record_bytes}-byte NDJSON events, disk of {}",
@@ -181,6 +182,6 @@ fn main() {
                 );
             }
         }
-        running.shutdown().await.unwrap();
     });
+    daemon_runtime.block_on(running.shutdown()).unwrap();
 }

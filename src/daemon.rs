@@ -41,6 +41,21 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     builder.enable_all().build()
 }
 
+/// Starts the daemon on a runtime of its own, shaped as the binary's (`runtime()`), for the
+/// benches, which drive it from another runtime in the same process: what they measure is
+/// then the daemon as it ships, not as their own runtime would run it. Call it outside any
+/// runtime; stop it with `runtime.block_on(running.shutdown())`.
+pub fn start_on_own_runtime(
+    config: &Config,
+    listener: std::net::TcpListener,
+) -> anyhow::Result<(tokio::runtime::Runtime, Running)> {
+    let runtime = runtime()?;
+    listener.set_nonblocking(true)?;
+    let running =
+        runtime.block_on(async { start(config, TcpListener::from_std(listener)?).await })?;
+    Ok((runtime, running))
+}
+
 /// How often the queue's disk size is measured and a rebuild considered.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(1);
 /// Drained event log segments are deleted this often (each time after a sled sync, and only
