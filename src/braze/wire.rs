@@ -238,7 +238,17 @@ pub fn build(items: &[Leased], policy: &UpdateExistingOnly) -> TrackBody {
         }
     }
 
-    let mut json = Vec::with_capacity(items.len() * 160 + 32);
+    // Sized for what is written, so the body is not copied as it grows: an event is its
+    // members plus its identifier and object-level fields.
+    let size: usize = items
+        .iter()
+        .map(|item| match &item.stored.record {
+            Record::Event(e) => e.members.len() + e.user.value().len() + 64,
+            Record::Tracked(t) => t.json.len() + 1,
+            _ => 160,
+        })
+        .sum();
+    let mut json = Vec::with_capacity(size + 64);
     json.push(b'{');
     let attributes: Vec<Vec<usize>> = objects.iter().map(|(_, p)| p.clone()).collect();
     let order: Vec<usize> = (0..objects.len()).collect();
