@@ -145,9 +145,11 @@ async fn the_daemon_speaks_the_notify_protocol_and_its_watchdog_follows_delivery
         delay: Duration::from_secs(4),
         until: Instant::now() + Duration::from_millis(500),
     });
+    // Taken before the post: the event may be leased and its request hang before the 202
+    // gets back to us (a loaded disk makes the commit slow), and the gap must be seen whole.
+    let hung_at = Instant::now();
     let (status, _) = post(&client, &format!("{base}/v1/events"), array(&[event(2)])).await;
     assert_eq!(status, 202);
-    let hung_at = Instant::now();
     assert!(
         wait_until(Duration::from_secs(15), || read_log()
             .contains("watchdog pings resumed"))
