@@ -602,7 +602,8 @@ impl Node {
         } else if self.data.is_index() {
             256
         } else {
-            16
+            // aiq-braze-sync: 16 in 0.34.7; see PATCHED.md.
+            64
         };
 
         let size_checks = self.data.len() > threshold;
@@ -617,7 +618,8 @@ impl Node {
         } else if self.data.is_index() {
             64
         } else {
-            4
+            // aiq-braze-sync: 4 in 0.34.7; see PATCHED.md.
+            16
         };
 
         let size_checks = self.data.len() < threshold;
