@@ -2,10 +2,11 @@
 //!
 //! Building a `serde_json::Value` tree for every record, then serialising its `properties`
 //! back to text, was the largest share of the daemon's CPU in the end-to-end benchmark
-//! (BENCHMARKS.md). Here an event's fields are read as borrowed slices and its properties
-//! kept as the text the client sent. Only a body whose every record passes every check is
-//! taken from here, and the result is the same event as the full path would make (the
-//! properties' text may keep the client's key order and spacing; the JSON is the same).
+//! (BENCHMARKS.md). Here an event's fields are read as borrowed slices, each property's
+//! value kept as the text the client sent, and the event's members written once from them.
+//! Only a body whose every record passes every check is taken from here, and the result is
+//! the same event as the full path would make (the properties may keep the client's key
+//! order and the spacing inside values; the JSON is the same).
 //! Anything else returns `None` and goes through the full path, which finds the first
 //! problem and says where it is: this path never reports an error of its own.
 
