@@ -94,7 +94,7 @@ impl Membership {
 pub struct Event {
     pub user: UserId,
     /// `"name":…,"time":…` then `,"properties":{…}` when there are any: checked at ingest,
-    /// written by `braze::wire::event_members`, sent as they are.
+    /// written by `braze::wire`, sent as they are.
     pub members: String,
 }
 

@@ -141,28 +141,11 @@ pub fn latest_key(user: &UserId, attribute: &str) -> Vec<u8> {
         k.extend_from_slice(&(b.len() as u16).to_be_bytes());
         k.extend_from_slice(b);
     };
-    match user {
-        UserId::External(id) => {
-            k.push(b'e');
-            part(&mut k, id);
-        }
-        UserId::Braze(id) => {
-            k.push(b'b');
-            part(&mut k, id);
-        }
-        UserId::Email(id) => {
-            k.push(b'm');
-            part(&mut k, id);
-        }
-        UserId::Phone(id) => {
-            k.push(b'p');
-            part(&mut k, id);
-        }
-        UserId::Alias { name, label } => {
-            k.push(b'a');
-            part(&mut k, name);
-            part(&mut k, label);
-        }
+    let (form, id, label) = user_parts(user);
+    k.push(form);
+    part(&mut k, id);
+    if let Some(label) = label {
+        part(&mut k, label);
     }
     k.extend_from_slice(attribute.as_bytes());
     k
@@ -553,7 +536,8 @@ pub fn decode(bytes: &[u8]) -> Result<Stored, DecodeError> {
     }
 }
 
-/// An identifier's form byte and strings, as `EVENT_V3` and `latest_key` write them.
+/// An identifier's form byte and strings, as `latest_key` and `EVENT_V3` write them. The
+/// form bytes are on disk in both: never change or reuse one.
 fn user_parts(user: &UserId) -> (u8, &str, Option<&str>) {
     match user {
         UserId::External(id) => (b'e', id, None),
