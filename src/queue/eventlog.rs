@@ -332,13 +332,8 @@ impl EventLog {
     /// Indexes the segments under `dir`, skipping what `gone` says has left. Returns the log
     /// and any part of a segment that could not be indexed.
     pub fn open(dir: &Path, gone: &GoneState) -> io::Result<(EventLog, Vec<Damage>)> {
-        if !dir.exists() {
-            fs::create_dir_all(dir)?;
-            // The directory's own entry, or a power cut could lose every segment with it.
-            if let Some(parent) = dir.parent() {
-                super::store::sync_dir(parent)?;
-            }
-        }
+        // The directory's own entry, or a power cut could lose every segment with it.
+        super::store::create_dir_durable(dir)?;
         let mut ids: Vec<u64> = fs::read_dir(dir)?
             .filter_map(|e| {
                 let name = e.ok()?.file_name();

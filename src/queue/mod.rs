@@ -10,6 +10,22 @@
 //! record is sent again (at least once). sled recovers a prefix of its log, so a lost removal
 //! can never outlive a later insert.
 //!
+//! **What each guarantee relies on.** A file's data is durable after its fsync; its name is
+//! durable only after an fsync of its directory, and a directory's own name after an fsync
+//! of its parent. So:
+//!
+//! | operation | durable through |
+//! |---|---|
+//! | the queue existing at all | `store::create_dir_durable` at open: `data_dir` and its parent, `queue/`, the generation, `queue/events/`, `state/` are each synced with their parent before anything is accepted |
+//! | acknowledging events | `fdatasync` of the segments written; a new segment's name, an fsync of `queue/events/` in the same commit |
+//! | acknowledging attribute updates | sled `flush()` and `fdatasync` of the generation's `db`; new sled blob files `fdatasync`'d and `blobs/` synced; a changed set of sled snapshot files, an fsync of the generation directory (`Store::sync`) |
+//! | a sled database's files (`conf`, `db`, `blobs/`) | `store::open_sled_durably`: `conf` and the directory synced once sled has created them |
+//! | switching generation | the new one synced (data and directory), `queue/` synced, then `CURRENT` replaced by write, fsync, rename, fsync of `queue/` |
+//! | a snapshot becoming the reference | the member file `fdatasync`'d and its directory synced, then `CURRENT` replaced as above; `snapshots/` and the split's directory created durably |
+//! | deleting drained segments | the tree saying they drained is synced first; the deletion needs no sync: a segment that comes back is skipped, its chunks below the durable watermark |
+//! | removing the old generation | none: `CURRENT` names the new one, and a leftover is removed at the next open |
+//! | delivery progress, removals, `state/` | never waited for: sled's flusher fsyncs the queue every 100 ms and `state/` every second. A cut loses at most that much progress, which is delivered again (at least once); `state/` may lag, never lead |
+//!
 //! **Layout.** Events are in `DATA_DIR/queue/events/`, segment files of frames, one frame per
 //! request's chunk of events (`eventlog.rs`). `DATA_DIR/queue/CURRENT` names the live
 //! generation `DATA_DIR/queue/gen-NNNNNN/`, a sled database with one tree, `queue`, whose keys
@@ -364,11 +380,15 @@ impl Queue {
     /// has it open.
     pub fn open(data_dir: &Path, settings: QueueSettings) -> Result<Arc<Queue>, QueueError> {
         let dir = data_dir.join("queue");
-        std::fs::create_dir_all(&dir)?;
+        // Every directory below is created durably (`store::create_dir_durable`) before
+        // anything in it is acknowledged: a power cut must not take back `data_dir`, `queue/`
+        // or a generation with the records in them.
+        store::create_dir_durable(data_dir)?;
+        store::create_dir_durable(&dir)?;
         let generation = match store::read_current(&dir)? {
             Some(g) => g,
             None => {
-                std::fs::create_dir_all(store::generation_dir(&dir, 1))?;
+                store::create_dir_durable(&store::generation_dir(&dir, 1))?;
                 store::write_current(&dir, 1)?;
                 1
             }

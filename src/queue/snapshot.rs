@@ -30,7 +30,7 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
-use super::store::{sync_dir, write_atomically};
+use super::store::{create_dir_durable, sync_dir, write_atomically};
 use super::{Queue, QueueError};
 use crate::record::{Membership, Record, UserId};
 
@@ -215,7 +215,9 @@ impl Queue {
 impl SnapshotUpload<'_> {
     /// Reads `CURRENT` and removes what earlier uploads left behind.
     fn prepare(&mut self) -> Result<(), QueueError> {
-        fs::create_dir_all(&self.dir)?;
+        // `snapshots/` and the split's directory are synced into their parents: `CURRENT`
+        // and the member file are only durable with them.
+        create_dir_durable(&self.dir)?;
         let current = match fs::read_to_string(self.dir.join(CURRENT)) {
             Ok(name) => {
                 let name = name.trim().to_string();
@@ -389,9 +391,10 @@ impl SnapshotUpload<'_> {
         self.queue.enqueue(chunk).await?;
 
         // Only now, with every difference durable, does this snapshot become the reference.
+        // The new file's data and entry are durable before `CURRENT` names it.
         out.into_inner().map_err(|e| e.into_error())?.sync_data()?;
-        write_atomically(&self.dir.join(CURRENT), name.as_bytes())?;
         sync_dir(&self.dir)?;
+        write_atomically(&self.dir.join(CURRENT), name.as_bytes())?;
         if let Some((_, path)) = &self.current {
             fs::remove_file(path)?;
         }

@@ -46,7 +46,7 @@ impl State {
             .path(dir)
             .cache_capacity(cache_bytes)
             .flush_every_ms(Some(1000));
-        let db = super::store::open_sled(&config, dir)?;
+        let db = super::store::open_sled_durably(&config, dir)?;
         let settled = db.open_tree("settled")?;
         Ok(State { _db: db, settled })
     }

@@ -29,6 +29,8 @@ pub struct Store {
     /// Blob files (values too big for a log segment) that we have already synced. sled writes
     /// them without any fsync.
     synced_blobs: Mutex<std::collections::HashSet<std::ffi::OsString>>,
+    /// sled's snapshot files as of the last sync of this directory.
+    synced_snapshots: Mutex<Vec<std::ffi::OsString>>,
 }
 
 impl Store {
@@ -38,16 +40,13 @@ impl Store {
             .cache_capacity(cache_bytes)
             // The background flusher persists what no one waits for: delivery progress (a
             // crash sends again whatever it had not yet written) and deletes. Acknowledged
-            // inserts never rely on it. Every 100 ms bounds those resends to a tenth of a
-            // second of delivery, for a few small writes a second.
+            // inserts never rely on it. Each round ends with an fsync of sled's file, so
+            // every 100 ms bounds those resends to a tenth of a second of delivery.
             .flush_every_ms(Some(100));
-        let db = open_sled(&config, dir)?;
+        let db = open_sled_durably(&config, dir)?;
         let tree = db.open_tree("queue")?;
         let log_file = File::open(dir.join("db"))?;
-        // sled creates its files without syncing their directory entries or its `conf`; a
-        // power cut could otherwise lose the files our fdatasyncs went into.
-        File::open(dir.join("conf"))?.sync_all()?;
-        sync_dir(dir)?;
+        let snapshots = Mutex::new(sled_snapshots(dir)?);
         Ok(Store {
             db,
             tree,
@@ -55,14 +54,34 @@ impl Store {
             dir: dir.to_path_buf(),
             log_file,
             synced_blobs: Mutex::new(Default::default()),
+            synced_snapshots: snapshots,
         })
     }
 
-    /// Makes every write done before the call durable: sled's flush, then a real fdatasync.
+    /// Makes every write done before the call durable: sled's flush, then a real fdatasync,
+    /// then the directory entries sled changed without syncing them (blobs, snapshots).
     pub fn sync(&self) -> Result<(), QueueError> {
         self.db.flush()?;
         self.log_file.sync_data()?;
         self.sync_new_blobs()?;
+        self.sync_snapshot_entries()?;
+        Ok(())
+    }
+
+    /// sled replaces its snapshot file (`snap.<lsn>`) by a rename and removes the old one,
+    /// syncing neither in the directory. Once the set of names differs from the one last
+    /// synced, the directory is synced, so a power cut cannot bring back a snapshot older
+    /// than the log it was written against while the new one vanishes.
+    fn sync_snapshot_entries(&self) -> io::Result<()> {
+        let now = sled_snapshots(&self.dir)?;
+        let mut synced = self
+            .synced_snapshots
+            .lock()
+            .expect("snapshot set lock poisoned");
+        if *synced != now {
+            sync_dir(&self.dir)?;
+            *synced = now;
+        }
         Ok(())
     }
 
@@ -137,8 +156,61 @@ pub fn open_sled(config: &sled::Config, dir: &Path) -> Result<sled::Db, QueueErr
     }
 }
 
+/// Opens a sled database in `dir` so that a power cut cannot take its files away: the
+/// directory is created durably first, and once sled has created its files (which it does
+/// without syncing their directory entries or its `conf`), `conf` and the directory are
+/// synced. Writes into the files are the caller's to sync.
+pub fn open_sled_durably(config: &sled::Config, dir: &Path) -> Result<sled::Db, QueueError> {
+    create_dir_durable(dir)?;
+    let db = open_sled(config, dir)?;
+    File::open(dir.join("conf"))?.sync_all()?;
+    sync_dir(dir)?;
+    Ok(db)
+}
+
+/// The names of sled's snapshot files in a database directory, sorted.
+fn sled_snapshots(dir: &Path) -> io::Result<Vec<std::ffi::OsString>> {
+    let mut names: Vec<_> = fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.file_name()))
+        .filter(|n| n.as_encoded_bytes().starts_with(b"snap."))
+        .collect();
+    names.sort_unstable();
+    Ok(names)
+}
+
+/// fsyncs a directory: its entries (files created, renamed or removed in it) become durable.
+/// A new file is only durable once both its data and its entry are.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+/// Creates `dir` and any missing ancestors, and makes the path durable: `dir` is synced, and
+/// so is the parent of every directory on the way that had to be created, or `dir`'s parent
+/// if none had. A directory that already existed is synced too: the run that created it may
+/// have been cut off before it could.
+pub fn create_dir_durable(dir: &Path) -> io::Result<()> {
+    let mut created = Vec::new();
+    let mut p = dir;
+    while !p.as_os_str().is_empty() && fs::symlink_metadata(p).is_err() {
+        created.push(p);
+        match p.parent() {
+            Some(parent) => p = parent,
+            None => break,
+        }
+    }
+    fs::create_dir_all(dir)?;
+    sync_dir(dir)?;
+    if created.is_empty() {
+        created.push(dir);
+    }
+    for d in created {
+        match d.parent() {
+            Some(parent) if parent.as_os_str().is_empty() => sync_dir(Path::new("."))?,
+            Some(parent) => sync_dir(parent)?,
+            None => {}
+        }
+    }
+    Ok(())
 }
 
 pub fn generation_dir(queue_dir: &Path, generation: u64) -> PathBuf {
