@@ -5,6 +5,7 @@
 
 mod attributes;
 mod bad_input;
+mod binary;
 mod braze_client;
 mod check;
 mod common;
@@ -18,6 +19,7 @@ mod newcomer;
 mod observability;
 mod ordering;
 mod outage;
+mod powerloss;
 mod queue;
 mod queue_tools;
 mod readme;
