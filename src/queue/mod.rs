@@ -24,7 +24,8 @@
 //! | a snapshot becoming the reference | the member file `fdatasync`'d and its directory synced, then `CURRENT` replaced as above; `snapshots/` and the split's directory created durably |
 //! | deleting drained segments | the tree saying they drained is synced first; the deletion needs no sync: a segment that comes back is skipped, its chunks below the durable watermark |
 //! | removing the old generation | none: `CURRENT` names the new one, and a leftover is removed at the next open |
-//! | delivery progress, removals, `state/` | never waited for: sled's flusher fsyncs the queue every 100 ms and `state/` every second. A cut loses at most that much progress, which is delivered again (at least once); `state/` may lag, never lead |
+//! | delivery progress, removals | never waited for: written at most `PROGRESS_EVERY` after a completion, synced by the committer at most `commit::PROGRESS_SYNC_EVERY` later. A cut resends what it lost (at least once) |
+//! | `state/` | never synced by us: sled's flusher fsyncs it every second; it may lag, never lead |
 //!
 //! **Layout.** Events are in `DATA_DIR/queue/events/`, segment files of frames, one frame per
 //! request's chunk of events (`eventlog.rs`). `DATA_DIR/queue/CURRENT` names the live
@@ -350,6 +351,9 @@ pub struct Queue {
     /// sled holds writes that an acknowledgement depends on (attribute updates, dead letters
     /// moved back): the next commit must sync sled too, not only the event log.
     sled_dirty: Arc<AtomicBool>,
+    /// Delivery progress (removals, what left the log) was written to sled and not yet
+    /// synced: the committer syncs it within `commit::PROGRESS_SYNC_EVERY`.
+    progress_unsynced: Arc<AtomicBool>,
     /// When a completion last wrote the log's progress (`PROGRESS_EVERY`).
     progress_written: Mutex<Instant>,
 }
@@ -441,27 +445,48 @@ impl Queue {
         let store = Arc::new(RwLock::new(st));
         let log = Arc::new(Mutex::new(log));
         let sled_dirty = Arc::new(AtomicBool::new(false));
+        let progress_unsynced = Arc::new(AtomicBool::new(false));
         let committer = {
-            let (store, log, sled_dirty) = (
+            let (store, log, sled_dirty, progress) = (
                 Arc::clone(&store),
                 Arc::clone(&log),
                 Arc::clone(&sled_dirty),
+                Arc::clone(&progress_unsynced),
             );
-            Committer::spawn(move || {
-                let unsynced = log
-                    .lock()
-                    .expect("event log lock poisoned")
-                    .take_unsynced()?;
-                unsynced.sync()?;
-                if sled_dirty.swap(false, Ordering::AcqRel) {
-                    let synced = store.read().expect("queue store lock poisoned").sync();
-                    if synced.is_err() {
-                        sled_dirty.store(true, Ordering::Release);
+            let (progress_store, progress_flag) = (Arc::clone(&store), Arc::clone(&progress));
+            Committer::spawn(
+                move || {
+                    let unsynced = log
+                        .lock()
+                        .expect("event log lock poisoned")
+                        .take_unsynced()?;
+                    unsynced.sync()?;
+                    if sled_dirty.swap(false, Ordering::AcqRel) {
+                        // The same sync carries whatever progress was written before it.
+                        let progressed = progress.swap(false, Ordering::AcqRel);
+                        let synced = store.read().expect("queue store lock poisoned").sync();
+                        if synced.is_err() {
+                            sled_dirty.store(true, Ordering::Release);
+                            progress.fetch_or(progressed, Ordering::AcqRel);
+                        }
+                        synced?;
                     }
-                    synced?;
-                }
-                Ok(())
-            })?
+                    Ok(())
+                },
+                move || {
+                    if !progress_flag.swap(false, Ordering::AcqRel) {
+                        return Ok(());
+                    }
+                    let synced = progress_store
+                        .read()
+                        .expect("queue store lock poisoned")
+                        .sync();
+                    if synced.is_err() {
+                        progress_flag.store(true, Ordering::Release);
+                    }
+                    synced
+                },
+            )?
         };
         Ok(Arc::new(Queue {
             dir,
@@ -477,6 +502,7 @@ impl Queue {
             work: tokio::sync::Notify::new(),
             log,
             sled_dirty,
+            progress_unsynced,
             progress_written: Mutex::new(Instant::now()),
         }))
     }
@@ -915,11 +941,13 @@ impl Queue {
             }
             self.counters.stage(&mut batch, change);
             store.tree.apply_batch(batch)?;
+            self.progress_unsynced.store(true, Ordering::Release);
         } else if let Some(gone) = gone {
             // One key, not a batch: sled 0.34 seals its log buffer for every multi-key batch
             // (one write and one sync_file_range each), a quarter of the daemon's CPU when
             // every delivered request was one.
             store.tree.insert(format::META_EVENTS_GONE, gone)?;
+            self.progress_unsynced.store(true, Ordering::Release);
         }
         self.counters.apply(change);
         Ok(())
@@ -948,6 +976,7 @@ impl Queue {
     ) -> Result<(), QueueError> {
         if let Some(gone) = log.gone_value(next_seq) {
             store.tree.insert(format::META_EVENTS_GONE, gone)?;
+            self.progress_unsynced.store(true, Ordering::Release);
         }
         Ok(())
     }

@@ -57,7 +57,7 @@ fn mount(dir: &Path, mode: Mode) -> Option<PowerCut> {
 }
 
 /// One writer: requests of 50 events, every eighth one 50 memberships instead, each record
-/// unique; what got a 2xx goes into `acked`. Runs until `stop`.
+/// unique, even across attempts; what got a 2xx goes into `acked`. Runs until `stop`.
 async fn writer(w: u64, base: String, acked: Arc<Mutex<Acked>>, stop: Arc<AtomicBool>) {
     let client = http();
     let mut n = 0u64;
@@ -81,6 +81,9 @@ async fn writer(w: u64, base: String, acked: Arc<Mutex<Acked>>, stop: Arc<Atomic
             .body(body)
             .send()
             .await;
+        // Fresh ids either way: a request that got no answer may still have been queued, and
+        // sending its records again would count as Braze's duplicates what are the client's.
+        n += 50;
         match sent {
             Ok(r) if r.status().is_success() => {
                 let mut a = acked.lock().unwrap();
@@ -88,7 +91,6 @@ async fn writer(w: u64, base: String, acked: Arc<Mutex<Acked>>, stop: Arc<Atomic
                     true => a.members.extend(ids),
                     false => a.events.extend(ids),
                 }
-                n += 50;
             }
             // Refused, reset, or the daemon down: not acknowledged, so nothing is owed.
             _ => tokio::time::sleep(Duration::from_millis(20)).await,
