@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use aiq_braze_sync::config::Config;
 use aiq_braze_sync::daemon;
-use aiq_braze_sync::fake_braze::FakeBraze;
+use fake_braze::FakeBraze;
 
 const KEY: &str = "bench-key";
 

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use aiq_braze_sync::config::Config;
 use aiq_braze_sync::daemon;
-use aiq_braze_sync::fake_braze::{Behaviour, FakeBraze};
+use fake_braze::{Behaviour, FakeBraze};
 
 const KEY: &str = "bench-key";
 

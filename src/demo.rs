@@ -13,7 +13,7 @@ use anyhow::{bail, Context};
 
 use crate::config::Config;
 use crate::daemon;
-use crate::fake_braze::{Behaviour, FakeBraze};
+use fake_braze::{Behaviour, FakeBraze};
 
 const DEMO_KEY: &str = "demo-api-key";
 /// Records per ingest request, as an ActionIQ export job would batch them.

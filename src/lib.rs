@@ -37,9 +37,8 @@
 //! - [`cli`], [`commands`]: the command line.
 //! - [`check`]: the `check` command, proving endpoint, key and both permissions without
 //!   changing any user's data.
-//! - [`demo`]: the newcomer's command, the whole pipeline against the fake Braze.
-//! - [`fake_braze`]: a Braze stand-in on loopback that checks what Braze checks, for tests
-//!   and the demo.
+//! - `demo`: the newcomer's command, the whole pipeline against the `fake-braze` crate (a
+//!   Braze stand-in of this workspace); built with the default `demo` feature.
 
 pub mod braze;
 pub mod check;
@@ -48,8 +47,8 @@ pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod delivery;
+#[cfg(feature = "demo")]
 pub mod demo;
-pub mod fake_braze;
 pub mod http;
 pub mod import;
 pub mod ingest;

@@ -8,9 +8,9 @@ use aiq_braze_sync::check;
 use aiq_braze_sync::cli::{Cli, Command, ImportWhat};
 use aiq_braze_sync::commands;
 use aiq_braze_sync::config::Config;
+#[cfg(feature = "demo")]
 use aiq_braze_sync::demo;
 use aiq_braze_sync::import;
-use std::time::Duration;
 use tracing::level_filters::LevelFilter;
 
 /// glibc's malloc was a third of ingest's CPU under profile (sled allocates and frees a node
@@ -50,9 +50,14 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match (cli.command, config) {
+            #[cfg(feature = "demo")]
             (Command::Demo { data, outage_secs }, _) => {
-                demo::run(&data, Duration::from_secs(outage_secs)).await
+                demo::run(&data, std::time::Duration::from_secs(outage_secs)).await
             }
+            #[cfg(not(feature = "demo"))]
+            (Command::Demo { .. }, _) => Err(anyhow::anyhow!(
+                "this build has no demo: it was built without the `demo` feature"
+            )),
             (Command::Run, Some(config)) => commands::run(config, &cli.config, log_level).await,
             (Command::Import { what }, Some(config)) => {
                 let (kind, args, empty_cells) = match what {

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use aiq_braze_sync::config::{PreferId, UpdateExistingOnly};
-use aiq_braze_sync::fake_braze::Behaviour;
+use fake_braze::Behaviour;
 use serde_json::{json, Value};
 
 use crate::common::*;

@@ -14,9 +14,7 @@ use crate::common::*;
 async fn bad_input_is_a_400_naming_the_place_and_queues_nothing() {
     // Bind first so that the config file the CLI reads names the daemon's real port.
     let dir = tempfile::tempdir().unwrap();
-    let fake = aiq_braze_sync::fake_braze::FakeBraze::start(API_KEY)
-        .await
-        .unwrap();
+    let fake = fake_braze::FakeBraze::start(API_KEY).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let config_path = dir.path().join("config.toml");

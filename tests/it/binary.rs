@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use aiq_braze_sync::fake_braze::FakeBraze;
+use fake_braze::FakeBraze;
 
 use crate::common::*;
 

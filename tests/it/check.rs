@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use aiq_braze_sync::fake_braze::{Behaviour, FakeBraze};
+use fake_braze::{Behaviour, FakeBraze};
 
 use crate::common::API_KEY;
 

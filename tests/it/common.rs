@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use aiq_braze_sync::config::Config;
 use aiq_braze_sync::daemon::{self, Running};
-use aiq_braze_sync::fake_braze::FakeBraze;
+use fake_braze::FakeBraze;
 use serde_json::{json, Value};
 
 pub const API_KEY: &str = "test-api-key-0123";

@@ -3,7 +3,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use aiq_braze_sync::fake_braze::FakeBraze;
+use fake_braze::FakeBraze;
 use serde_json::json;
 
 use crate::binary::*;
@@ -83,7 +83,7 @@ fn next_request(w: u64, n: u64) -> (&'static str, String, Vec<u64>) {
 /// letters), every attribute ends at its last accepted value, and duplicates are counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn torture_no_acknowledged_record_is_lost_across_sigkills() {
-    use aiq_braze_sync::fake_braze::Behaviour;
+    use fake_braze::Behaviour;
     let cycles: u32 = std::env::var("TORTURE_CYCLES")
         .ok()
         .and_then(|v| v.parse().ok())

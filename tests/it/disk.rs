@@ -1,6 +1,6 @@
 use std::time::{Duration, Instant};
 
-use aiq_braze_sync::fake_braze::Behaviour;
+use fake_braze::Behaviour;
 
 use crate::common::*;
 
@@ -79,9 +79,7 @@ async fn disk_space_comes_back_after_a_backlog_drains() {
     env.shutdown().await;
 
     // The rebuilt queue opens again, empty, in its new generation.
-    let fake2 = aiq_braze_sync::fake_braze::FakeBraze::start(API_KEY)
-        .await
-        .unwrap();
+    let fake2 = fake_braze::FakeBraze::start(API_KEY).await.unwrap();
     let cfg = config(env.dir.path(), &fake2);
     let q = aiq_braze_sync::daemon::open_queue(&cfg)
         .await

@@ -207,7 +207,7 @@ async fn a_users_export_ids_lookup_is_forwarded_to_braze_and_answered_as_braze_a
 /// request; what was accepted before is kept and delivered, and ingest recovers once it is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_bound_ingest_answers_503_and_loses_nothing_accepted() {
-    use aiq_braze_sync::fake_braze::Behaviour;
+    use fake_braze::Behaviour;
     let mut env = Env::start_with(|c| c.queue.max_records = 100).await;
     env.fake.set_behaviour(Behaviour::FailStatus {
         status: 503,

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use aiq_braze_sync::fake_braze::{Behaviour, FakeBraze, RequestLog};
+use fake_braze::{Behaviour, FakeBraze, RequestLog};
 use proptest::prelude::*;
 use serde_json::{json, Value};
 

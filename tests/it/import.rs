@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use aiq_braze_sync::config::Config;
-use aiq_braze_sync::fake_braze::FakeBraze;
+use fake_braze::FakeBraze;
 use serde_json::Value;
 
 use crate::common::*;

@@ -1,7 +1,7 @@
 //! Integration tests: one binary (link time on 2 cores), one module per behaviour.
 //!
-//! Everything is real: a sled database in a temp dir, HTTP over loopback, the fake Braze from
-//! the library, and for crashes the real binary killed with SIGKILL.
+//! Everything is real: a sled database in a temp dir, HTTP over loopback, the fake Braze of the
+//! `fake-braze` crate, and for crashes the real binary killed with SIGKILL.
 
 mod attributes;
 mod bad_input;

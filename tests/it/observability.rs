@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use aiq_braze_sync::fake_braze::Behaviour;
+use fake_braze::Behaviour;
 use serde_json::{json, Value};
 
 use crate::common::*;
@@ -207,9 +207,7 @@ async fn healthz_says_alive_and_readyz_gives_its_reason_when_not_ready() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_lines_are_json_for_shippers_and_unstamped_under_journald() {
     let dir = tempfile::tempdir().unwrap();
-    let fake = aiq_braze_sync::fake_braze::FakeBraze::start(API_KEY)
-        .await
-        .unwrap();
+    let fake = fake_braze::FakeBraze::start(API_KEY).await.unwrap();
     let config = dir.path().join("config.toml");
     std::fs::write(
         &config,

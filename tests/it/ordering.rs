@@ -1,6 +1,6 @@
 use std::time::{Duration, Instant};
 
-use aiq_braze_sync::fake_braze::Behaviour;
+use fake_braze::Behaviour;
 use serde_json::Value;
 
 use crate::common::*;

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use aiq_braze_sync::fake_braze::{Behaviour, FakeBraze};
+use fake_braze::{Behaviour, FakeBraze};
 use powercut::{Mode, PowerCut};
 use serde_json::json;
 

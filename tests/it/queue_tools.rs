@@ -6,9 +6,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use aiq_braze_sync::config::Config;
-use aiq_braze_sync::fake_braze::FakeBraze;
 use aiq_braze_sync::queue::{BatchLimits, Outcome, Queue};
 use aiq_braze_sync::record::{Event, Record, UserId};
+use fake_braze::FakeBraze;
 use serde_json::Value;
 
 use crate::common::*;

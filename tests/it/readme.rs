@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use aiq_braze_sync::fake_braze::FakeBraze;
+use fake_braze::FakeBraze;
 
 use crate::common::*;
 

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use aiq_braze_sync::fake_braze::Behaviour;
+use fake_braze::Behaviour;
 use serde_json::{json, Map, Value};
 
 use crate::common::*;
@@ -30,9 +30,7 @@ fn user_of(object: &Value) -> String {
 }
 
 /// Every member of the attributes objects Braze received, per user, in arrival order.
-fn received_attributes(
-    fake: &aiq_braze_sync::fake_braze::FakeBraze,
-) -> HashMap<String, Map<String, Value>> {
+fn received_attributes(fake: &fake_braze::FakeBraze) -> HashMap<String, Map<String, Value>> {
     let mut out: HashMap<String, Map<String, Value>> = HashMap::new();
     for object in fake.attributes() {
         let members = out.entry(user_of(&object)).or_default();

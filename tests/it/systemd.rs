@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use aiq_braze_sync::fake_braze::{Behaviour, FakeBraze};
+use fake_braze::{Behaviour, FakeBraze};
 
 /// Messages received on the notify socket, with when they arrived.
 type Heard = Arc<Mutex<Vec<(Instant, String)>>>;

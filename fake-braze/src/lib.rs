@@ -1,38 +1,55 @@
-//! A fake Braze REST server on loopback, so tests and the `demo` command drive the real HTTP
-//! client against Braze's rules (`BRAZE-API.md` §1–2) rather than against our own assumptions.
+//! A fake Braze REST server on loopback, so the daemon's tests and its `demo` command drive
+//! the real HTTP client against Braze's documented rules rather than against the daemon's own
+//! assumptions. It shares no code with the daemon. Each rule names the Braze documentation
+//! page it follows (paths under braze.com/docs/).
 //!
-//! Checked like Braze, in Braze's order, on `POST /users/track` (anything but it and
-//! `POST /users/export/ids` is a 404): the `Authorization: Bearer` key (401); the key's
-//! `users.track` permission (403, see [`FakeBraze::set_permissions`]); a body of at most 4 MiB or what
-//! [`FakeBraze::set_max_body_bytes`] says (413) that is a JSON object
-//! with optional `attributes`/`events`/`purchases` arrays (400); at most 75 objects in total
-//! (400 `Max Input Length Exceeded`, nothing applied); no object for a poison `external_id`
-//! (400, nothing applied; see [`FakeBraze::poison_ids`]); then per object: exactly one primary
-//! identifier (or an `email`/`phone`), an `external_id` of at most 987 bytes, events with a
-//! `name`, purchases with a `product_id`, a three-letter `currency`, a numeric `price` and a
-//! `quantity` of 1 to 100 if given, and both with an ISO 8601 `time` and object `properties`. Failing objects become non-fatal `errors`
-//! in a 201 and the rest are applied; if all fail, it is a 400 and nothing is applied. An
-//! object with `"_update_existing_only": true` whose `external_id` the fake has never accepted
-//! an object for is counted as processed but neither recorded nor applied: Braze creates no
-//! profile in update-only mode (`BRAZE-API.md` §1.3). Every answer but a 429 carries
-//! `X-RateLimit-*` headers from a per-minute counter.
+//! **`POST /users/track`** (api/endpoints/user_data/post_user_track), checked in Braze's order:
+//! the `Authorization: Bearer` key (401) and its `users.track` permission (403 `Access Denied`,
+//! [`FakeBraze::set_permissions`]; api/basics, "REST API key permissions"); a body of at most
+//! 4 MB, or what [`FakeBraze::set_max_body_bytes`] says (413; api/api_limits, "Payload size
+//! limits") that is a JSON object with optional `attributes`/`events`/`purchases` arrays
+//! (400); at most 75 objects counted across the three arrays (400 `Max Input Length
+//! Exceeded`, nothing applied; api/errors); no object for a poison `external_id` (400,
+//! nothing applied: Braze refuses some malformed objects whole, [`FakeBraze::poison_ids`]);
+//! then per object: exactly one of `external_id`, `braze_id`, `user_alias` (or an
+//! `email`/`phone`), an `external_id` of at most 987 bytes (api/objects_filters/
+//! user_attributes_object), events with a `name` and purchases with a `product_id`, a
+//! three-letter `currency`, a numeric `price` and a `quantity` of 1 to 100
+//! (api/objects_filters/event_object, …/purchase_object), both with an ISO 8601 `time`
+//! (`time.rs`) and object `properties`. Failing objects become non-fatal `errors`
+//! (`type`, `input_array`, `index`) in a 201 and the rest are applied; if all fail, it is a
+//! 400 and nothing is applied (api/errors).
 //!
-//! `POST /users/export/ids` checks the key (401), the `users.export.ids` permission (403) and
-//! that `fields_to_export` is given (400; mandatory for accounts onboarded since August
-//! 2024), then answers `users` for the `external_ids` it has accepted objects for (their
-//! `external_id` and `custom_attributes`, as far as `fields_to_export` asks) and lists the
-//! others in `invalid_user_ids`.
+//! **Profiles exist or not** (api/objects_filters/user_attributes_object,
+//! `_update_existing_only`): an attributes object without `"_update_existing_only": true`,
+//! an event or a purchase creates the profile of its `external_id`; an update-only object for
+//! a profile Braze does not have is answered 201 and counted as processed, yet changes
+//! nothing. Tests can create a profile ([`FakeBraze::create_profile`]) or change an attribute
+//! out of band, as an SDK, another integration or an unsubscribe link would
+//! ([`FakeBraze::set_attribute_out_of_band`]). How an attribute applies (strings over 255
+//! characters, `add`/`remove`/`inc`, `_merge_objects`, `$add`/`$update`/`$remove`,
+//! `subscription_groups` item by item) is in `profiles.rs`.
 //!
-//! It can be told to fail with a status, rate-limit, or hang ([`Behaviour`]), to reject
-//! chosen `external_id`s the way Braze rejects blocklisted users, to refuse every request that
-//! carries a "poison" `external_id` (a whole-request 400), and to take a smaller body limit. It
-//! records every request and every accepted object, and replays accepted attributes to say
-//! what Braze holds for a user, applying `null`, array `add`/`remove`, `inc` and
-//! `_merge_objects` as Braze does.
+//! **Rate-limit headers** `X-RateLimit-Limit`, `-Remaining` and `-Reset` (UTC epoch seconds)
+//! are on every answer, 429s included (api/api_limits).
 //!
-//! Not modelled: nested `$add`/`$update` operators (they replace), update-only mode for identifiers other than `external_id`, future event times,
-//! export lookups by anything but `external_ids` (and their limit of 50), export fields
-//! other than `external_id` and `custom_attributes`, and actually enforcing the rate limit.
+//! **`POST /users/export/ids`** (api/endpoints/export/user_data/post_users_identifier): the key
+//! (401), the `users.export.ids` permission (403), at most 50 `external_ids` (400, api/errors),
+//! `fields_to_export` given (400; mandatory for workspaces onboarded since August 2024), and a
+//! limit of its own, 250 requests a minute by default (429 with `Retry-After` past it;
+//! api/api_limits). It answers `users` for the profiles it has (their `external_id` and
+//! `custom_attributes`, as far as `fields_to_export` asks) and lists the other ids in
+//! `invalid_user_ids`.
+//!
+//! It can be told to fail with a status, rate-limit, or hang ([`Behaviour`]), to reject chosen
+//! `external_id`s the way Braze rejects blocklisted users (`BLACKLISTED_EXTERNAL_USER_ID`),
+//! and to take a smaller body or object limit. It records every request and every accepted
+//! object.
+//!
+//! Not modelled: update-only mode for identifiers other than `external_id`, future event times
+//! (Braze replaces them with the current time), export lookups by anything but
+//! `external_ids`, export fields other than `external_id` and `custom_attributes`, and
+//! holding `/users/track` to a rate limit.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -49,11 +66,20 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tokio::{net::TcpListener, sync::watch};
 
+mod profiles;
+mod time;
+
+use profiles::{apply, merges};
+
 /// Braze's payload limit for every endpoint (the default; see [`FakeBraze::set_max_body_bytes`]).
 const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 /// Read well past the limit so an oversized body gets its 413 instead of a reset connection.
 const READ_CAP: usize = 4 * MAX_BODY_BYTES;
 const RATE_LIMIT: u64 = 250_000;
+/// `/users/export/ids` takes at most this many `external_ids` a call.
+const MAX_EXPORT_IDS: usize = 50;
+/// `/users/export/ids` requests a minute, by default (see `Shared::arrive`).
+const EXPORT_RATE_LIMIT: u64 = 250;
 const ARRAYS: [&str; 3] = ["attributes", "events", "purchases"];
 const PRIMARY_IDS: [&str; 3] = ["external_id", "braze_id", "user_alias"];
 
@@ -133,6 +159,9 @@ struct State {
     poison_ids: HashSet<String>,
     /// (minute since the epoch, requests in it), for the rate-limit headers.
     window: (u64, u64),
+    /// The same for `/users/export/ids`, which has a limit of its own.
+    export_window: (u64, u64),
+    export_limit: u64,
     /// Arrival numbers keep the logs in arrival order when a hung request finishes last.
     next_seq: u64,
     requests: Vec<(u64, RequestLog)>,
@@ -143,6 +172,26 @@ struct State {
     known_ids: HashSet<String>,
     /// Every request to `/users/export/ids`, with its arrival number.
     exports: Vec<(u64, ExportLog)>,
+    /// Attribute changes made out of band ([`FakeBraze::set_attribute_out_of_band`]), as
+    /// attributes objects with their arrival number.
+    out_of_band: Vec<(u64, Value)>,
+}
+
+impl State {
+    /// Every attributes object that applies to a profile, clients' and out-of-band ones, in
+    /// arrival order (within one request, in the order sent: the sort is stable).
+    fn attribute_writes(&self) -> Vec<&Value> {
+        let accepted = self
+            .accepted
+            .iter()
+            .filter(|(_, array, _)| *array == "attributes");
+        let mut writes: Vec<(u64, &Value)> = accepted
+            .map(|(seq, _, object)| (*seq, object))
+            .chain(self.out_of_band.iter().map(|(seq, object)| (*seq, object)))
+            .collect();
+        writes.sort_by_key(|(seq, _)| *seq);
+        writes.into_iter().map(|(_, object)| object).collect()
+    }
 }
 
 /// What [`decide`] chose: the answer and the objects to record as accepted.
@@ -181,6 +230,7 @@ impl FakeBraze {
             may_export_ids: true,
             max_objects: 75,
             max_body_bytes: MAX_BODY_BYTES,
+            export_limit: EXPORT_RATE_LIMIT,
             ..State::default()
         });
         let shared = Arc::new(Shared {
@@ -240,6 +290,12 @@ impl FakeBraze {
     /// tell which object was at fault and has to bisect the batch to find it.
     pub fn poison_ids(&self, ids: impl IntoIterator<Item = String>) {
         self.shared.lock().poison_ids.extend(ids);
+    }
+
+    /// `/users/export/ids` requests allowed a minute (250 at start); past them, a 429 with
+    /// `Retry-After` until the next minute.
+    pub fn set_export_rate_limit(&self, per_minute: u64) {
+        self.shared.lock().export_limit = per_minute;
     }
 
     /// Bodies over `n` bytes get a 413 (Braze's limit, 4 MiB, is the default). A small limit
@@ -308,32 +364,25 @@ impl FakeBraze {
             return None;
         }
         let state = self.shared.lock();
-        // Under the lock, without copying objects: tests call this in polling loops. Later
-        // arrival wins; within one request, the later object (a stable sort keeps them).
-        let mut writes: Vec<(u64, &Value, bool)> = Vec::new();
-        for (seq, array, object) in &state.accepted {
-            if *array != "attributes" || user_key(object).as_deref() != Some(user) {
-                continue;
-            }
-            if let Some(v) = object.get(attribute) {
-                writes.push((*seq, v, merges(object)));
-            }
-        }
-        writes.sort_by_key(|(seq, _, _)| *seq);
-        writes
+        // Under the lock, without copying objects: tests call this in polling loops.
+        state
+            .attribute_writes()
             .into_iter()
-            .fold(None, |held, (_, v, merge)| apply(held, v, merge))
+            .filter(|object| user_key(object).as_deref() == Some(user))
+            .filter_map(|object| Some((object.get(attribute)?, merges(object))))
+            .fold(None, |held, (v, merge)| apply(attribute, held, v, merge))
     }
 
     /// Every custom attribute Braze holds now, as (user, attribute) -> value, where user is
     /// written as for [`FakeBraze::attribute_value`]. Computed in one pass, for bulk checks.
     pub fn attribute_state(&self) -> HashMap<(String, String), Value> {
+        let state = self.shared.lock();
         let mut held: HashMap<(String, String), Value> = HashMap::new();
-        for object in self.attributes() {
-            let Some(user) = user_key(&object) else {
+        for object in state.attribute_writes() {
+            let Some(user) = user_key(object) else {
                 continue;
             };
-            let merge = merges(&object);
+            let merge = merges(object);
             let Some(fields) = object.as_object() else {
                 continue;
             };
@@ -342,13 +391,31 @@ impl FakeBraze {
                     continue;
                 }
                 let key = (user.clone(), k.clone());
-                match apply(held.remove(&key), v, merge) {
+                match apply(k, held.remove(&key), v, merge) {
                     Some(now) => held.insert(key, now),
                     None => None,
                 };
             }
         }
         held
+    }
+
+    /// Creates the profile of `external_id` with no attributes, as a user signing up through
+    /// an SDK would: update-only objects for it apply from now on.
+    pub fn create_profile(&self, external_id: &str) {
+        self.shared.lock().known_ids.insert(external_id.to_owned());
+    }
+
+    /// Sets a custom attribute of `external_id` out of band, as an SDK, another integration
+    /// or an unsubscribe link would (`null` removes it); creates the profile if needed. Not
+    /// listed by [`FakeBraze::attributes`], which lists what clients sent.
+    pub fn set_attribute_out_of_band(&self, external_id: &str, attribute: &str, value: Value) {
+        let mut state = self.shared.lock();
+        state.next_seq += 1;
+        let seq = state.next_seq;
+        state.known_ids.insert(external_id.to_owned());
+        let object = json!({"external_id": external_id, attribute: value});
+        state.out_of_band.push((seq, object));
     }
 
     /// Stops accepting connections; requests in flight are still answered.
@@ -372,33 +439,50 @@ impl Shared {
         self.state.lock().expect("fake Braze state lock poisoned")
     }
 
-    /// Numbers an arriving request and counts it in the minute window; returns the number and
-    /// the rate-limit headers for its answer.
-    fn arrive(&self) -> (u64, HeaderMap) {
+    /// Numbers an arriving request and counts it in its endpoint's minute window; returns the
+    /// number, the rate-limit headers for its answer, and whether the request is over the
+    /// endpoint's limit. Braze sends `X-RateLimit-Limit`, `-Remaining` and `-Reset` (UTC
+    /// epoch seconds) on every answer (braze.com/docs/api/api_limits, "Rate limit headers").
+    /// `/users/track` is not held to its limit here (its burst limit is per contract);
+    /// `/users/export/ids` is, at 250 a minute by default: the limit of workspaces onboarded
+    /// since August 2024 (same page, "Rate limits by request type").
+    fn arrive(&self, export: bool) -> (u64, HeaderMap, bool) {
         let epoch = SystemTime::now().duration_since(UNIX_EPOCH);
         // A clock before 1970 is not worth failing a test over.
         let epoch = epoch.unwrap_or_default();
         let minute = epoch.as_secs() / 60;
         let mut state = self.lock();
         state.next_seq += 1;
-        if state.window.0 != minute {
-            state.window = (minute, 0);
+        let limit = if export {
+            state.export_limit
+        } else {
+            RATE_LIMIT
+        };
+        let window = if export {
+            &mut state.export_window
+        } else {
+            &mut state.window
+        };
+        if window.0 != minute {
+            *window = (minute, 0);
         }
-        state.window.1 += 1;
-        let remaining = RATE_LIMIT.saturating_sub(state.window.1);
+        window.1 += 1;
+        let used = window.1;
+        let remaining = limit.saturating_sub(used);
         let headers = [
-            ("x-ratelimit-limit", RATE_LIMIT),
+            ("x-ratelimit-limit", limit),
             ("x-ratelimit-remaining", remaining),
             ("x-ratelimit-reset", (minute + 1) * 60),
         ];
         let headers =
             headers.map(|(name, v)| (HeaderName::from_static(name), HeaderValue::from(v)));
-        (state.next_seq, headers.into_iter().collect())
+        let over = export && used > limit;
+        (state.next_seq, headers.into_iter().collect(), over)
     }
 }
 
 async fn not_found(AxumState(shared): AxumState<Arc<Shared>>) -> Response {
-    let (_, headers) = shared.arrive();
+    let (_, headers, _) = shared.arrive(false);
     let body = Json(json!({"message": "Not Found"}));
     (StatusCode::NOT_FOUND, headers, body).into_response()
 }
@@ -409,7 +493,7 @@ async fn track(
     body: Body,
 ) -> Response {
     let at = Instant::now();
-    let (seq, rate_headers) = shared.arrive();
+    let (seq, rate_headers, _) = shared.arrive(false);
     let body = axum::body::to_bytes(body, READ_CAP).await.ok();
     // Spawned so that a client timing out (dropping the connection) cannot cancel processing.
     let task = tokio::spawn(answer(shared, headers, body, seq, at));
@@ -418,9 +502,6 @@ async fn track(
         Reply::fatal(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error")
     });
     let mut headers = rate_headers;
-    if reply.status == StatusCode::TOO_MANY_REQUESTS {
-        headers.clear(); // Braze leaves the X-RateLimit-* headers off its 429s.
-    }
     if let Some(secs) = reply.retry_after.map(|d| HeaderValue::from(d.as_secs())) {
         headers.insert(RETRY_AFTER, secs.clone());
         headers.insert(HeaderName::from_static("x-ratelimit-retry-after"), secs);
@@ -504,18 +585,28 @@ async fn play(behaviour: Behaviour) -> Option<Reply> {
             };
             return Some(Reply::fatal(status, message));
         }
-        Behaviour::RateLimited { retry_after, .. } => {
-            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-            let retry_after = Some(Duration::from_secs(secs));
-            let reply = Reply::fatal(StatusCode::TOO_MANY_REQUESTS, "API rate limit reached");
-            return Some(Reply {
-                retry_after,
-                ..reply
-            });
-        }
+        Behaviour::RateLimited { retry_after, .. } => return Some(rate_limited(retry_after)),
         Behaviour::Hang { delay, .. } => tokio::time::sleep(delay).await,
     }
     None
+}
+
+/// A 429 asking the client to wait `retry_after`, rounded up to whole seconds.
+fn rate_limited(retry_after: Duration) -> Reply {
+    let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+    let reply = Reply::fatal(StatusCode::TOO_MANY_REQUESTS, "API rate limit reached");
+    Reply {
+        retry_after: Some(Duration::from_secs(secs)),
+        ..reply
+    }
+}
+
+/// Time left in the current minute window.
+fn seconds_to_next_minute() -> Duration {
+    let epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    Duration::from_secs(60 - epoch.as_secs() % 60)
 }
 
 /// Whether the request carries the fake's key as `Authorization: Bearer`.
@@ -531,9 +622,12 @@ async fn export_ids(
     body: Bytes,
 ) -> Response {
     let at = Instant::now();
-    let (seq, rate_headers) = shared.arrive();
+    let (seq, rate_headers, over) = shared.arrive(true);
     let parsed = serde_json::from_slice::<Value>(&body).ok();
-    let reply = decide_export(&shared, &headers, parsed.as_ref(), at).await;
+    let reply = match over {
+        true => rate_limited(seconds_to_next_minute()),
+        false => decide_export(&shared, &headers, parsed.as_ref(), at).await,
+    };
     let log = ExportLog {
         at,
         status: reply.status.as_u16(),
@@ -541,9 +635,6 @@ async fn export_ids(
     };
     shared.lock().exports.push((seq, log));
     let mut headers = rate_headers;
-    if reply.status == StatusCode::TOO_MANY_REQUESTS {
-        headers.clear(); // as on /users/track
-    }
     if let Some(secs) = reply.retry_after.map(|d| HeaderValue::from(d.as_secs())) {
         headers.insert(RETRY_AFTER, secs.clone());
         headers.insert(HeaderName::from_static("x-ratelimit-retry-after"), secs);
@@ -579,6 +670,12 @@ async fn decide_export(
     let Some(request) = request else {
         return Reply::fatal(StatusCode::BAD_REQUEST, "Body must be a JSON object");
     };
+    // "The max number of external_ids and aliases per request was exceeded": more than 50
+    // (braze.com/docs/api/errors, 400 Bad Request).
+    if request.external_ids.len() > MAX_EXPORT_IDS {
+        let message = "The max number of external_ids and aliases per request was exceeded";
+        return Reply::fatal(StatusCode::BAD_REQUEST, message);
+    }
     let Some(fields) = request.fields_to_export.filter(|f| !f.is_empty()) else {
         let message = "'fields_to_export' is required";
         return Reply::fatal(StatusCode::BAD_REQUEST, message);
@@ -619,27 +716,19 @@ async fn decide_export(
 /// The custom attributes Braze holds for `external_id`, applying accepted attribute objects
 /// in arrival order (within one request, in the order sent).
 fn custom_attributes(state: &State, external_id: &str) -> Map<String, Value> {
-    let mut objects: Vec<(u64, &Value)> = state
-        .accepted
-        .iter()
-        .filter(|(_, array, object)| {
-            *array == "attributes"
-                && object.get("external_id").and_then(Value::as_str) == Some(external_id)
-        })
-        .map(|(seq, _, object)| (*seq, object))
-        .collect();
-    objects.sort_by_key(|(seq, _)| *seq); // stable: one request's objects keep their order
     let mut held = Map::new();
-    for (_, object) in objects {
+    let mine =
+        |object: &&Value| object.get("external_id").and_then(Value::as_str) == Some(external_id);
+    for object in state.attribute_writes().into_iter().filter(mine) {
+        let merge = merges(object);
         for (k, v) in object.as_object().into_iter().flatten() {
             if PRIMARY_IDS.contains(&k.as_str()) || k.starts_with('_') {
                 continue;
             }
-            if v.is_null() {
-                held.remove(k);
-            } else {
-                held.insert(k.clone(), v.clone());
-            }
+            match apply(k, held.remove(k), v, merge) {
+                Some(now) => held.insert(k.clone(), now),
+                None => None,
+            };
         }
     }
     held
@@ -783,7 +872,7 @@ fn check(array: &str, object: &Value, rejected_ids: &HashSet<String>) -> Result<
     }
     if array == "events" || array == "purchases" {
         let time = object.get("time").and_then(Value::as_str);
-        if !time.is_some_and(crate::relay::is_braze_time) {
+        if !time.is_some_and(time::is_event_time) {
             return Err("'time' is not valid");
         }
         if object.get("properties").is_some_and(|p| !p.is_object()) {
@@ -791,55 +880,6 @@ fn check(array: &str, object: &Value, rejected_ids: &HashSet<String>) -> Result<
         }
     }
     Ok(())
-}
-
-/// Whether an attributes object asks for nested objects to be merged rather than replaced.
-fn merges(object: &Value) -> bool {
-    object.get("_merge_objects") == Some(&Value::Bool(true))
-}
-
-/// What an attribute holds after a write, as Braze applies one: `null` unsets; `{"add": [..]}`
-/// and `{"remove": [..]}` change an array (Braze keeps arrays free of duplicates); `{"inc": n}`
-/// adds to a number; with `_merge_objects` an object is merged into the one held; anything
-/// else replaces the value. Nested `$add`/`$update` operators are not modelled: they replace.
-fn apply(held: Option<Value>, write: &Value, merge: bool) -> Option<Value> {
-    let ops = write
-        .as_object()
-        .filter(|o| !o.is_empty() && o.keys().all(|k| k == "add" || k == "remove" || k == "inc"));
-    if let Some(ops) = ops {
-        if let Some(n) = ops.get("inc").and_then(Value::as_f64) {
-            let now = held.as_ref().and_then(Value::as_f64).unwrap_or(0.0) + n;
-            return Some(serde_json::Number::from_f64(now).map_or(Value::Null, Value::Number));
-        }
-        let mut items = match held {
-            Some(Value::Array(items)) => items,
-            _ => Vec::new(),
-        };
-        for item in ops
-            .get("add")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            if !items.contains(item) {
-                items.push(item.clone());
-            }
-        }
-        if let Some(gone) = ops.get("remove").and_then(Value::as_array) {
-            items.retain(|i| !gone.contains(i));
-        }
-        return Some(Value::Array(items));
-    }
-    match (held, write) {
-        (_, Value::Null) => None,
-        (Some(Value::Object(mut old)), Value::Object(new)) if merge => {
-            for (k, v) in new {
-                old.insert(k.clone(), v.clone());
-            }
-            Some(Value::Object(old))
-        }
-        (_, v) => Some(v.clone()),
-    }
 }
 
 /// Which profile an object addresses, in the form [`FakeBraze::attribute_value`] takes.
@@ -1010,8 +1050,85 @@ mod tests {
         assert_eq!((status, answer), (429, message("API rate limit reached")));
         assert_eq!(headers["retry-after"], "2");
         assert_eq!(headers["x-ratelimit-retry-after"], "2");
-        assert!(!headers.contains_key("x-ratelimit-limit"));
+        // Braze sends the rate-limit headers on every answer, 429s included.
+        assert_eq!(headers["x-ratelimit-limit"], "250000");
+        assert!(headers.contains_key("x-ratelimit-reset"));
         assert_eq!(fake.requests()[0].retry_after, Some(Duration::from_secs(2)));
+    }
+
+    #[tokio::test]
+    async fn export_takes_at_most_50_ids_and_holds_to_its_own_rate_limit() {
+        let fake = fake().await;
+        let ids: Vec<String> = (0..51).map(|i| format!("u{i}")).collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let (status, answer) = export(&fake, KEY, &lookup(&ids)).await;
+        let too_many = "The max number of external_ids and aliases per request was exceeded";
+        assert_eq!((status, answer), (400, message(too_many)));
+        assert_eq!(export(&fake, KEY, &lookup(&ids[..50])).await.0, 201);
+
+        fake.set_export_rate_limit(3);
+        let url = format!("{}/users/export/ids", fake.url());
+        let mut statuses = Vec::new();
+        for _ in 0..3 {
+            let request = client(Duration::from_secs(5)).post(&url).bearer_auth(KEY);
+            let response = request.json(&lookup(&["u1"])).send().await.unwrap();
+            let headers = response.headers().clone();
+            statuses.push(response.status().as_u16());
+            assert_eq!(headers["x-ratelimit-limit"], "3");
+            if response.status() == 429 {
+                assert!(headers.contains_key("retry-after"));
+            }
+        }
+        // The two calls above count in the same minute (unless it just turned).
+        assert!(
+            statuses.contains(&429) || statuses == [201, 201, 201],
+            "{statuses:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn update_only_applies_once_a_profile_exists_and_out_of_band_changes_count() {
+        let fake = fake().await;
+        let only = json!({"external_id": "u1", "tier": "gold", "_update_existing_only": true});
+        let body = json!({"attributes": [only]});
+        let (status, _, answer) = send(&fake, KEY, &body).await;
+        assert_eq!((status, &answer["attributes_processed"]), (201, &json!(1)));
+        assert_eq!(tier_of(&fake, "external_id:u1"), None);
+        let (_, found) = export(&fake, KEY, &lookup(&["u1"])).await;
+        assert_eq!(found["invalid_user_ids"], json!(["u1"]));
+
+        fake.create_profile("u1");
+        assert_eq!(send(&fake, KEY, &body).await.0, 201);
+        assert_eq!(tier_of(&fake, "external_id:u1"), Some("gold".into()));
+
+        fake.set_attribute_out_of_band("u1", "tier", json!("tin"));
+        assert_eq!(tier_of(&fake, "external_id:u1"), Some("tin".into()));
+        let (_, found) = export(&fake, KEY, &lookup(&["u1"])).await;
+        assert_eq!(found["users"][0]["custom_attributes"]["tier"], "tin");
+        assert_eq!(
+            fake.attributes().len(),
+            1,
+            "out-of-band writes are not client objects"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_string_over_255_characters_is_not_stored_while_its_siblings_are() {
+        let fake = fake().await;
+        let long = "x".repeat(300);
+        let object = json!({"external_id": "u1", "tier": "gold", "bio": "short"});
+        assert_eq!(
+            send(&fake, KEY, &json!({"attributes": [object]})).await.0,
+            201
+        );
+        let object = json!({"external_id": "u1", "tier": "silver", "bio": long});
+        let (status, _, answer) = send(&fake, KEY, &json!({"attributes": [object]})).await;
+        assert_eq!((status, answer.get("errors")), (201, None));
+        assert_eq!(tier_of(&fake, "external_id:u1"), Some("silver".into()));
+        assert_eq!(
+            fake.attribute_value("external_id:u1", "bio"),
+            Some("short".into())
+        );
     }
 
     #[tokio::test]
