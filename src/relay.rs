@@ -277,17 +277,25 @@ fn identify(m: &Members<'_>) -> Result<(UserId, Option<&'static str>), String> {
     }
 }
 
-/// A string longer than Braze keeps is refused here, where the client hears about it;
-/// Braze itself would accept the request and leave the attribute unchanged.
-fn check_strings(name: &str, value: &Value) -> Result<(), String> {
+/// Whether a value holds a string longer than Braze keeps (255 characters), itself or as an
+/// item of an array.
+fn holds_long_string(value: &Value) -> bool {
     let long = |s: &str| s.chars().count() > MAX_NAME_CHARS;
-    let too_long = || format!("'{name}' holds a string longer than {MAX_NAME_CHARS} characters");
     match value {
-        Value::String(s) if long(s) => Err(too_long()),
-        Value::Array(items) if items.iter().any(|v| v.as_str().is_some_and(long)) => {
-            Err(too_long())
-        }
-        _ => Ok(()),
+        Value::String(s) => long(s),
+        Value::Array(items) => items.iter().any(|v| v.as_str().is_some_and(long)),
+        _ => false,
+    }
+}
+
+/// An event or purchase property holding a string longer than Braze keeps is refused here,
+/// where the client hears about it.
+fn check_strings(name: &str, value: &Value) -> Result<(), String> {
+    match holds_long_string(value) {
+        true => Err(format!(
+            "'{name}' holds a string longer than {MAX_NAME_CHARS} characters"
+        )),
+        false => Ok(()),
     }
 }
 
@@ -319,7 +327,15 @@ fn attributes_object(raw: &RawValue) -> Result<Vec<Record>, String> {
         check_attribute_name(name)?;
         let parsed: Value = serde_json::from_str(value.get())
             .map_err(|_| format!("'{name}' does not hold a JSON value"))?;
-        check_strings(name, &parsed)?;
+        if holds_long_string(&parsed) {
+            // Braze accepts such an object, leaves this attribute as it was and applies the
+            // others: so does the relay, by not queueing this one.
+            tracing::info!(
+                attribute = name,
+                "relayed attribute left out: a string over {MAX_NAME_CHARS} characters, which Braze leaves unchanged"
+            );
+            continue;
+        }
         if name == "email" {
             if let Value::String(e) = &parsed {
                 check_email(e)?;
@@ -529,7 +545,7 @@ mod tests {
         let body = format!(
             r#"{{"attributes":[{{"external_id":"ok","a":1}},{{"a":1}},
                 {{"external_id":"u","braze_id":"b","a":1}},{{"external_id":"{long_id}","a":1}},
-                {{"external_id":"u","$op":1}},{{"external_id":"u","s":"{long}"}}],
+                {{"external_id":"u","$op":1}},{{"external_id":"u","s":"{long}","t":1}}],
               "events":[{{"external_id":"u","name":"e","time":"2026-01-01T00:00:00Z"}},
                 {{"external_id":"u","name":"e","time":"yesterday"}},{{"external_id":"u","time":"2026-01-01T00:00:00Z"}}],
               "purchases":[{{"external_id":"u","product_id":"p","currency":"USD","price":1,"quantity":0,"time":"2026-01-01T00:00:00Z"}}]}}"#,
@@ -544,7 +560,6 @@ mod tests {
                 ("attributes", 2),
                 ("attributes", 3),
                 ("attributes", 4),
-                ("attributes", 5),
                 ("events", 1),
                 ("events", 2),
                 ("purchases", 0)
@@ -556,12 +571,22 @@ mod tests {
             r.errors[0]
         );
         assert!(r.errors[2].kind.contains("EXTERNAL_USER_ID_TOO_LARGE"));
-        assert!(r.errors[7].kind.contains("'quantity' is not valid"));
+        assert!(r.errors[6].kind.contains("'quantity' is not valid"));
+        // The over-long string is left out, as Braze leaves it unchanged; its sibling stays.
+        let names: Vec<_> = r
+            .records
+            .iter()
+            .filter_map(|rec| match rec {
+                Record::Attribute(a) => Some(a.name.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(names, ["a", "t"]);
         assert_eq!(
             (r.attributes, r.events, r.purchases),
-            (Some(1), Some(1), Some(0))
+            (Some(2), Some(1), Some(0))
         );
-        assert_eq!(r.records.len(), 2);
+        assert_eq!(r.records.len(), 3);
     }
 
     #[test]

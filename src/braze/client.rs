@@ -396,6 +396,22 @@ pub fn classify(status: u16, headers: &HeaderMap, body: &str) -> TrackOutcome {
         .as_ref()
         .and_then(|a| a.message.clone())
         .unwrap_or_else(|| body.chars().take(200).collect());
+    // An error that does not say which object it is about: something was refused, and counting
+    // the request as delivered would lose it silently. Split the batch as for a 400 until the
+    // record at fault is alone (records Braze took are sent again: at least once).
+    let unnamed = answer.as_ref().and_then(|a| {
+        a.errors
+            .iter()
+            .find(|e| e.input_array.is_none() || e.index.is_none())
+    });
+    if let (200..=299, Some(e)) = (status, unnamed) {
+        let kind = e.kind.as_deref().unwrap_or("no reason given");
+        return TrackOutcome::Refused {
+            status,
+            message: format!("an error that names no object ({kind})"),
+            errors: Vec::new(),
+        };
+    }
     match status {
         200..=299 => TrackOutcome::Accepted {
             errors: object_errors(answer),
@@ -486,6 +502,23 @@ mod tests {
             h.insert(*k, HeaderValue::from_str(v).unwrap());
         }
         h
+    }
+
+    #[test]
+    fn a_201_with_an_error_naming_no_object_is_split_like_a_400() {
+        for error in [
+            r#"{"type":"EMAIL_BAD_FORMAT","index":3}"#,
+            r#"{"type":"EMAIL_BAD_FORMAT","input_array":"attributes"}"#,
+            r#"{"type":"EMAIL_BAD_FORMAT"}"#,
+        ] {
+            let body = format!(r#"{{"message":"success","errors":[{error}]}}"#);
+            let outcome = classify(201, &HeaderMap::new(), &body);
+            let TrackOutcome::Refused { status, errors, message } = outcome else {
+                panic!("{error}: {outcome:?}");
+            };
+            assert_eq!((status, errors), (201, vec![]), "{error}");
+            assert!(message.contains("EMAIL_BAD_FORMAT"), "{message}");
+        }
     }
 
     #[test]

@@ -419,3 +419,32 @@ async fn an_attributes_object_with_only_an_identifier_reaches_braze() {
     assert!(drained, "{stats}");
     assert_eq!(stats["queue"]["skipped_unchanged_total"], 0, "{stats}");
 }
+
+/// Braze accepts an attributes object with a custom string over 255 characters, leaves that
+/// attribute as it was and applies the others; the relay is no stricter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_300_character_string_leaves_its_attribute_unchanged_and_its_siblings_apply() {
+    let env = Env::start().await;
+    let first = json!({"attributes": [{"external_id": "u1", "bio": "short", "tier": "bronze"}]});
+    let (status, answer) = env.post("/users/track", first.to_string()).await;
+    assert_eq!(status, 201, "{answer}");
+    let fake = env.fake.clone();
+    let bio = |f: &fake_braze::FakeBraze| f.attribute_value("external_id:u1", "bio");
+    assert!(wait_until(Duration::from_secs(10), || bio(&fake).is_some()).await);
+
+    let long = "x".repeat(300);
+    let second = json!({"attributes": [{"external_id": "u1", "bio": long, "tier": "gold"}]});
+    let (status, answer) = env.post("/users/track", second.to_string()).await;
+    assert_eq!(
+        (status, &answer["attributes_processed"], answer.get("errors")),
+        (201, &json!(1), None),
+        "{answer}"
+    );
+    let tier = |f: &fake_braze::FakeBraze| f.attribute_value("external_id:u1", "tier");
+    assert!(
+        wait_until(Duration::from_secs(10), || tier(&fake) == Some(json!("gold"))).await,
+        "the sibling never arrived: {:?}",
+        fake.attributes()
+    );
+    assert_eq!(bio(&fake), Some(json!("short")));
+}
