@@ -74,6 +74,10 @@ const DEFAULT_BACKOFF_MAX_MS: u64 = 60_000;
 /// keeps the backoff arithmetic elsewhere far from overflow.
 const MAX_BACKOFF_MS: u64 = 24 * 60 * 60 * 1000;
 const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 10_000;
+/// A week: what was sent is trusted that long, then sent again once.
+const DEFAULT_SKIP_UNCHANGED_FOR_S: u64 = 604_800;
+/// Ten years: long enough for any sensible trust, short enough for millisecond arithmetic.
+const MAX_SKIP_UNCHANGED_FOR_S: u64 = 315_360_000;
 /// systemd kills the service 90 s after SIGTERM by default; shutdown must be done before that.
 const MAX_SHUTDOWN_TIMEOUT_MS: u64 = 80_000;
 const DEFAULT_MAX_RECORDS: u64 = 10_000_000;
@@ -236,6 +240,9 @@ pub struct DeliveryConfig {
     /// `delivery.shutdown_timeout_ms`: how long shutdown waits for in-flight requests before it
     /// abandons them (they stay queued). Under systemd's 90 s stop timeout.
     pub shutdown_timeout: Duration,
+    /// `delivery.skip_unchanged_for_s`: an update whose value Braze was last sent is skipped
+    /// only if that was sent within this long; `0` (`None`) never skips.
+    pub skip_unchanged_for: Option<Duration>,
 }
 
 /// `[queue]`: bounds and tuning of the on-disk queue.
@@ -283,6 +290,7 @@ impl Default for DeliveryConfig {
             backoff_max: Duration::from_millis(DEFAULT_BACKOFF_MAX_MS),
             max_requests_per_second: None,
             shutdown_timeout: Duration::from_millis(DEFAULT_SHUTDOWN_TIMEOUT_MS),
+            skip_unchanged_for: Some(Duration::from_secs(DEFAULT_SKIP_UNCHANGED_FOR_S)),
         }
     }
 }
@@ -477,6 +485,7 @@ const DELIVERY_KEYS: &[&str] = &[
     "backoff_max_ms",
     "max_requests_per_second",
     "shutdown_timeout_ms",
+    "skip_unchanged_for_s",
 ];
 const QUEUE_KEYS: &[&str] = &[
     "max_records",
@@ -664,6 +673,12 @@ fn read_delivery(root: &Table, p: &mut Problems) -> Checked<DeliveryConfig> {
         0..=MAX_SHUTDOWN_TIMEOUT_MS,
         " (systemd stops the service 90 s after asking it to)",
     );
+    let skip_unchanged_for = s.integer(
+        p,
+        "skip_unchanged_for_s",
+        DEFAULT_SKIP_UNCHANGED_FOR_S,
+        0..=MAX_SKIP_UNCHANGED_FOR_S,
+    );
 
     Ok(DeliveryConfig {
         workers: workers?,
@@ -671,6 +686,9 @@ fn read_delivery(root: &Table, p: &mut Problems) -> Checked<DeliveryConfig> {
         backoff_max: Duration::from_millis(backoff_max?),
         max_requests_per_second: max_requests_per_second?,
         shutdown_timeout: Duration::from_millis(shutdown_timeout?),
+        skip_unchanged_for: Some(skip_unchanged_for?)
+            .filter(|s| *s > 0)
+            .map(Duration::from_secs),
     })
 }
 
@@ -1240,6 +1258,10 @@ mod tests {
         assert_eq!(c.delivery.backoff_max, Duration::from_secs(60));
         assert_eq!(c.delivery.max_requests_per_second, None);
         assert_eq!(c.delivery.shutdown_timeout, Duration::from_secs(10));
+        assert_eq!(
+            c.delivery.skip_unchanged_for,
+            Some(Duration::from_secs(7 * 86_400))
+        );
         assert_eq!(c.queue.max_records, 10_000_000);
         assert_eq!(c.queue.max_disk_bytes, 20 * GIB);
         assert_eq!(c.queue.cache_bytes, 64 * MIB);
@@ -1291,7 +1313,7 @@ mod tests {
              max_request_bytes = 2000000\n\
              [ingest]\nlisten = \"0.0.0.0:9000\"\ntoken = \"{TOKEN_VALUE}\"\nmax_body_bytes = 4096\n\
              [delivery]\nworkers = 8\nbackoff_initial_ms = 100\nbackoff_max_ms = 1000\n\
-             max_requests_per_second = 10\nshutdown_timeout_ms = 0\n\
+             max_requests_per_second = 10\nshutdown_timeout_ms = 0\nskip_unchanged_for_s = 0\n\
              [queue]\nmax_records = 5\nmax_disk_bytes = 1048576\ncache_mb = 1\ncompact_min_mb = 2\n\
              [log]\nlevel = \"DEBUG\"\n"
         );
@@ -1307,6 +1329,7 @@ mod tests {
         assert_eq!(c.delivery.workers, 8);
         assert_eq!(c.delivery.max_requests_per_second, Some(10.0));
         assert_eq!(c.delivery.shutdown_timeout, Duration::ZERO);
+        assert_eq!(c.delivery.skip_unchanged_for, None);
         assert_eq!(c.queue.cache_bytes, MIB);
         assert_eq!(c.queue.compact_min_bytes, 2 * MIB);
         assert_eq!(c.log.level, LevelFilter::DEBUG);

@@ -69,6 +69,7 @@ pub fn queue_settings(config: &Config) -> QueueSettings {
         cache_bytes: config.queue.cache_bytes,
         compact_min_bytes: config.queue.compact_min_bytes,
         min_free_bytes: config.queue.min_free_bytes,
+        skip_unchanged_for: config.delivery.skip_unchanged_for,
     }
 }
 

@@ -214,6 +214,10 @@ pub fn reload(running: &Running, path: &Path, current: &mut Config, log_level: &
         new.delivery.workers != current.delivery.workers,
     );
     differs(
+        "delivery.skip_unchanged_for_s",
+        new.delivery.skip_unchanged_for != current.delivery.skip_unchanged_for,
+    );
+    differs(
         "identity / update_existing_only",
         new.identity != current.identity
             || new.update_existing_only != current.update_existing_only,

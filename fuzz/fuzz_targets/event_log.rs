@@ -17,6 +17,7 @@ fn settings() -> QueueSettings {
         cache_bytes: 1 << 20,
         compact_min_bytes: 1 << 40,
         min_free_bytes: 0,
+        skip_unchanged_for: Some(std::time::Duration::from_secs(604_800)),
     }
 }
 

@@ -513,7 +513,12 @@ mod tests {
         ] {
             let body = format!(r#"{{"message":"success","errors":[{error}]}}"#);
             let outcome = classify(201, &HeaderMap::new(), &body);
-            let TrackOutcome::Refused { status, errors, message } = outcome else {
+            let TrackOutcome::Refused {
+                status,
+                errors,
+                message,
+            } = outcome
+            else {
                 panic!("{error}: {outcome:?}");
             };
             assert_eq!((status, errors), (201, vec![]), "{error}");

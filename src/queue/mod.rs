@@ -189,6 +189,11 @@ pub struct QueueSettings {
     /// for the open database, which would stop delivery too. Removals and rebuilds (which give
     /// space back) use the reserve.
     pub min_free_bytes: u64,
+    /// An update whose value is the one Braze was last sent is skipped only if that was sent
+    /// within this long; `None` never skips. A 201 does not prove Braze holds the value (an
+    /// update-only write for a profile it does not have changes nothing, and other writers
+    /// change profiles too), so what was sent is a cache that expires, not the truth.
+    pub skip_unchanged_for: Option<std::time::Duration>,
 }
 
 /// How much one Braze request may carry.
@@ -829,8 +834,8 @@ impl Queue {
         // facts may lead the queue's removal of the same records (they were delivered), so a
         // concurrent enqueue still sees them pending and queues a new value rather than
         // skipping it as unchanged.
-        self.state
-            .record_settled(results.iter().filter_map(|(item, outcome)| {
+        self.state.record_settled(
+            results.iter().filter_map(|(item, outcome)| {
                 let lk = item.latest.as_deref()?;
                 let (rank, retried) = (item.stored.rank(item.seq), item.stored.origin.is_some());
                 match outcome {
@@ -843,7 +848,9 @@ impl Queue {
                         item.stored.record.plain_value().map(str::as_bytes),
                     )),
                 }
-            }))?;
+            }),
+            now_ms(),
+        )?;
         self.settle(&results)?;
 
         let mut leases = self.leases.lock().expect("queue lease lock poisoned");
@@ -1175,8 +1182,10 @@ struct Staging<'a> {
     applied_seq: &'a mut u64,
     /// Records in `batch` not yet applied.
     staged: usize,
-    /// Consulted to skip an update whose value Braze already has.
+    /// Consulted to skip an update whose value Braze was sent lately.
     state: &'a state::State,
+    /// `QueueSettings::skip_unchanged_for`.
+    skip_unchanged_for: Option<std::time::Duration>,
     batch: sled::Batch,
     /// Events not yet framed: they go to the log as one chunk (`format::encode_event_chunk`).
     chunk: Vec<(u64, Vec<u8>)>,
@@ -1208,6 +1217,7 @@ impl<'a> Staging<'a> {
             applied_seq,
             staged: 0,
             state,
+            skip_unchanged_for: queue.settings.skip_unchanged_for,
             batch: sled::Batch::default(),
             chunk: Vec::new(),
             chunk_bytes: 0,
@@ -1277,10 +1287,11 @@ impl<'a> Staging<'a> {
                 let fields = record.object_fields().as_bytes();
                 let plain = record.plain_value();
                 let pending = self.pending(&lk)?;
-                let unchanged = match (&pending, plain) {
-                    (None, Some(p)) => self
+                let unchanged = match (&pending, plain, self.skip_unchanged_for) {
+                    (None, Some(p), Some(window)) => self
                         .state
                         .settled(&lk)?
+                        .filter(|s| s.sent_within(window, now_ms()))
                         .and_then(|s| s.delivered)
                         .is_some_and(|d| d == p.as_bytes()),
                     _ => false,

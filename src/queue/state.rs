@@ -10,11 +10,13 @@
 //! - `[1][rank u64 BE]`: the highest rank (`format::Stored::rank`: the seq an update was
 //!   first accepted under) among that user's attribute's updates that left the queue;
 //! - `[2][rank u64 BE][value]`: the same, and the last to leave was delivered with this value
-//!   (JSON text); an empty value means it was dead-lettered, so Braze's value is unknown.
+//!   (JSON text); an empty value means it was dead-lettered, so Braze's value is unknown;
+//! - `[3][rank u64 BE][at u64 BE][value]`: as `2`, and it left the queue at `at` (milliseconds
+//!   since the epoch). Written from now on; a `2` counts as sent at an unknown, long past time.
 //!
 //! Two uses: `retry-dead` drops a dead update ranked below it (it would overwrite a newer
-//! value), and ingest skips an update whose value is the one Braze already has (Braze bills
-//! every attribute write). Written without a sync, after Braze answered and before the queue
+//! value), and ingest skips an update whose value is the one Braze was last sent, if that was
+//! recently enough (`QueueSettings::skip_unchanged_for`; Braze bills every attribute write). Written without a sync, after Braze answered and before the queue
 //! records the same completion: after a crash it may lag a little (an update is then sent
 //! once more), never claim a value Braze was not sent.
 
@@ -24,6 +26,7 @@ use super::QueueError;
 
 const V1: u8 = 1;
 const V2: u8 = 2;
+const V3: u8 = 3;
 
 /// What is known of one user's attribute.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +35,16 @@ pub struct Settled {
     pub seq: u64,
     /// The value Braze was last sent (JSON text), if the last update was delivered.
     pub delivered: Option<Vec<u8>>,
+    /// When the last update left the queue (milliseconds since the epoch), if known.
+    pub at_ms: Option<u64>,
+}
+
+impl Settled {
+    /// Whether the last update left the queue no longer than `window` before `now_ms`.
+    pub fn sent_within(&self, window: std::time::Duration, now_ms: u64) -> bool {
+        self.at_ms
+            .is_some_and(|at| now_ms.saturating_sub(at) <= window.as_millis() as u64)
+    }
 }
 
 pub struct State {
@@ -55,19 +68,27 @@ impl State {
         let Some(v) = self.settled.get(latest_key)? else {
             return Ok(None);
         };
-        let seq = |b: &[u8]| {
-            b.get(1..9)
+        let u64_at = |at: usize| {
+            v.get(at..at + 8)
                 .and_then(|s| s.try_into().ok())
                 .map(u64::from_be_bytes)
         };
+        let delivered = |from: usize| Some(v[from..].to_vec()).filter(|d| !d.is_empty());
         Ok(match v.first() {
-            Some(&V1) => seq(&v).map(|seq| Settled {
+            Some(&V1) => u64_at(1).map(|seq| Settled {
                 seq,
                 delivered: None,
+                at_ms: None,
             }),
-            Some(&V2) => seq(&v).map(|seq| Settled {
+            Some(&V2) => u64_at(1).map(|seq| Settled {
                 seq,
-                delivered: Some(v[9..].to_vec()).filter(|d| !d.is_empty()),
+                delivered: delivered(9),
+                at_ms: None,
+            }),
+            Some(&V3) => u64_at(1).zip(u64_at(9)).map(|(seq, at)| Settled {
+                seq,
+                delivered: delivered(17),
+                at_ms: Some(at),
             }),
             _ => None,
         })
@@ -79,13 +100,14 @@ impl State {
     }
 
     /// Records that these updates left the queue: `(key, rank, retried, value Braze now
-    /// has)`, the value `None` when dead-lettered. Per attribute they settle in order (the
+    /// was sent)`, the value `None` when dead-lettered, at `now_ms`. Per attribute they settle in order (the
     /// queue never has two of one attribute in flight), so the last write holds the value
     /// Braze has. Its rank is the highest too, except for a retried update (`retried`), which
     /// may leave after updates accepted later than it: its rank never lowers what is there.
     pub fn record_settled<'a>(
         &self,
         settled: impl IntoIterator<Item = (&'a [u8], u64, bool, Option<&'a [u8]>)>,
+        now_ms: u64,
     ) -> Result<(), QueueError> {
         // One key at a time, not a batch: sled 0.34 seals and writes its log buffer for every
         // batch (an I/O per delivered request), and these facts need no atomicity: each one
@@ -96,9 +118,10 @@ impl State {
                 false => rank,
             };
             let delivered = delivered.unwrap_or_default();
-            let mut value = Vec::with_capacity(9 + delivered.len());
-            value.push(V2);
+            let mut value = Vec::with_capacity(17 + delivered.len());
+            value.push(V3);
             value.extend_from_slice(&seq.to_be_bytes());
+            value.extend_from_slice(&now_ms.to_be_bytes());
             value.extend_from_slice(delivered);
             self.settled.insert(key, value)?;
         }

@@ -348,3 +348,60 @@ async fn attributes_braze_refuses_go_to_the_dead_letters_and_the_rest_arrive() {
         assert!(reason.contains("BLACKLISTED_EXTERNAL_USER_ID"), "{reason}");
     }
 }
+
+/// A 201 does not prove Braze holds a value: an update-only membership for a profile Braze
+/// does not have yet changes nothing. Within `skip_unchanged_for_s` the same value is skipped;
+/// past it, it is sent again, and once the profile exists, Braze holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_sent_longer_ago_than_skip_unchanged_for_is_sent_again() {
+    let env = Env::start_with(|c| {
+        c.update_existing_only.memberships = true;
+        c.delivery.skip_unchanged_for = Some(Duration::from_secs(2));
+    })
+    .await;
+    let body = array(&[membership("late", "7", "1", true)]);
+    let fake = env.fake.clone();
+    let sent = |f: &fake_braze::FakeBraze| f.requests().iter().filter(|r| r.status == 201).count();
+    assert_eq!(env.post("/v1/memberships", body.clone()).await.0, 202);
+    assert!(wait_until(Duration::from_secs(10), || sent(&fake) == 1).await);
+    // Braze answered 201 and stored nothing: there is no profile yet.
+    assert_eq!(fake.attribute_value("external_id:late", "AIQ_7_1"), None);
+    wait_for_stats(&env, Duration::from_secs(10), |s| {
+        s["queue"]["pending"] == 0
+    })
+    .await;
+
+    // The user signs up (an SDK creates the profile). The same value within the window is
+    // taken as unchanged...
+    fake.create_profile("late");
+    assert_eq!(env.post("/v1/memberships", body.clone()).await.0, 202);
+    let stats = env.stats().await;
+    assert_eq!(stats["queue"]["skipped_unchanged_total"], 1, "{stats}");
+    // ...and past it, sent again; now Braze holds it.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(env.post("/v1/memberships", body).await.0, 202);
+    assert!(
+        wait_until(Duration::from_secs(10), || fake
+            .attribute_value("external_id:late", "AIQ_7_1")
+            == Some(json!(true)))
+        .await
+    );
+    assert_eq!(sent(&fake), 2);
+}
+
+/// `skip_unchanged_for_s = 0`: every update is sent, whatever was sent before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_skip_unchanged_for_zero_every_value_is_sent() {
+    let env = Env::start_with(|c| c.delivery.skip_unchanged_for = None).await;
+    let body = array(&[json!({"external_id": "s", "attributes": {"tier": "gold"}})]);
+    let fake = env.fake.clone();
+    for n in 1..=3 {
+        assert_eq!(env.post("/v1/attributes", body.clone()).await.0, 202);
+        assert!(wait_until(Duration::from_secs(10), || fake.attributes().len() == n).await);
+        wait_for_stats(&env, Duration::from_secs(10), |s| {
+            s["queue"]["pending"] == 0
+        })
+        .await;
+    }
+    assert_eq!(env.stats().await["queue"]["skipped_unchanged_total"], 0);
+}

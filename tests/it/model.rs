@@ -208,6 +208,7 @@ fn settings() -> QueueSettings {
         cache_bytes: 4 << 20,
         compact_min_bytes: 1 << 30,
         min_free_bytes: 0,
+        skip_unchanged_for: Some(std::time::Duration::from_secs(604_800)),
     }
 }
 

@@ -14,6 +14,7 @@ fn settings(max_records: u64) -> QueueSettings {
         cache_bytes: 8 << 20,
         compact_min_bytes: 1 << 30,
         min_free_bytes: 0,
+        skip_unchanged_for: Some(std::time::Duration::from_secs(604_800)),
     }
 }
 

@@ -436,13 +436,19 @@ async fn a_300_character_string_leaves_its_attribute_unchanged_and_its_siblings_
     let second = json!({"attributes": [{"external_id": "u1", "bio": long, "tier": "gold"}]});
     let (status, answer) = env.post("/users/track", second.to_string()).await;
     assert_eq!(
-        (status, &answer["attributes_processed"], answer.get("errors")),
+        (
+            status,
+            &answer["attributes_processed"],
+            answer.get("errors")
+        ),
         (201, &json!(1), None),
         "{answer}"
     );
     let tier = |f: &fake_braze::FakeBraze| f.attribute_value("external_id:u1", "tier");
     assert!(
-        wait_until(Duration::from_secs(10), || tier(&fake) == Some(json!("gold"))).await,
+        wait_until(Duration::from_secs(10), || tier(&fake)
+            == Some(json!("gold")))
+        .await,
         "the sibling never arrived: {:?}",
         fake.attributes()
     );
