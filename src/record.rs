@@ -137,6 +137,12 @@ pub struct AttributeUpdate {
     pub object_fields: Option<String>,
 }
 
+/// Fields of Braze's user attributes object that hold a list of settings applied one item at a
+/// time, not one value: `subscription_groups` sets the state of each group it names and
+/// leaves the others; `push_tokens` adds the tokens it lists. Two pending updates of one of
+/// them both have to reach Braze.
+pub const PER_ITEM_FIELDS: &[&str] = &["subscription_groups", "push_tokens"];
+
 impl AttributeUpdate {
     /// An attributes object that holds only an identifier (and object-level fields): Braze
     /// creates the profile if it has none. Stored as an update with an empty name and value,
@@ -157,12 +163,15 @@ impl AttributeUpdate {
     /// A plain value replaces whatever Braze had, so it may replace a pending update and be
     /// compared with the value last delivered. An object value is an operation (`add`,
     /// `remove`, `inc`, nested `$add`/`$update`, a merge) whose effect depends on what came
-    /// before, so it is never coalesced or skipped.
+    /// before, so it is never coalesced or skipped; so is a field Braze applies item by item
+    /// (`PER_ITEM_FIELDS`), whose array sets only the items it names.
     ///
     /// A profile-only object is not a value either: it is sent every time (the profile may
     /// have been deleted since), in order with the user's other updates.
     pub fn is_plain(&self) -> bool {
-        !self.is_profile_only() && !self.value.trim_start().starts_with('{')
+        !self.is_profile_only()
+            && !PER_ITEM_FIELDS.contains(&self.name.as_str())
+            && !self.value.trim_start().starts_with('{')
     }
 }
 

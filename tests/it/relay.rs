@@ -454,3 +454,49 @@ async fn a_300_character_string_leaves_its_attribute_unchanged_and_its_siblings_
     );
     assert_eq!(bio(&fake), Some(json!("short")));
 }
+
+/// Braze applies `subscription_groups` item by item: two pending updates for different
+/// groups of one user are not one value replacing the other, and both must reach Braze.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pending_subscription_group_updates_of_one_user_both_reach_braze() {
+    let env = Env::start().await;
+    env.fake.set_behaviour(Behaviour::FailStatus {
+        status: 503,
+        until: Instant::now() + Duration::from_secs(1),
+    });
+    let group = |id: &str, state: &str| {
+        json!({"attributes": [{"external_id": "sg", "subscription_groups": [
+            {"subscription_group_id": id, "subscription_state": state}]}]})
+    };
+    for body in [
+        group("news", "subscribed"),
+        group("offers", "subscribed"),
+        group("offers", "subscribed"),
+    ] {
+        let (status, answer) = env.post("/users/track", body.to_string()).await;
+        assert_eq!(status, 201, "{answer}");
+    }
+    let fake = env.fake.clone();
+    let groups =
+        |f: &fake_braze::FakeBraze| f.attribute_value("external_id:sg", "subscription_groups");
+    let both = json!([
+        {"subscription_group_id": "news", "subscription_state": "subscribed"},
+        {"subscription_group_id": "offers", "subscription_state": "subscribed"},
+    ]);
+    assert!(
+        wait_until(Duration::from_secs(15), || groups(&fake)
+            == Some(both.clone()))
+        .await,
+        "Braze holds {:?}; sent {:?}",
+        groups(&fake),
+        fake.attributes()
+    );
+    // Not a value: nothing was coalesced or skipped as unchanged.
+    let (_, stats) = wait_for_stats(&env, Duration::from_secs(10), |s| {
+        s["queue"]["pending"] == 0
+    })
+    .await;
+    assert_eq!(stats["queue"]["skipped_unchanged_total"], 0, "{stats}");
+    assert_eq!(stats["queue"]["coalesced_total"], 0, "{stats}");
+    assert_eq!(fake.attributes().len(), 3);
+}
