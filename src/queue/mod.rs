@@ -687,7 +687,7 @@ impl Queue {
         } else {
             limits.max_objects - events
         };
-        let mut users: HashSet<(UserId, String)> = HashSet::new();
+        let mut users: HashSet<(UserId, bool, String)> = HashSet::new();
         if memberships && max_user_objects > 0 && bytes < limits.max_bytes {
             let from = record_key(LANE_ATTRIBUTES, leases.attributes_from);
             let to = record_key(LANE_ATTRIBUTES, u64::MAX);
@@ -725,12 +725,19 @@ impl Queue {
                     continue;
                 }
                 // Updates of one user travel as one Braze object only when their
-                // object-level fields agree; each distinct set is its own object.
-                let object = (user.clone(), stored.record.object_fields().to_string());
+                // object-level fields agree; each distinct set is its own object. A
+                // membership's and a `/v1` attribute's fields are set at send time by
+                // separate policies, so the two kinds are counted apart: never fewer objects
+                // than the request will hold, whatever the policies.
+                let object = (
+                    user.clone(),
+                    matches!(stored.record, Record::Membership(_)),
+                    stored.record.object_fields().to_string(),
+                );
                 let new_user = !users.contains(&object);
                 let size = value.len()
                     + if new_user {
-                        64 + user.value().len() + object.1.len()
+                        64 + user.value().len() + object.2.len()
                     } else {
                         16
                     };

@@ -16,6 +16,7 @@ mod faults;
 mod import;
 mod model;
 mod newcomer;
+mod object_limit;
 mod observability;
 mod ordering;
 mod outage;
