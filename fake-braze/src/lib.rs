@@ -847,6 +847,15 @@ fn check(array: &str, object: &Value, rejected_ids: &HashSet<String>) -> Result<
             return Err("BLACKLISTED_EXTERNAL_USER_ID");
         }
     }
+    // `EMAIL_BAD_FORMAT` (api/endpoints/user_data/post_user_track, "Endpoint-specific
+    // errors"): the `email` attribute must be an address.
+    if array == "attributes" {
+        if let Some(email) = object.get("email").filter(|v| !v.is_null()) {
+            if !email.as_str().is_some_and(is_email) {
+                return Err("EMAIL_BAD_FORMAT");
+            }
+        }
+    }
     if array == "events" {
         let name = object.get("name").and_then(Value::as_str);
         if name.is_none_or(str::is_empty) {
@@ -880,6 +889,19 @@ fn check(array: &str, object: &Value, rejected_ids: &HashSet<String>) -> Result<
         }
     }
     Ok(())
+}
+
+/// An address as far as the fake checks one: one `@`, something before it, a dotted domain
+/// after it, no spaces.
+fn is_email(s: &str) -> bool {
+    let Some((local, domain)) = s.split_once('@') else {
+        return false;
+    };
+    !local.is_empty()
+        && !domain.contains('@')
+        && domain.split('.').count() >= 2
+        && domain.split('.').all(|part| !part.is_empty())
+        && !s.contains(char::is_whitespace)
 }
 
 /// Which profile an object addresses, in the form [`FakeBraze::attribute_value`] takes.

@@ -9,7 +9,7 @@
 pub mod activity;
 pub mod gate;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -253,32 +253,24 @@ impl Delivery {
                     self.counters
                         .requests_accepted
                         .fetch_add(1, Ordering::Relaxed);
-                    let mut refused = refused_records(&body, &errors);
-                    for (pos, item) in part.into_iter().enumerate() {
-                        let outcome = refused
-                            .remove(&pos)
-                            .map_or(Outcome::Delivered, Outcome::Dead);
-                        done.push((item, outcome));
-                    }
+                    let refused = refused_records(&body, &errors);
+                    settle_refusals(part, refused, true, &mut done, &mut todo);
                 }
                 // Braze named every object with its own reason: nothing was applied and
-                // each record's fault is known, so there is nothing to find by splitting.
+                // each object's fault is known, so there is nothing to find by splitting.
                 TrackOutcome::Refused { ref errors, .. }
-                    if refused_records(&body, errors).len() == part.len() =>
+                    if refused_records(&body, errors).named() == part.len() =>
                 {
                     self.gate.success(p, None, None);
                     self.counters
                         .requests_refused
                         .fetch_add(1, Ordering::Relaxed);
-                    let mut refused = refused_records(&body, errors);
                     tracing::warn!(
                         records = part.len(),
                         "dead-lettering records Braze refuses, each with its reason"
                     );
-                    for (pos, item) in part.into_iter().enumerate() {
-                        let reason = refused.remove(&pos).unwrap_or_default();
-                        done.push((item, Outcome::Dead(reason)));
-                    }
+                    let refused = refused_records(&body, errors);
+                    settle_refusals(part, refused, false, &mut done, &mut todo);
                 }
                 TrackOutcome::Refused { .. } | TrackOutcome::TooLarge => {
                     // Braze answered, so it is up; the batch itself is the problem.
@@ -355,14 +347,60 @@ fn by_kind(counters: &[AtomicU64; 4]) -> std::collections::BTreeMap<&'static str
 
 /// Positions (in the leased batch) of the records behind the objects Braze named in `errors`,
 /// with its reason for each.
-fn refused_records(body: &wire::TrackBody, errors: &[ObjectError]) -> HashMap<usize, String> {
-    let mut refused = HashMap::new();
+/// What Braze's per-object errors say of a request's records.
+#[derive(Default)]
+struct Refusals {
+    /// Records that were an object on their own: Braze refused exactly them, with this reason.
+    dead: HashMap<usize, String>,
+    /// Records merged with others into an object Braze refused: which of them was at fault
+    /// is unknown, so each is sent again alone (the others' updates must not pay for it).
+    alone: HashSet<usize>,
+}
+
+impl Refusals {
+    fn named(&self) -> usize {
+        self.dead.len() + self.alone.len()
+    }
+}
+
+fn refused_records(body: &wire::TrackBody, errors: &[ObjectError]) -> Refusals {
+    let mut refused = Refusals::default();
     for e in errors {
-        for &pos in body.records_of(&e.input_array, e.index) {
-            refused.insert(pos, format!("Braze refused the object: {}", e.reason));
+        match body.records_of(&e.input_array, e.index) {
+            [pos] => {
+                refused
+                    .dead
+                    .insert(*pos, format!("Braze refused the object: {}", e.reason));
+            }
+            several => refused.alone.extend(several),
         }
     }
     refused
+}
+
+/// Settles a request's records after Braze named some objects: refused single-record objects
+/// go to the dead letters, records of refused merged objects are queued in `todo` to be sent
+/// one by one (in their order), and the rest were delivered if `delivered`, else are sent
+/// again too (a 400 applies nothing).
+fn settle_refusals(
+    part: Vec<Leased>,
+    mut refused: Refusals,
+    delivered: bool,
+    done: &mut Vec<(Leased, Outcome)>,
+    todo: &mut Vec<Vec<Leased>>,
+) {
+    let mut alone = Vec::new();
+    for (pos, item) in part.into_iter().enumerate() {
+        if let Some(reason) = refused.dead.remove(&pos) {
+            done.push((item, Outcome::Dead(reason)));
+        } else if refused.alone.contains(&pos) || !delivered {
+            alone.push(item);
+        } else {
+            done.push((item, Outcome::Delivered));
+        }
+    }
+    // Popped last-first: the first record goes first.
+    todo.extend(alone.into_iter().rev().map(|item| vec![item]));
 }
 
 fn retry_all(done: &mut Vec<(Leased, Outcome)>, part: Vec<Leased>, todo: &mut Vec<Vec<Leased>>) {

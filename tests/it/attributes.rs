@@ -405,3 +405,35 @@ async fn with_skip_unchanged_for_zero_every_value_is_sent() {
     }
     assert_eq!(env.stats().await["queue"]["skipped_unchanged_total"], 0);
 }
+
+/// Two clients' updates of one user travel as one Braze object. When Braze refuses that object
+/// for one bad value, only that value's update goes to the dead letters: the other client's
+/// update is sent again on its own and delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_merged_object_dead_letters_only_the_update_at_fault() {
+    let env = Env::start().await;
+    env.fake.set_behaviour(Behaviour::FailStatus {
+        status: 503,
+        until: std::time::Instant::now() + Duration::from_millis(800),
+    });
+    let bad = array(&[json!({"external_id": "m", "attributes": {"email": "not an address"}})]);
+    let good = array(&[json!({"external_id": "m", "attributes": {"tier": "gold"}})]);
+    assert_eq!(env.post("/v1/attributes", bad).await.0, 202);
+    assert_eq!(env.post("/v1/attributes", good).await.0, 202);
+    let fake = env.fake.clone();
+    assert!(
+        wait_until(Duration::from_secs(10), || fake
+            .attribute_value("external_id:m", "tier")
+            == Some(json!("gold")))
+        .await,
+        "the innocent update never arrived; requests: {:?}",
+        fake.requests()
+    );
+    let (_, stats) = wait_for_stats(&env, Duration::from_secs(10), |s| {
+        s["queue"]["pending"] == 0 && s["queue"]["dead"] == 1
+    })
+    .await;
+    assert_eq!(stats["queue"]["dead"], 1, "{stats}");
+    let dead = dead_letters(&env);
+    assert!(dead[0].1.contains("EMAIL_BAD_FORMAT"), "{dead:?}");
+}

@@ -302,8 +302,6 @@ fn corpus() -> Vec<Case> {
             .at(json!({"field": "attributes.a"})),
         case("huge attribute name", A, with(r#"{"external_id":"u","attributes":{"HOLE":1}}"#, &huge), 400)
             .at(json!({"field": "attributes"})),
-        case("huge track attribute", T, with(r#"{"attributes":[{"external_id":"u","a":"HOLE"}]}"#, &huge), 400)
-            .at(json!({"errors": [{"input_array": "attributes", "index": 0}]})),
         case("huge member line", MEMBERS, with(r#"{"external_id":"HOLE"}"#, &huge), 400)
             .at(json!({"line": 1}))
             .says("longer than 65536 bytes"),
