@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_tokio::Signals;
 
+use crate::braze::wire::with_objects;
 use crate::cli::{QueueCommand, Which};
 use crate::config::Config;
 use crate::daemon;
@@ -137,11 +138,12 @@ async fn local(config: &Config, op: &QueueOp) -> Result<Value, LocalError> {
         Err(e @ QueueError::Locked { .. }) => return Err(LocalError::Locked(e)),
         Err(e) => return Err(LocalError::Other(e.into())),
     };
+    let policy = &config.update_existing_only;
     let run = async {
         Ok::<Value, QueueError>(match op {
             QueueOp::Stats => json!({ "queue": queue.stats()? }),
-            QueueOp::Peek(limit) => json!({ "records": queue.peek(*limit)? }),
-            QueueOp::Dead(limit) => json!({ "records": queue.dead(*limit)? }),
+            QueueOp::Peek(limit) => json!({ "records": with_objects(queue.peek(*limit)?, policy) }),
+            QueueOp::Dead(limit) => json!({ "records": with_objects(queue.dead(*limit)?, policy) }),
             QueueOp::RetryDead(sel) => json!({ "report": queue.retry_dead(sel).await? }),
             QueueOp::PurgeDead(sel) => json!({ "report": queue.purge_dead(sel).await? }),
         })
@@ -230,6 +232,26 @@ fn age(ms: u64) -> String {
     }
 }
 
+/// A Braze object's short form for the table (`--json` has it whole): what it carries
+/// besides the identifier, the flags and an event's name and time (already in WHAT), cut to
+/// 80 characters.
+fn short(object: &Value) -> String {
+    let Some(fields) = object.as_object() else {
+        return String::new();
+    };
+    let skip = ["external_id", "braze_id", "user_alias", "name", "time"];
+    let rest: serde_json::Map<String, Value> = fields
+        .iter()
+        .filter(|(k, _)| !k.starts_with('_') && !skip.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let text = Value::Object(rest).to_string();
+    match text.char_indices().nth(80) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text,
+    }
+}
+
 fn print_records(out: &mut impl Write, v: &Value) -> std::io::Result<()> {
     let empty = Vec::new();
     let records = v["records"].as_array().unwrap_or(&empty);
@@ -242,7 +264,7 @@ fn print_records(out: &mut impl Write, v: &Value) -> std::io::Result<()> {
         "{:>10}  {:<10}  {:<28}  {:>7}  {:>8}  {:<36}",
         "ID", "KIND", "USER", "AGE", "ATTEMPTS", "WHAT"
     )?;
-    writeln!(out, "{}", if dead { "  REASON" } else { "" })?;
+    writeln!(out, "{}", if dead { "  REASON  OBJECT" } else { "" })?;
     for r in records {
         let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
         let flight = if r["in_flight"].as_bool() == Some(true) {
@@ -264,7 +286,7 @@ fn print_records(out: &mut impl Write, v: &Value) -> std::io::Result<()> {
             out,
             "{}",
             if dead {
-                format!("  {}", s("reason"))
+                format!("  {}  {}", s("reason"), short(&r["object"]))
             } else {
                 String::new()
             }

@@ -468,6 +468,7 @@ async fn admin_peek(
     authorize(&state, &headers)?;
     let limit = q.limit.unwrap_or(20).min(MAX_LIST);
     let records = state.queue.peek(limit).map_err(ApiError::Queue)?;
+    let records = crate::braze::wire::with_objects(records, &state.delivery.policy);
     Ok(Json(json!({ "records": records })).into_response())
 }
 
@@ -479,6 +480,7 @@ async fn admin_dead(
     authorize(&state, &headers)?;
     let limit = q.limit.unwrap_or(20).min(MAX_LIST);
     let records = state.queue.dead(limit).map_err(ApiError::Queue)?;
+    let records = crate::braze::wire::with_objects(records, &state.delivery.policy);
     Ok(Json(json!({ "records": records })).into_response())
 }
 

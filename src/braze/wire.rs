@@ -215,6 +215,35 @@ fn write_array(out: &mut Vec<u8>, name: &str, items: &[usize], each: impl Fn(&mu
     out.push(b']');
 }
 
+/// The object `record` is sent to Braze as when it travels alone: what Braze was sent for a
+/// dead letter (a refused object that merged several records is sent again record by record
+/// before any is dead-lettered), and what a pending record will be sent as.
+pub fn object_of(record: &Record, policy: &UpdateExistingOnly) -> serde_json::Value {
+    let mut out = Vec::with_capacity(256);
+    match record {
+        Record::Membership(_) | Record::Attribute(_) => {
+            out.push(b'{');
+            write_user(&mut out, record.user());
+            write_members(&mut out, &object_fields(record, policy));
+            write_attribute(&mut out, record);
+            out.push(b'}');
+        }
+        Record::Event(_) | Record::Tracked(_) => write_event(&mut out, record, policy),
+    }
+    serde_json::from_slice(&out).unwrap_or(serde_json::Value::Null)
+}
+
+/// Fills in each listed record's `object` (`object_of`).
+pub fn with_objects(
+    mut records: Vec<crate::queue::RecordView>,
+    policy: &UpdateExistingOnly,
+) -> Vec<crate::queue::RecordView> {
+    for r in &mut records {
+        r.object = r.record.as_ref().map(|record| object_of(record, policy));
+    }
+    records
+}
+
 /// Builds the body for `items`, in their order. Attribute objects are ordered by each
 /// object's first record, so within one user later records come later.
 pub fn build(items: &[Leased], policy: &UpdateExistingOnly) -> TrackBody {

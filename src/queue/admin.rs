@@ -32,6 +32,13 @@ pub struct RecordView {
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_at_ms: Option<u64>,
+    /// The Braze object this record is sent as (an event with its properties), filled in by
+    /// the caller that knows the `_update_existing_only` policy (`wire::with_objects`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<serde_json::Value>,
+    /// The record itself, for rendering `object`; not part of the listing.
+    #[serde(skip)]
+    pub record: Option<Record>,
 }
 
 /// Which dead records an operator means.
@@ -83,6 +90,8 @@ fn view(id: u64, stored: &Stored, attempts: u32) -> RecordView {
         in_flight: false,
         reason: None,
         dead_at_ms: None,
+        object: None,
+        record: Some(stored.record.clone()),
     }
 }
 
@@ -98,6 +107,8 @@ fn undecodable_view(id: u64, why: String) -> RecordView {
         in_flight: false,
         reason: None,
         dead_at_ms: None,
+        object: None,
+        record: None,
     }
 }
 

@@ -204,3 +204,50 @@ async fn queue_commands_work_stopped_and_running_and_retry_never_overwrites_a_ne
         (Some(0), Some(1))
     );
 }
+
+/// An operator sees what Braze refused: `queue dead --json` gives each dead letter the Braze
+/// object as sent (an event with its properties), running and stopped, and the table shows
+/// a short form of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_event_is_listed_with_the_object_braze_was_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeBraze::start(API_KEY).await.unwrap();
+    fake.reject_ids(["blocked".to_string()]);
+    let port = free_port();
+    let path = crate::binary::write_config(dir.path(), &fake, port);
+    let config = Config::load(&path).unwrap();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let running = aiq_braze_sync::daemon::start(&config, listener)
+        .await
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let event = serde_json::json!({"name": "purchase", "external_id": "blocked",
+        "time": "2026-11-28T10:00:00Z", "properties": {"sku": "A1", "price": 9.5}});
+    let (status, _) = post(&http(), &format!("{base}/v1/events"), array(&[event])).await;
+    assert_eq!(status, 202);
+    let q = running.queue.clone();
+    assert!(wait_until(Duration::from_secs(10), || q.stats().unwrap().dead == 1).await);
+
+    let expected = serde_json::json!({"external_id": "blocked", "_update_existing_only": false,
+        "name": "purchase", "time": "2026-11-28T10:00:00.000Z", "properties": {"sku": "A1", "price": 9.5}});
+    let dead = cli_json(&path, &["queue", "dead", "--json"]).await;
+    assert_eq!(dead["source"], "daemon", "{dead}");
+    assert_eq!(dead["records"][0]["object"], expected, "{dead}");
+    assert!(dead["records"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("BLACKLISTED_EXTERNAL_USER_ID"));
+    let (ok, table, _) = cli(&path, &["queue", "dead"]);
+    assert!(
+        ok && table.contains("OBJECT") && table.contains(r#""sku":"A1""#),
+        "{table}"
+    );
+
+    running.shutdown().await.unwrap();
+    drop(q); // the last handle: the database closes and the command can open it
+    let dead = cli_json(&path, &["queue", "dead", "--json"]).await;
+    assert_eq!(dead["source"], "database", "{dead}");
+    assert_eq!(dead["records"][0]["object"], expected, "{dead}");
+}
