@@ -373,6 +373,10 @@ struct SnapshotOptions {
     /// An empty snapshot empties the split only when asked for explicitly.
     #[serde(default)]
     allow_empty: bool,
+    /// Queue every member's value (and `false` for who left), not only the differences, and
+    /// even values Braze was sent lately.
+    #[serde(default)]
+    full: bool,
 }
 
 /// `PUT /v1/audiences/{audience_id}/splits/{split_id}/members`: the whole membership of a
@@ -413,6 +417,9 @@ async fn put_snapshot(
         .queue
         .begin_snapshot(&audience, &split)
         .map_err(ApiError::Queue)?;
+    if options.full {
+        upload = upload.full();
+    }
     let mut reader = members::MemberReader::new(format, state.prefer);
     let mut add = |user| upload.add(&user).map_err(ApiError::Queue);
     let mut stream = body.into_data_stream();

@@ -522,11 +522,21 @@ impl Queue {
 
     /// Durably queues every record, or none. Returns once they are on disk.
     pub async fn enqueue(&self, records: Vec<Record>) -> Result<(), QueueError> {
+        self.enqueue_with(records, true).await
+    }
+
+    /// `enqueue`, where `skip_unchanged: false` queues every value even if Braze was sent it
+    /// lately (a full snapshot, a repair): for when what was sent may not be what Braze holds.
+    pub async fn enqueue_with(
+        &self,
+        records: Vec<Record>,
+        skip_unchanged: bool,
+    ) -> Result<(), QueueError> {
         if records.is_empty() {
             return Ok(());
         }
         self.check_bounds(records.len() as u64)?;
-        self.insert(&records)?;
+        self.insert(&records, skip_unchanged)?;
         self.committer.commit().await?;
         self.work.notify_waiters();
         Ok(())
@@ -560,11 +570,14 @@ impl Queue {
         Ok(())
     }
 
-    fn insert(&self, records: &[Record]) -> Result<(), QueueError> {
+    fn insert(&self, records: &[Record], skip_unchanged: bool) -> Result<(), QueueError> {
         let store = self.read_store()?;
         let mut next_seq = self.writer.lock().expect("queue writer lock poisoned");
         let accepted_at = now_ms();
         let mut staging = Staging::new(self, &store.tree, &mut next_seq);
+        if !skip_unchanged {
+            staging.skip_unchanged_for = None;
+        }
         let mut by_kind = [0u64; 4];
         for record in records {
             by_kind[record.kind_index()] += 1;

@@ -48,6 +48,8 @@ pub struct SnapshotReport {
     pub unchanged: u64,
     pub members: u64,
     pub generation: u64,
+    /// Members queued again although unchanged (`SnapshotUpload::full`).
+    pub resent: u64,
 }
 
 /// Splits with an upload in progress.
@@ -160,6 +162,8 @@ pub struct SnapshotUpload<'a> {
     buffered_bytes: usize,
     /// Spill to a sorted run past this many buffered bytes.
     run_bytes: usize,
+    /// Queue every member, past the skip of unchanged values (`full`).
+    full: bool,
     runs: Vec<PathBuf>,
 }
 
@@ -205,6 +209,7 @@ impl Queue {
             buffer: Vec::new(),
             buffered_bytes: 0,
             run_bytes: RUN_BYTES,
+            full: false,
             runs: Vec::new(),
         };
         upload.prepare()?;
@@ -252,6 +257,14 @@ impl SnapshotUpload<'_> {
     /// exercise the merge).
     pub fn with_run_bytes(mut self, bytes: usize) -> Self {
         self.run_bytes = bytes.max(1);
+        self
+    }
+
+    /// Queues every member's value, not only the differences, and past the skip of unchanged
+    /// values (`QueueSettings::skip_unchanged_for`): for when Braze may not hold what was sent
+    /// (profiles created since, values changed out of band).
+    pub fn full(mut self) -> Self {
+        self.full = true;
         self
     }
 
@@ -341,38 +354,43 @@ impl SnapshotUpload<'_> {
         }
         let mut chunk = Vec::with_capacity(CHUNK);
         loop {
-            let (user, member) = match (&a, &b) {
+            let (user, member, resent) = match (&a, &b) {
                 (None, None) => break,
                 (Some(x), Some(y)) if x == y => {
                     write_member(&mut out, y)?;
                     report.members += 1;
                     report.unchanged += 1;
+                    let user = y.clone();
                     a = next_old(&mut old)?;
                     b = next_new(&mut heap, &mut last)?;
-                    continue;
+                    if !self.full {
+                        continue;
+                    }
+                    report.resent += 1;
+                    (user, true, true)
                 }
                 (Some(x), Some(y)) if x < y => {
                     let user = x.clone();
                     a = next_old(&mut old)?;
-                    (user, false)
+                    (user, false, false)
                 }
                 (Some(x), None) => {
                     let user = x.clone();
                     a = next_old(&mut old)?;
-                    (user, false)
+                    (user, false, false)
                 }
                 (_, Some(y)) => {
                     write_member(&mut out, y)?;
                     report.members += 1;
                     let user = y.clone();
                     b = next_new(&mut heap, &mut last)?;
-                    (user, true)
+                    (user, true, false)
                 }
             };
-            if member {
-                report.entered += 1;
-            } else {
-                report.exited += 1;
+            match (member, resent) {
+                (_, true) => {}
+                (true, false) => report.entered += 1,
+                (false, false) => report.exited += 1,
             }
             let Some(user) = user_from(&user) else {
                 continue;
@@ -385,10 +403,11 @@ impl SnapshotUpload<'_> {
                 time: None,
             }));
             if chunk.len() >= CHUNK {
-                self.queue.enqueue(std::mem::take(&mut chunk)).await?;
+                let full = std::mem::take(&mut chunk);
+                self.queue.enqueue_with(full, !self.full).await?;
             }
         }
-        self.queue.enqueue(chunk).await?;
+        self.queue.enqueue_with(chunk, !self.full).await?;
 
         // Only now, with every difference durable, does this snapshot become the reference.
         // The new file's data and entry are durable before `CURRENT` names it.

@@ -173,3 +173,71 @@ async fn two_snapshots_of_one_split_never_interleave() {
     assert_eq!((status, counts(&v)), (200, (1, 0, 0)), "{v}");
     env.shutdown().await;
 }
+
+/// `?full=true` queues every member's value and `false` for who left, even values Braze was
+/// sent lately: with the shipped update-only memberships, members whose profiles did not
+/// exist at the first upload get their flag once the profiles exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_snapshot_queues_every_member_past_the_skip_of_unchanged_values() {
+    let env = Env::start_with(|c| c.update_existing_only = Default::default()).await;
+    let users: Vec<String> = (0..5).map(|i| format!("f{i}")).collect();
+    let (status, v) = put(
+        &env.base,
+        PATH,
+        ndjson(users.clone()),
+        "application/x-ndjson",
+    )
+    .await;
+    assert_eq!((status, counts(&v)), (200, (5, 0, 0)), "{v}");
+    wait_for_stats(&env, Duration::from_secs(10), |s| {
+        s["queue"]["pending"] == 0
+    })
+    .await;
+    let fake = env.fake.clone();
+    let held = |f: &fake_braze::FakeBraze| {
+        users
+            .iter()
+            .filter(|u| {
+                f.attribute_value(&format!("external_id:{u}"), "AIQ_1042_1")
+                    .is_some()
+            })
+            .count()
+    };
+    // Update-only for users Braze has no profile for: answered 201, nothing stored.
+    assert_eq!(held(&fake), 0);
+    for u in &users {
+        fake.create_profile(u);
+    }
+    // The same members again: a plain upload finds nothing to send...
+    let (status, v) = put(
+        &env.base,
+        PATH,
+        ndjson(users.clone()),
+        "application/x-ndjson",
+    )
+    .await;
+    assert_eq!((status, counts(&v)), (200, (0, 0, 5)), "{v}");
+    // ...a full one sends every member (and `false` for f4, who left), skip or not.
+    let full = format!("{PATH}?full=true");
+    let (status, v) = put(
+        &env.base,
+        &full,
+        ndjson(users[..4].to_vec()),
+        "application/x-ndjson",
+    )
+    .await;
+    assert_eq!(
+        (status, counts(&v), &v["resent"]),
+        (200, (0, 1, 4), &serde_json::json!(4)),
+        "{v}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || held(&fake) == 5).await,
+        "{:?}",
+        fake.attribute_state()
+    );
+    assert_eq!(
+        fake.attribute_value("external_id:f4", "AIQ_1042_1"),
+        Some(serde_json::json!(false))
+    );
+}
