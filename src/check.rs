@@ -80,6 +80,19 @@ impl CheckOutcome {
     }
 }
 
+/// How `check` classes a failed lookup or probe (for `reconcile`, which exits with the same
+/// codes).
+pub fn outcome_of(probe: &ProbeOutcome) -> CheckOutcome {
+    match probe {
+        ProbeOutcome::Ok => CheckOutcome::Passed,
+        ProbeOutcome::Unreachable { .. } => CheckOutcome::Unreachable,
+        ProbeOutcome::KeyRejected { .. } => CheckOutcome::KeyRejected,
+        ProbeOutcome::PermissionMissing { .. } => CheckOutcome::PermissionMissing,
+        ProbeOutcome::EndpointWrong { .. } => CheckOutcome::EndpointWrong,
+        ProbeOutcome::Other { .. } => CheckOutcome::Failed,
+    }
+}
+
 /// A failed check, as an error: `main` prints it once and exits with [`Failed::exit_code`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Failed(pub CheckOutcome);

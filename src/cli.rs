@@ -56,6 +56,34 @@ pub enum Command {
     /// Exit codes: 0 all good; 1 anything else; 2 config invalid; 3 endpoint unreachable;
     /// 4 key rejected (401); 5 a permission missing (403); 6 endpoint wrong (404).
     Check,
+    /// Compare what Braze holds for a split's members with what it was sent, and repair it.
+    ///
+    /// Reads the members of the split's last snapshot, looks each up in Braze through
+    /// /users/export/ids (50 ids a call, within that endpoint's rate limit, with a progress
+    /// line on stderr), and lists those whose AIQ_<audience>_<split> is not true: no profile,
+    /// attribute missing, or another value. With --repair, queues `true` for each of them, past
+    /// the skip of unchanged values, through the running daemon or straight into the stopped
+    /// one's database. Members known by braze_id alone are not checked.
+    ///
+    /// Exit codes: 0 no drift left (none found, or every repair queued); 1 drift found and not
+    /// repaired, or another failure; 2 config invalid; 3 Braze unreachable; 4 key rejected
+    /// (401); 5 users.export.ids permission missing (403); 6 endpoint wrong (404).
+    ///
+    /// Example: aiq-braze-sync --config /etc/aiq-braze-sync/config.toml reconcile --audience 1042 --split 1 --repair
+    Reconcile {
+        /// The audience id, as in AIQ_<audience>_<split>.
+        #[arg(long)]
+        audience: String,
+        /// The split id.
+        #[arg(long)]
+        split: String,
+        /// Queue the right value for every member that differs (default: only report).
+        #[arg(long)]
+        repair: bool,
+        /// Print the report as JSON (every differing member) instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect the queue (asks the running daemon, or opens the database if it is stopped).
     Queue {
         #[command(subcommand)]

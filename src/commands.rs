@@ -153,13 +153,19 @@ async fn local(config: &Config, op: &QueueOp) -> Result<Value, LocalError> {
     Ok(answer)
 }
 
-/// Asks the running daemon over its admin API, with the ingest token.
-async fn remote(config: &Config, op: &QueueOp) -> anyhow::Result<Value> {
+/// The running daemon's base URL for this configuration: its listen address, through
+/// loopback when it listens on every address.
+pub fn daemon_base(config: &Config) -> String {
     let mut addr = config.ingest.listen;
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
-    let base = format!("http://{addr}/v1/admin/queue");
+    format!("http://{addr}")
+}
+
+/// Asks the running daemon over its admin API, with the ingest token.
+async fn remote(config: &Config, op: &QueueOp) -> anyhow::Result<Value> {
+    let base = format!("{}/v1/admin/queue", daemon_base(config));
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()?;

@@ -195,6 +195,7 @@ async fn ingest_with<F>(
     state: &AppState,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
+    skip_unchanged: bool,
     parse: F,
 ) -> Result<Response, ApiError>
 where
@@ -216,19 +217,28 @@ where
     let n = records.len();
     state
         .queue
-        .enqueue(records)
+        .enqueue_with(records, skip_unchanged)
         .await
         .map_err(ApiError::Queue)?;
     Ok((StatusCode::ACCEPTED, Json(json!({"accepted": n}))).into_response())
 }
 
+/// `POST /v1/memberships?resend=true`: queue each value even if Braze was sent it lately
+/// (what `reconcile --repair` sends).
+#[derive(serde::Deserialize)]
+struct MembershipOptions {
+    #[serde(default)]
+    resend: bool,
+}
+
 async fn post_memberships(
     State(state): State<Arc<AppState>>,
+    Query(options): Query<MembershipOptions>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let prefer = state.prefer;
-    ingest_with(&state, &headers, body, move |b| {
+    ingest_with(&state, &headers, body, !options.resend, move |b| {
         Ok(ingest::parse_memberships(b, prefer)?
             .into_iter()
             .map(Record::Membership)
@@ -243,7 +253,7 @@ async fn post_events(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let prefer = state.prefer;
-    ingest_with(&state, &headers, body, move |b| {
+    ingest_with(&state, &headers, body, true, move |b| {
         Ok(ingest::parse_events(b, prefer)?
             .into_iter()
             .map(Record::Event)
@@ -258,7 +268,7 @@ async fn post_attributes(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let prefer = state.prefer;
-    ingest_with(&state, &headers, body, move |b| {
+    ingest_with(&state, &headers, body, true, move |b| {
         Ok(ingest::parse_attributes(b, prefer)?
             .into_iter()
             .map(Record::Attribute)

@@ -56,6 +56,7 @@ pub mod logging;
 pub mod members;
 pub mod metrics;
 pub mod queue;
+pub mod reconcile;
 pub mod record;
 pub mod relay;
 pub mod service;

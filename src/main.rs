@@ -88,6 +88,23 @@ fn main() -> ExitCode {
                 import::run(&config, options).await
             }
             (Command::Check, Some(config)) => Ok(check::run(&config).await.into_result()?),
+            (
+                Command::Reconcile {
+                    audience,
+                    split,
+                    repair,
+                    json,
+                },
+                Some(config),
+            ) => {
+                let options = aiq_braze_sync::reconcile::Options {
+                    audience,
+                    split,
+                    repair,
+                    json,
+                };
+                aiq_braze_sync::reconcile::run(&config, options).await
+            }
             (Command::Queue { command }, Some(config)) => {
                 let (op, json) = commands::QueueOp::from_cli(command);
                 commands::queue(config, op, json).await

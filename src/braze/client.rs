@@ -58,6 +58,33 @@ pub enum TrackOutcome {
     },
 }
 
+/// What one `/users/export/ids` lookup got.
+#[derive(Debug)]
+pub enum ExportOutcome {
+    /// The profiles Braze has among the ids asked for, and the ids it has none for.
+    Found {
+        users: Vec<serde_json::Value>,
+        invalid: Vec<String>,
+        rate: RateInfo,
+    },
+    /// 429, 5xx, 408, or an answer cut short: ask again, no sooner than `after` if given.
+    Retry {
+        reason: String,
+        after: Option<Duration>,
+    },
+    /// Anything that asking again will not fix (the key, a permission, the endpoint, no
+    /// answer at all), as `check` reports it.
+    Failed(ProbeOutcome),
+}
+
+#[derive(Deserialize)]
+struct ExportAnswer {
+    #[serde(default)]
+    users: Vec<serde_json::Value>,
+    #[serde(default)]
+    invalid_user_ids: Vec<String>,
+}
+
 /// What one `check` probe learned: whether the endpoint, the key and one permission work.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProbeOutcome {
@@ -233,6 +260,65 @@ impl BrazeClient {
             "fields_to_export": ["external_id"],
         });
         self.probe(&self.export_ids_url, &body).await
+    }
+
+    /// Looks up at most 50 `external_ids` (Braze's limit per call) with their custom
+    /// attributes, for `reconcile`.
+    pub async fn export_ids(&self, external_ids: &[String]) -> ExportOutcome {
+        let body = serde_json::json!({
+            "external_ids": external_ids,
+            "fields_to_export": ["external_id", "custom_attributes"],
+        });
+        let sent = self
+            .http
+            .post(&self.export_ids_url)
+            .header(CONTENT_TYPE, "application/json")
+            .header(AUTHORIZATION, self.bearer())
+            .body(body.to_string())
+            .send()
+            .await;
+        let response = match sent {
+            Ok(r) => r,
+            Err(e) => {
+                return ExportOutcome::Failed(ProbeOutcome::Unreachable {
+                    kind: unreachable_kind(&e),
+                    cause: describe_transport_error(&e),
+                })
+            }
+        };
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let text = match response.text().await {
+            Ok(text) => text,
+            Err(e) => {
+                return ExportOutcome::Retry {
+                    reason: format!("answered {status}, then the answer was cut: {e}"),
+                    after: None,
+                }
+            }
+        };
+        match status {
+            200..=299 => match serde_json::from_str::<ExportAnswer>(&text) {
+                Ok(answer) => ExportOutcome::Found {
+                    users: answer.users,
+                    invalid: answer.invalid_user_ids,
+                    rate: rate_info(&headers),
+                },
+                Err(e) => ExportOutcome::Failed(ProbeOutcome::Other {
+                    status,
+                    message: format!("not an export answer ({e})"),
+                }),
+            },
+            429 | 500..=599 | 408 => ExportOutcome::Retry {
+                reason: format!(
+                    "{status}: {}",
+                    text.trim().chars().take(200).collect::<String>()
+                ),
+                after: retry_after(&headers)
+                    .or(rate_info(&headers).reset_in.filter(|_| status == 429)),
+            },
+            _ => ExportOutcome::Failed(classify_probe(status, &self.export_ids_url, &text)),
+        }
     }
 
     /// Forwards a `/users/export/ids` request as it came and returns Braze's answer as it

@@ -77,7 +77,7 @@
 mod admin;
 mod snapshot;
 pub use admin::{PurgeReport, RecordView, RetryReport, Selection};
-pub use snapshot::{SnapshotReport, SnapshotUpload};
+pub use snapshot::{SnapshotMembers, SnapshotReport, SnapshotUpload};
 mod commit;
 mod eventlog;
 pub mod format;

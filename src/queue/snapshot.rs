@@ -107,6 +107,74 @@ fn user_from(bytes: &[u8]) -> Option<UserId> {
 }
 
 /// Reads a member file (or a run) in order.
+/// The generation and file `CURRENT` names in a split's directory, if it has one.
+fn current_file(dir: &Path) -> Result<Option<(u64, PathBuf)>, QueueError> {
+    match fs::read_to_string(dir.join(CURRENT)) {
+        Ok(name) => {
+            let name = name.trim().to_string();
+            let generation = name
+                .strip_prefix("gen-")
+                .and_then(|n| n.strip_suffix(".members"))
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| {
+                    QueueError::Corrupt(format!("{} names {name:?}", dir.join(CURRENT).display()))
+                })?;
+            Ok(Some((generation, dir.join(name))))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The members of a split's last complete snapshot, read from its file, in file order.
+/// Needs no database, so it runs beside a running daemon (a file an upload replaces meanwhile
+/// stays readable while open).
+pub struct SnapshotMembers {
+    members: Members,
+    /// Members counted in the file, for progress (`len` of the iteration).
+    pub count: u64,
+}
+
+impl SnapshotMembers {
+    /// `None` if the split has no snapshot under `data_dir`.
+    pub fn open(
+        data_dir: &Path,
+        audience: &str,
+        split: &str,
+    ) -> Result<Option<SnapshotMembers>, QueueError> {
+        let dir = data_dir
+            .join("snapshots")
+            .join(format!("{audience}.{split}"));
+        let Some((_, path)) = current_file(&dir)? else {
+            return Ok(None);
+        };
+        let mut counting = Members::open(&path)?;
+        let mut count = 0;
+        while counting.next()?.is_some() {
+            count += 1;
+        }
+        let members = Members::open(&path)?;
+        Ok(Some(SnapshotMembers { members, count }))
+    }
+}
+
+impl Iterator for SnapshotMembers {
+    type Item = io::Result<UserId>;
+
+    fn next(&mut self) -> Option<io::Result<UserId>> {
+        loop {
+            match self.members.next() {
+                Ok(Some(bytes)) => match user_from(&bytes) {
+                    Some(user) => return Some(Ok(user)),
+                    None => continue,
+                },
+                Ok(None) => return None,
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+}
+
 struct Members(BufReader<File>);
 
 impl Members {
@@ -223,24 +291,7 @@ impl SnapshotUpload<'_> {
         // `snapshots/` and the split's directory are synced into their parents: `CURRENT`
         // and the member file are only durable with them.
         create_dir_durable(&self.dir)?;
-        let current = match fs::read_to_string(self.dir.join(CURRENT)) {
-            Ok(name) => {
-                let name = name.trim().to_string();
-                let generation = name
-                    .strip_prefix("gen-")
-                    .and_then(|n| n.strip_suffix(".members"))
-                    .and_then(|n| n.parse().ok())
-                    .ok_or_else(|| {
-                        QueueError::Corrupt(format!(
-                            "{} names {name:?}",
-                            self.dir.join(CURRENT).display()
-                        ))
-                    })?;
-                Some((generation, self.dir.join(name)))
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => return Err(e.into()),
-        };
+        let current = current_file(&self.dir)?;
         for entry in fs::read_dir(&self.dir)? {
             let path = entry?.path();
             let keep = path.file_name() == Some(CURRENT.as_ref())

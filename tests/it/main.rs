@@ -24,6 +24,7 @@ mod powerloss;
 mod queue;
 mod queue_tools;
 mod readme;
+mod reconcile;
 mod relay;
 mod snapshot;
 mod systemd;
