@@ -269,15 +269,7 @@ impl BrazeClient {
             "external_ids": external_ids,
             "fields_to_export": ["external_id", "custom_attributes"],
         });
-        let sent = self
-            .http
-            .post(&self.export_ids_url)
-            .header(CONTENT_TYPE, "application/json")
-            .header(AUTHORIZATION, self.bearer())
-            .body(body.to_string())
-            .send()
-            .await;
-        let response = match sent {
+        let response = match self.post_json(&self.export_ids_url, body.to_string()).await {
             Ok(r) => r,
             Err(e) => {
                 return ExportOutcome::Failed(ProbeOutcome::Unreachable {
@@ -327,12 +319,7 @@ impl BrazeClient {
     /// reached at all.
     pub async fn forward_export_ids(&self, body: Vec<u8>) -> Result<(u16, Vec<u8>), String> {
         let response = self
-            .http
-            .post(&self.export_ids_url)
-            .header(CONTENT_TYPE, "application/json")
-            .header(AUTHORIZATION, self.bearer())
-            .body(body)
-            .send()
+            .post_json(&self.export_ids_url, body)
             .await
             .map_err(|e| describe_transport_error(&e))?;
         let status = response.status().as_u16();
@@ -343,16 +330,23 @@ impl BrazeClient {
         Ok((status, body.to_vec()))
     }
 
-    async fn probe(&self, url: &str, body: &serde_json::Value) -> ProbeOutcome {
-        let sent = self
-            .http
+    /// POSTs a JSON body with the API key.
+    async fn post_json(
+        &self,
+        url: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::Result<reqwest::Response> {
+        self.http
             .post(url)
             .header(CONTENT_TYPE, "application/json")
             .header(AUTHORIZATION, self.bearer())
-            .body(body.to_string())
+            .body(body)
             .send()
-            .await;
-        let response = match sent {
+            .await
+    }
+
+    async fn probe(&self, url: &str, body: &serde_json::Value) -> ProbeOutcome {
+        let response = match self.post_json(url, body.to_string()).await {
             Ok(r) => r,
             Err(e) => {
                 return ProbeOutcome::Unreachable {
