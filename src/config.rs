@@ -963,7 +963,8 @@ fn is_loopback_host(host: &str) -> bool {
     name.eq_ignore_ascii_case("localhost") || host.parse::<IpAddr>().is_ok_and(is_loopback_ip)
 }
 
-fn is_loopback_ip(ip: IpAddr) -> bool {
+/// 127.0.0.0/8, ::1, or ::ffff:127.x: an address only this machine reaches.
+pub fn is_loopback_ip(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => v4.is_loopback(),
         IpAddr::V6(v6) => {

@@ -140,7 +140,7 @@ pub fn reload(running: &Running, path: &Path, current: &mut Config, log_level: &
         NotifyState::Reloading,
         NotifyState::monotonic_usec_now().unwrap_or(NotifyState::MonotonicUsec(0)),
     ]);
-    let new = match Config::load(path) {
+    let mut new = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
             for line in e.to_string().lines() {
@@ -182,6 +182,16 @@ pub fn reload(running: &Running, path: &Path, current: &mut Config, log_level: &
         ));
     }
     let token_of = |c: &Config| c.ingest.token.as_ref().map(|t| t.expose().to_string());
+    // The socket stays bound where it was until a restart: a reload is judged against that
+    // address, not the file's. A file that now says loopback and no token must not open a
+    // public socket to anyone.
+    let bound = running.addr;
+    let unguarded = new.ingest.token.is_none() && !crate::config::is_loopback_ip(bound.ip());
+    if unguarded {
+        tracing::error!(%bound,
+            "reload: ingest.token kept: the daemon is still bound to {bound}, which is not loopback,              and ingest there needs a token; change ingest.listen and restart to drop it");
+        new.ingest.token = current.ingest.token.clone();
+    }
     if token_of(&new) != token_of(current) {
         *running.state.token.write().expect("token lock poisoned") = new.ingest.token.clone();
         applied.push("ingest.token (changed)".into());

@@ -288,3 +288,54 @@ async fn sighup_reloads_what_can_change_live_and_says_what_it_reloaded() {
     );
     assert_eq!(sigterm(&mut child), 0, "{}", read_log());
 }
+
+/// A reload is judged against the address the daemon is bound to: bound on every address
+/// with a token, a file that now says loopback and no token must not open the public socket
+/// to anyone (the listen address itself changes only at a restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_never_drops_the_token_while_the_socket_is_public() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeBraze::start(API_KEY).await.unwrap();
+    let port = free_port();
+    let config = dir.path().join("config.toml");
+    let public = config_text(dir.path(), &fake, port, "")
+        .replace(&format!("127.0.0.1:{port}"), &format!("0.0.0.0:{port}"));
+    std::fs::write(&config, public).unwrap();
+    let (socket, heard) = notify_socket(dir.path());
+    let log = dir.path().join("daemon.log");
+    let mut child = spawn(
+        &config,
+        &log,
+        &[("NOTIFY_SOCKET", socket.to_str().unwrap().to_string())],
+    );
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        wait_for(&heard, Duration::from_secs(20), |m| m.contains("READY=1")).await,
+        "{}",
+        read_log()
+    );
+    let stats = format!("http://127.0.0.1:{port}/v1/admin/queue/stats");
+    let anonymous = || async { http().get(&stats).send().await.unwrap().status().as_u16() };
+    assert_eq!(anonymous().await, 401);
+
+    let loopback_without_token =
+        config_text(dir.path(), &fake, port, "").replace(&format!("token = {TOKEN:?}\n"), "");
+    assert!(!loopback_without_token.contains("token"));
+    std::fs::write(&config, loopback_without_token).unwrap();
+    sighup(&child);
+    assert!(
+        wait_until(Duration::from_secs(10), || read_log()
+            .contains("ingest.token kept"))
+        .await,
+        "{}",
+        read_log()
+    );
+    assert_eq!(
+        anonymous().await,
+        401,
+        "the token was dropped on a public socket"
+    );
+    let with_token = http().get(&stats).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(with_token.status(), 200);
+    assert_eq!(sigterm(&mut child), 0, "{}", read_log());
+}
