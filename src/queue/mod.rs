@@ -395,7 +395,10 @@ impl Queue {
         store::create_dir_durable(data_dir)?;
         store::create_dir_durable(&dir)?;
         let generation = match store::read_current(&dir)? {
-            Some(g) => g,
+            Some(g) => {
+                store::check_current(&dir, g)?;
+                g
+            }
             None => {
                 store::create_dir_durable(&store::generation_dir(&dir, 1))?;
                 store::write_current(&dir, 1)?;

@@ -237,6 +237,39 @@ pub fn read_current(queue_dir: &Path) -> Result<Option<u64>, QueueError> {
     }
 }
 
+/// Refuses to go on when `CURRENT` names a generation that is not there: opening it would
+/// create an empty one, and removing the others as leftovers would then delete the real
+/// queue. Names the file, what it expected, and what is there instead.
+pub fn check_current(queue_dir: &Path, generation: u64) -> Result<(), QueueError> {
+    let named = generation_dir(queue_dir, generation);
+    if named.join("db").exists() {
+        return Ok(());
+    }
+    let others: Vec<String> = fs::read_dir(queue_dir)?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_string();
+            let n: u64 = name.strip_prefix(GEN_PREFIX)?.parse().ok()?;
+            (n != generation && e.path().join("db").exists())
+                .then(|| format!("{name} ({} bytes)", dir_bytes(&e.path())))
+        })
+        .collect();
+    if others.is_empty() {
+        // A first start cut off between writing CURRENT and creating the database: there is
+        // nothing else it could mean, and nothing to lose.
+        return Ok(());
+    }
+    Err(QueueError::Corrupt(format!(
+        "{} names {}, which holds no queue database, while {} {}. Refusing to start rather          than open an empty queue and remove the others. If {} is the queue, write its name          into {} (as `gen-NNNNNN`); otherwise restore the data directory from a backup",
+        queue_dir.join(CURRENT).display(),
+        named.display(),
+        others.join(", "),
+        if others.len() == 1 { "exists" } else { "exist" },
+        if others.len() == 1 { "that one" } else { "one of them" },
+        queue_dir.join(CURRENT).display(),
+    )))
+}
+
 /// Points CURRENT at a generation, atomically and durably.
 pub fn write_current(queue_dir: &Path, generation: u64) -> io::Result<()> {
     write_atomically(

@@ -666,3 +666,39 @@ async fn seqs_continue_past_events_only_the_log_knows() {
     let seqs = drain(&q, || Outcome::Delivered);
     assert_eq!(seqs, vec![1, 2, 3, 4]);
 }
+
+/// A `CURRENT` that names a generation which is not there is refused with a message naming
+/// the file and what is there, and nothing is removed: the records come back once `CURRENT`
+/// is set right.
+#[tokio::test]
+async fn a_current_naming_a_missing_generation_is_refused_and_deletes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), settings(1000)).unwrap();
+    q.enqueue((0..50).map(|i| member(&format!("c{i}"), true)).collect())
+        .await
+        .unwrap();
+    q.sync().await.unwrap();
+    drop(q);
+    let current = dir.path().join("queue").join("CURRENT");
+    let real = std::fs::read_to_string(&current).unwrap();
+    assert_eq!(real.trim(), "gen-000001");
+    std::fs::write(&current, "gen-000009\n").unwrap();
+
+    let err = match Queue::open(dir.path(), settings(1000)) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a CURRENT naming a missing generation was opened"),
+    };
+    assert!(
+        err.contains("CURRENT") && err.contains("gen-000009") && err.contains("gen-000001"),
+        "{err}"
+    );
+    assert!(
+        dir.path().join("queue/gen-000001/db").exists(),
+        "the real queue was removed"
+    );
+    assert!(!dir.path().join("queue/gen-000009").exists());
+
+    std::fs::write(&current, real).unwrap();
+    let q = Queue::open(dir.path(), settings(1000)).unwrap();
+    assert_eq!(q.pending(), 50);
+}
