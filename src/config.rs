@@ -74,6 +74,9 @@ const DEFAULT_BACKOFF_MAX_MS: u64 = 60_000;
 /// keeps the backoff arithmetic elsewhere far from overflow.
 const MAX_BACKOFF_MS: u64 = 24 * 60 * 60 * 1000;
 const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 10_000;
+/// A token guarding a socket others can reach is at least this long: guessing one is then out
+/// of reach even at the daemon's request rate.
+const MIN_PUBLIC_TOKEN_CHARS: usize = 32;
 /// A week: what was sent is trusted that long, then sent again once.
 const DEFAULT_SKIP_UNCHANGED_FOR_S: u64 = 604_800;
 /// Ten years: long enough for any sensible trust, short enough for millisecond arithmetic.
@@ -593,12 +596,30 @@ fn read_ingest(root: &Table, ctx: &Ctx<'_>, p: &mut Problems) -> Checked<IngestC
     });
 
     let mut token = read_secret(&s, ctx, p, &TOKEN);
-    if let (Ok(addr), Ok(None)) = (&listen, &token) {
+    if let (Ok(addr), Ok(given)) = (&listen, &token) {
         if !is_loopback_ip(addr.ip()) {
-            token = Err(p.report(
-                "ingest.token",
-                "required when ingest.listen is not a loopback address",
-            ));
+            let short = given
+                .as_ref()
+                .map(|t| t.expose().chars().count())
+                .filter(|n| *n < MIN_PUBLIC_TOKEN_CHARS);
+            match (given, short) {
+                (None, _) => {
+                    token = Err(p.report(
+                        "ingest.token",
+                        "required when ingest.listen is not a loopback address",
+                    ))
+                }
+                // The length only: the token itself is never printed.
+                (Some(_), Some(n)) => {
+                    token = Err(p.report(
+                        "ingest.token",
+                        format!(
+                            "must be at least {MIN_PUBLIC_TOKEN_CHARS} characters when ingest.listen is not a loopback address, got {n} (`openssl rand -hex 32` makes one)"
+                        ),
+                    ))
+                }
+                (Some(_), None) => {}
+            }
         }
     }
 
@@ -1212,7 +1233,7 @@ mod tests {
     use std::collections::HashMap;
 
     const KEY: &str = "0123abcd-key-never-shown";
-    const TOKEN_VALUE: &str = "tok-never-shown-42";
+    const TOKEN_VALUE: &str = "tok-never-shown-42-0123456789abcdef";
 
     fn no_env(_: &str) -> Option<String> {
         None
@@ -1334,6 +1355,26 @@ mod tests {
         assert_eq!(c.queue.cache_bytes, MIB);
         assert_eq!(c.queue.compact_min_bytes, 2 * MIB);
         assert_eq!(c.log.level, LevelFilter::DEBUG);
+    }
+
+    #[test]
+    fn a_short_token_is_refused_off_loopback_and_taken_on_it() {
+        let public = format!(
+            "{}[ingest]\nlisten = \"0.0.0.0:9000\"\ntoken = \"short-secret\"\n",
+            minimal()
+        );
+        let lines = problems(&public);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].starts_with("ingest.token: must be at least 32 characters"),
+            "{lines:?}"
+        );
+        assert!(
+            lines[0].contains("got 12") && !lines[0].contains("short-secret"),
+            "{lines:?}"
+        );
+        let local = format!("{}[ingest]\ntoken = \"short-secret\"\n", minimal());
+        assert!(parse(&local).is_ok());
     }
 
     #[test]

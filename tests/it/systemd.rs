@@ -298,8 +298,11 @@ async fn a_reload_never_drops_the_token_while_the_socket_is_public() {
     let fake = FakeBraze::start(API_KEY).await.unwrap();
     let port = free_port();
     let config = dir.path().join("config.toml");
+    // Off loopback a token must be at least 32 characters.
+    let long_token = "a-token-long-enough-for-a-public-socket";
     let public = config_text(dir.path(), &fake, port, "")
-        .replace(&format!("127.0.0.1:{port}"), &format!("0.0.0.0:{port}"));
+        .replace(&format!("127.0.0.1:{port}"), &format!("0.0.0.0:{port}"))
+        .replace(TOKEN, long_token);
     std::fs::write(&config, public).unwrap();
     let (socket, heard) = notify_socket(dir.path());
     let log = dir.path().join("daemon.log");
@@ -335,7 +338,12 @@ async fn a_reload_never_drops_the_token_while_the_socket_is_public() {
         401,
         "the token was dropped on a public socket"
     );
-    let with_token = http().get(&stats).bearer_auth(TOKEN).send().await.unwrap();
+    let with_token = http()
+        .get(&stats)
+        .bearer_auth(long_token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(with_token.status(), 200);
     assert_eq!(sigterm(&mut child), 0, "{}", read_log());
 }
