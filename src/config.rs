@@ -225,6 +225,10 @@ pub struct IngestConfig {
     /// abandoned, so a stalled client cannot hold its split (every other upload of it gets
     /// 409) for as long as its connection lives.
     pub upload_idle_timeout: Duration,
+    /// `ingest.export_passthrough`: whether `POST /users/export/ids` is forwarded to Braze.
+    /// Off by default: it lets an ingest client read whole Braze profiles with the daemon's
+    /// key, which writing records does not need.
+    pub export_passthrough: bool,
 }
 
 /// `[delivery]`: the workers that drain the queue into Braze.
@@ -281,6 +285,7 @@ impl Default for IngestConfig {
             max_body_bytes: to_usize(DEFAULT_MAX_BODY_BYTES),
             header_timeout: Duration::from_millis(DEFAULT_HEADER_TIMEOUT_MS),
             upload_idle_timeout: Duration::from_millis(DEFAULT_UPLOAD_IDLE_TIMEOUT_MS),
+            export_passthrough: false,
         }
     }
 }
@@ -481,6 +486,7 @@ const INGEST_KEYS: &[&str] = &[
     "max_body_bytes",
     "header_timeout_ms",
     "upload_idle_timeout_ms",
+    "export_passthrough",
 ];
 const DELIVERY_KEYS: &[&str] = &[
     "workers",
@@ -643,12 +649,15 @@ fn read_ingest(root: &Table, ctx: &Ctx<'_>, p: &mut Problems) -> Checked<IngestC
         )
         .map(Duration::from_millis);
 
+    let export_passthrough = s.boolean(p, "export_passthrough", false);
+
     Ok(IngestConfig {
         listen: listen?,
         token: token?,
         max_body_bytes: max_body_bytes?,
         header_timeout: header_timeout?,
         upload_idle_timeout: upload_idle_timeout?,
+        export_passthrough: export_passthrough?,
     })
 }
 
@@ -1275,6 +1284,7 @@ mod tests {
         assert_eq!(c.ingest.listen, "127.0.0.1:8080".parse().unwrap());
         assert!(c.ingest.token.is_none());
         assert_eq!(c.ingest.max_body_bytes, 16 * 1024 * 1024);
+        assert!(!c.ingest.export_passthrough);
         assert_eq!(c.delivery.workers, 4);
         assert_eq!(c.delivery.backoff_initial, Duration::from_millis(500));
         assert_eq!(c.delivery.backoff_max, Duration::from_secs(60));
@@ -1333,7 +1343,7 @@ mod tests {
              [braze]\nendpoint = \"https://rest.fra-01.braze.eu\"\napi_key = \"{KEY}\"\n\
              request_timeout_ms = 5000\nmax_objects_per_request = 50\nper_array_limit = true\n\
              max_request_bytes = 2000000\n\
-             [ingest]\nlisten = \"0.0.0.0:9000\"\ntoken = \"{TOKEN_VALUE}\"\nmax_body_bytes = 4096\n\
+             [ingest]\nlisten = \"0.0.0.0:9000\"\ntoken = \"{TOKEN_VALUE}\"\nmax_body_bytes = 4096\nexport_passthrough = true\n\
              [delivery]\nworkers = 8\nbackoff_initial_ms = 100\nbackoff_max_ms = 1000\n\
              max_requests_per_second = 10\nshutdown_timeout_ms = 0\nskip_unchanged_for_s = 0\n\
              [queue]\nmax_records = 5\nmax_disk_bytes = 1048576\ncache_mb = 1\ncompact_min_mb = 2\n\
@@ -1348,6 +1358,7 @@ mod tests {
         assert_eq!(c.ingest.listen, "0.0.0.0:9000".parse().unwrap());
         assert_eq!(c.ingest.token.as_ref().unwrap().expose(), TOKEN_VALUE);
         assert_eq!(c.ingest.max_body_bytes, 4096);
+        assert!(c.ingest.export_passthrough);
         assert_eq!(c.delivery.workers, 8);
         assert_eq!(c.delivery.max_requests_per_second, Some(10.0));
         assert_eq!(c.delivery.shutdown_timeout, Duration::ZERO);

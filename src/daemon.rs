@@ -178,6 +178,8 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
         stopping: Default::default(),
         prefer: config.identity,
         upload_idle_timeout: config.ingest.upload_idle_timeout,
+        export_passthrough: config.ingest.export_passthrough,
+        export_window: Default::default(),
     });
     let addr = listener.local_addr()?;
     let app = http::router(Arc::clone(&state), config.ingest.max_body_bytes);

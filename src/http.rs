@@ -43,7 +43,17 @@ pub struct AppState {
     /// How long a snapshot upload may send nothing before it is abandoned and its split
     /// freed (`ingest.upload_idle_timeout_ms`).
     pub upload_idle_timeout: std::time::Duration,
+    /// `/users/export/ids` is forwarded only when on (`ingest.export_passthrough`), and then
+    /// at most `EXPORT_PER_MINUTE` times a minute.
+    pub export_passthrough: bool,
+    pub export_window: std::sync::Mutex<(u64, u64)>,
 }
+
+/// Lookups forwarded a minute, at most: Braze's own limit for `/users/export/ids` on newer
+/// workspaces, so a client of the daemon cannot spend more of the key's budget than that.
+const EXPORT_PER_MINUTE: u64 = 250;
+/// Braze's limit of ids per lookup.
+const EXPORT_MAX_IDS: usize = 50;
 
 pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
     // Everything but health and metrics needs the token, checked before the body is read:
@@ -358,12 +368,65 @@ async fn export_ids(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
-    match state
+    if !state.export_passthrough {
+        let message = "the /users/export/ids passthrough is off; set [ingest] export_passthrough = true to forward lookups to Braze";
+        return Ok((StatusCode::NOT_FOUND, Json(json!({ "message": message }))).into_response());
+    }
+    let refuse = |message: String| {
+        (StatusCode::BAD_REQUEST, Json(json!({ "message": message }))).into_response()
+    };
+    let Ok(serde_json::Value::Object(lookup)) = serde_json::from_slice(&body) else {
+        return Ok(refuse("the body must be a JSON object".into()));
+    };
+    let ids = |key: &str| {
+        lookup
+            .get(key)
+            .and_then(|v| v.as_array())
+            .map_or(0, Vec::len)
+    };
+    let asked = ids("external_ids") + ids("user_aliases");
+    if asked > EXPORT_MAX_IDS {
+        return Ok(refuse(format!(
+            "{asked} external_ids and user_aliases: Braze takes at most {EXPORT_MAX_IDS} a lookup"
+        )));
+    }
+    let minute = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() / 60);
+    {
+        let mut window = state
+            .export_window
+            .lock()
+            .expect("export window lock poisoned");
+        if window.0 != minute {
+            *window = (minute, 0);
+        }
+        if window.1 >= EXPORT_PER_MINUTE {
+            let wait = 60
+                - std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() % 60);
+            return Ok((
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, wait.to_string())],
+                Json(json!({ "message": format!("at most {EXPORT_PER_MINUTE} lookups a minute go through the daemon") })),
+            )
+                .into_response());
+        }
+        window.1 += 1;
+    }
+    let forwarded = state
         .delivery
         .client
         .forward_export_ids(body.to_vec())
-        .await
-    {
+        .await;
+    // Who asked for how many profiles, never which: ids are personal data.
+    tracing::info!(
+        ids = asked,
+        status = forwarded.as_ref().map_or(502, |(s, _)| *s),
+        "forwarded a /users/export/ids lookup"
+    );
+    match forwarded {
         Ok((status, body)) => Ok((
             StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
             [(header::CONTENT_TYPE, "application/json")],

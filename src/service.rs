@@ -220,6 +220,10 @@ pub fn reload(running: &Running, path: &Path, current: &mut Config, log_level: &
     );
     differs("ingest.listen", new.ingest.listen != current.ingest.listen);
     differs(
+        "ingest.export_passthrough",
+        new.ingest.export_passthrough != current.ingest.export_passthrough,
+    );
+    differs(
         "delivery.workers",
         new.delivery.workers != current.delivery.workers,
     );

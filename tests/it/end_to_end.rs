@@ -162,7 +162,22 @@ async fn a_record_braze_refuses_alone_is_dead_lettered_and_the_rest_delivered() 
 /// answer comes back as it was: a Braze client checking users through the daemon still works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_users_export_ids_lookup_is_forwarded_to_braze_and_answered_as_braze_answered() {
-    let mut env = Env::start().await;
+    // Off by default: the lookup is a 404 and never reaches Braze.
+    let mut off = Env::start().await;
+    let lookup = r#"{"external_ids":["u1"],"fields_to_export":["external_id"]}"#;
+    let (status, answer) = off.post("/users/export/ids", lookup).await;
+    assert_eq!(status, 404, "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("export_passthrough"),
+        "{answer}"
+    );
+    assert!(off.fake.export_requests().is_empty());
+    off.shutdown().await;
+
+    let mut env = Env::start_with(|c| c.ingest.export_passthrough = true).await;
     // Make "u1" known to Braze first.
     let (status, _) = env
         .post(
@@ -186,6 +201,12 @@ async fn a_users_export_ids_lookup_is_forwarded_to_braze_and_answered_as_braze_a
     );
     assert_eq!(fake.export_requests().len(), 1);
 
+    // More than Braze's 50 ids a lookup is refused here.
+    let many: Vec<String> = (0..51).map(|i| format!("u{i}")).collect();
+    let body = serde_json::json!({"external_ids": many, "fields_to_export": ["external_id"]});
+    let (status, _) = env.post("/users/export/ids", body.to_string()).await;
+    assert_eq!(status, 400);
+    assert_eq!(fake.export_requests().len(), 1);
     // Braze's refusals come back as they were (fields_to_export is mandatory).
     let (status, _) = env
         .post("/users/export/ids", r#"{"external_ids":["u1"]}"#)
