@@ -229,6 +229,14 @@ pub struct IngestConfig {
     /// Off by default: it lets an ingest client read whole Braze profiles with the daemon's
     /// key, which writing records does not need.
     pub export_passthrough: bool,
+    /// `ingest.allowed_origins`: origins (`https://app.example.com`) whose browser requests
+    /// are taken. A request with any other `Origin` header is refused: browsers send one, and
+    /// no page should post to the daemon unless listed.
+    pub allowed_origins: Vec<String>,
+    /// `ingest.allowed_hosts`: names (`aiq-sync.internal`, with or without a port) a request's
+    /// `Host` may carry besides the listen address and, on loopback, `localhost`. Anything
+    /// else is refused, so a DNS name rebound to this machine cannot reach the daemon.
+    pub allowed_hosts: Vec<String>,
 }
 
 /// `[delivery]`: the workers that drain the queue into Braze.
@@ -286,6 +294,8 @@ impl Default for IngestConfig {
             header_timeout: Duration::from_millis(DEFAULT_HEADER_TIMEOUT_MS),
             upload_idle_timeout: Duration::from_millis(DEFAULT_UPLOAD_IDLE_TIMEOUT_MS),
             export_passthrough: false,
+            allowed_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -487,6 +497,8 @@ const INGEST_KEYS: &[&str] = &[
     "header_timeout_ms",
     "upload_idle_timeout_ms",
     "export_passthrough",
+    "allowed_origins",
+    "allowed_hosts",
 ];
 const DELIVERY_KEYS: &[&str] = &[
     "workers",
@@ -650,6 +662,8 @@ fn read_ingest(root: &Table, ctx: &Ctx<'_>, p: &mut Problems) -> Checked<IngestC
         .map(Duration::from_millis);
 
     let export_passthrough = s.boolean(p, "export_passthrough", false);
+    let allowed_origins = s.strings(p, "allowed_origins");
+    let allowed_hosts = s.strings(p, "allowed_hosts");
 
     Ok(IngestConfig {
         listen: listen?,
@@ -658,6 +672,8 @@ fn read_ingest(root: &Table, ctx: &Ctx<'_>, p: &mut Problems) -> Checked<IngestC
         header_timeout: header_timeout?,
         upload_idle_timeout: upload_idle_timeout?,
         export_passthrough: export_passthrough?,
+        allowed_origins: allowed_origins?,
+        allowed_hosts: allowed_hosts?,
     })
 }
 
@@ -1103,6 +1119,24 @@ impl<'t> Section<'t> {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
             Some(other) => Err(p.report(&self.key(key), wrong_type("a string", other))),
+        }
+    }
+
+    /// An array of strings, or empty when absent.
+    fn strings(&self, p: &mut Problems, key: &str) -> Checked<Vec<String>> {
+        match self.get(key)? {
+            None => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(s.clone()),
+                    other => Err(p.report(
+                        &self.key(key),
+                        wrong_type("an array of strings", other).replace("got", "holding"),
+                    )),
+                })
+                .collect(),
+            Some(other) => Err(p.report(&self.key(key), wrong_type("an array of strings", other))),
         }
     }
 

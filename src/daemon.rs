@@ -182,7 +182,12 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
         export_window: Default::default(),
     });
     let addr = listener.local_addr()?;
-    let app = http::router(Arc::clone(&state), config.ingest.max_body_bytes);
+    let guard = crate::http_guard::Guard {
+        bound: addr,
+        origins: config.ingest.allowed_origins.clone(),
+        hosts: config.ingest.allowed_hosts.clone(),
+    };
+    let app = http::router(Arc::clone(&state), config.ingest.max_body_bytes, guard);
     let (stop_ingest, stop_ingest_rx) = oneshot::channel::<()>();
     let header_timeout = config.ingest.header_timeout;
     let server = tokio::spawn(async move {

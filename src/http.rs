@@ -55,7 +55,11 @@ const EXPORT_PER_MINUTE: u64 = 250;
 /// Braze's limit of ids per lookup.
 const EXPORT_MAX_IDS: usize = 50;
 
-pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
+pub fn router(
+    state: Arc<AppState>,
+    max_body_bytes: usize,
+    guard: crate::http_guard::Guard,
+) -> Router {
     // Everything but health and metrics needs the token, checked before the body is read:
     // a client without it cannot make the daemon buffer a body at all.
     let guarded = Router::new()
@@ -77,6 +81,11 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
             require_token,
+        ))
+        // Outside the token check: a browser is refused whatever it carries.
+        .route_layer(axum::middleware::from_fn_with_state(
+            Arc::new(guard),
+            crate::http_guard::check,
         ));
     Router::new()
         .merge(guarded)

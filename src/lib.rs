@@ -50,6 +50,7 @@ pub mod delivery;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod http;
+pub mod http_guard;
 pub mod import;
 pub mod ingest;
 pub mod logging;

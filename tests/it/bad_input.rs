@@ -353,15 +353,18 @@ fn corpus() -> Vec<Case> {
         case("a NUL before the body", T, "\0{\"attributes\":[]}", 400).says("Invalid JSON"),
         case("a NUL on a member line", MEMBERS, "{\"external_id\":\"a\"}\n\0\n", 400)
             .at(json!({"line": 2})),
-        // Wrong content types: the body decides on the JSON endpoints, so a CSV or a form is
-        // refused as what it is, not JSON; on the member list the type chooses the reader.
-        case("CSV to a JSON endpoint", E, "name,external_id,time\nn,u,1\n", 400)
+        // Wrong content types: only JSON and NDJSON are taken (and CSV for a member list), so
+        // a browser form (text/plain, form-urlencoded, multipart) never gets in; on the member
+        // list the type chooses the reader.
+        case("CSV to a JSON endpoint", E, "name,external_id,time\nn,u,1\n", 415)
             .typed(Some("text/csv"))
-            .at(json!({"index": 0, "line": 1}))
-            .says("invalid JSON"),
-        case("a form to /users/track", T, "attributes=x", 400)
+            .says("not taken"),
+        case("a form to /users/track", T, "attributes=x", 415)
             .typed(Some("application/x-www-form-urlencoded"))
-            .says("Invalid JSON"),
+            .says("not taken"),
+        case("a text/plain form post", E, r#"[{"name":"n","external_id":"u","time":"2026-01-01T00:00:00Z"}]"#, 415)
+            .typed(Some("text/plain"))
+            .says("not taken"),
         case("a JSON array as a member list", MEMBERS, r#"[{"external_id":"a"}]"#, 400)
             .typed(Some("application/json"))
             .at(json!({"line": 1}))
@@ -374,10 +377,9 @@ fn corpus() -> Vec<Case> {
             .typed(Some("application/x-ndjson"))
             .at(json!({"line": 1}))
             .says("invalid JSON"),
-        case("a multipart form as a member list", MEMBERS, "--b\r\nContent-Disposition: form-data; name=\"f\"\r\n\r\nexternal_id\na\n--b--\r\n", 400)
+        case("a multipart form as a member list", MEMBERS, "--b\r\nContent-Disposition: form-data; name=\"f\"\r\n\r\nexternal_id\na\n--b--\r\n", 415)
             .typed(Some("multipart/form-data; boundary=b"))
-            .at(json!({"line": 1}))
-            .says("CSV header"),
+            .says("not taken"),
         // Over `ingest.max_body_bytes`.
         case("one byte over the limit", M, " ".repeat(LIMIT + 1), 413).says("length limit"),
         case("a chunked body over the limit", E, " ".repeat(LIMIT + 1), 413)
@@ -460,16 +462,27 @@ async fn a_corpus_of_malformed_bodies_gets_4xx_and_queues_nothing() {
     assert_eq!(stats["queue"]["accepted_total"], 0, "{stats}");
     assert!(env.fake.requests().is_empty());
 
-    // Still serving, and the Content-Type of a JSON endpoint is not what decides: curl's `-d`
-    // sends a form type, and the README's examples use it as is.
+    // Still serving. JSON and NDJSON types, or none (no browser form sends a body without
+    // one), are taken; what a form sends is not, so a web page cannot post records.
     let good = membership("u1", "a", "s", true).to_string();
     for content_type in [
         None,
-        Some("application/x-www-form-urlencoded"),
-        Some("text/plain"),
+        Some("application/json; charset=utf-8"),
+        Some("application/x-ndjson"),
     ] {
         let (status, v) = send(&env, "POST", "/v1/memberships", content_type, good.clone()).await;
         assert_eq!(status, 202, "{content_type:?}: {v}");
+    }
+    for content_type in ["application/x-www-form-urlencoded", "text/plain"] {
+        let (status, v) = send(
+            &env,
+            "POST",
+            "/v1/memberships",
+            Some(content_type),
+            good.clone(),
+        )
+        .await;
+        assert_eq!(status, 415, "{content_type}: {v}");
     }
     let (status, v) = send(&env, "POST", "/v1/events", None, event(1).to_string()).await;
     assert_eq!(status, 202, "{v}");
@@ -511,7 +524,7 @@ async fn trickle(addr: &str, head: &str, body: &[u8], gap: Duration) -> tokio::n
 
 fn head(method: &str, path: &str, content_length: usize) -> String {
     format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\
          Content-Type: application/x-ndjson\r\nConnection: close\r\nContent-Length: {content_length}\r\n\r\n"
     )
 }
@@ -535,7 +548,7 @@ async fn slow_loris_uploads_block_no_one_and_queue_nothing() {
         lorises.push(
             trickle(
                 &addr,
-                "POST /v1/memberships HTTP/1.1\r\nHost: x\r\nContent-",
+                "POST /v1/memberships HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-",
                 b"",
                 gap,
             )
@@ -640,7 +653,7 @@ async fn a_request_head_not_finished_in_time_is_cut_off() {
     let addr = env.base.trim_start_matches("http://").to_string();
     let mut stalled = tokio::net::TcpStream::connect(&addr).await.unwrap();
     stalled
-        .write_all(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-")
+        .write_all(b"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-")
         .await
         .unwrap();
     let started = std::time::Instant::now();

@@ -286,7 +286,7 @@ async fn a_request_without_the_token_is_refused_before_its_body_is_read() {
     ] {
         let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
         let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\nContent-Type: application/json\r\nContent-Length: 50000000\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer wrong\r\nContent-Type: application/json\r\nContent-Length: 50000000\r\n\r\n"
         );
         s.write_all(head.as_bytes()).await.unwrap();
         let mut answer = vec![0u8; 4096];
@@ -300,4 +300,50 @@ async fn a_request_without_the_token_is_refused_before_its_body_is_read() {
     }
     let stats = env.stats().await;
     assert_eq!(stats["queue"]["accepted_total"], 0);
+}
+
+/// A web page cannot use a browser to reach the daemon: a request carrying an `Origin` is
+/// refused unless listed, and so is one whose `Host` is a DNS name pointed at this machine
+/// (DNS rebinding) unless listed; the token changes neither. Nothing refused is queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_origins_and_rebound_host_names_are_refused_unless_listed() {
+    let env = Env::start_with(|c| {
+        c.ingest.allowed_origins = vec!["https://ops.example.com".into()];
+        c.ingest.allowed_hosts = vec!["sync.internal".into()];
+    })
+    .await;
+    let url = format!("{}/v1/events", env.base);
+    let post = |origin: Option<&'static str>, host: Option<&'static str>| {
+        let mut request = env
+            .client
+            .post(&url)
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body(array(&[event(1)]));
+        if let Some(o) = origin {
+            request = request.header("origin", o);
+        }
+        if let Some(h) = host {
+            request = request.header("host", h);
+        }
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(post(Some("https://evil.example"), None).await, 403);
+    assert_eq!(post(Some("null"), None).await, 403);
+    assert_eq!(post(None, Some("rebound.evil.example:8080")).await, 403);
+    assert_eq!(env.stats().await["queue"]["accepted_total"], 0);
+    assert_eq!(post(Some("https://ops.example.com"), None).await, 202);
+    assert_eq!(post(None, Some("sync.internal:8080")).await, 202);
+    assert_eq!(post(None, Some("localhost:8080")).await, 202);
+    assert_eq!(post(None, None).await, 202);
+    // The admin API (personal data in peek and dead) is behind the same checks.
+    let peek = env
+        .client
+        .get(format!("{}/v1/admin/queue/peek", env.base))
+        .bearer_auth(TOKEN)
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(peek.status(), 403);
 }

@@ -43,7 +43,7 @@ pub async fn half_upload(addr: &str, path: &str, lines: usize) -> tokio::net::Tc
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let part = ndjson((0..lines).map(|i| format!("half-{i}")));
     let head = format!(
-        "PUT {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/x-ndjson\r\nContent-Length: {}\r\n\r\n",
+        "PUT {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/x-ndjson\r\nContent-Length: {}\r\n\r\n",
         part.len() * 10
     );
     s.write_all(head.as_bytes()).await.unwrap();
