@@ -743,11 +743,14 @@ fn read_queue(root: &Table, p: &mut Problems) -> Checked<QueueConfig> {
 
     let max_records = s.integer(p, "max_records", DEFAULT_MAX_RECORDS, 1..=u64::MAX);
     let max_disk_bytes = s.integer(p, "max_disk_bytes", DEFAULT_MAX_DISK_BYTES, MIB..=u64::MAX);
-    let min_free_disk_mb = s.integer(
+    // Never 0: sled 0.34 treats a write that meets a full disk as fatal for the open
+    // database, so the queue must stop taking records before the disk is full.
+    let min_free_disk_mb = s.integer_with_note(
         p,
         "min_free_disk_mb",
         DEFAULT_MIN_FREE_DISK_MB,
-        0..=u64::MAX / MIB,
+        1..=u64::MAX / MIB,
+        " (a full disk mid-write stops the queue: keep a reserve)",
     );
     let cache_mb = s.integer(p, "cache_mb", DEFAULT_CACHE_MB, 1..=16_384);
     // The upper bound only keeps the conversion to bytes from overflowing.
@@ -1400,6 +1403,16 @@ mod tests {
         assert_eq!(c.queue.cache_bytes, MIB);
         assert_eq!(c.queue.compact_min_bytes, 2 * MIB);
         assert_eq!(c.log.level, LevelFilter::DEBUG);
+    }
+
+    #[test]
+    fn no_free_disk_reserve_is_refused() {
+        let text = format!("{}[queue]\nmin_free_disk_mb = 0\n", minimal());
+        let lines = problems(&text);
+        assert!(
+            lines[0].starts_with("queue.min_free_disk_mb: must be between 1"),
+            "{lines:?}"
+        );
     }
 
     #[test]

@@ -365,3 +365,31 @@ async fn a_sigkill_during_a_snapshot_upload_leaves_the_last_complete_snapshot_as
     assert_eq!(counts(&v), (1, 0, 1000), "{v}");
     assert_eq!(daemon.sigterm(), 0);
 }
+
+/// What the daemon writes is its owner's alone whatever the caller's umask: the queue holds
+/// personal data. Every directory under `data_dir` (and it) is 0700, every file 0600.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_directory_is_readable_by_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (_fake, mut daemon, _port, base, client) = start_binary(dir.path()).await;
+    let (status, _) = post(&client, &format!("{base}/v1/events"), array(&[event(1)])).await;
+    assert_eq!(status, 202);
+    assert_eq!(daemon.sigterm(), 0);
+    let mut open = Vec::new();
+    let mut todo = vec![dir.path().join("data")];
+    while let Some(path) = todo.pop() {
+        let meta = std::fs::metadata(&path).unwrap();
+        if meta.permissions().mode() & 0o077 != 0 {
+            open.push(format!(
+                "{} {:o}",
+                path.display(),
+                meta.permissions().mode() & 0o777
+            ));
+        }
+        if meta.is_dir() {
+            todo.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    assert!(open.is_empty(), "readable by others: {open:?}");
+}
