@@ -414,8 +414,10 @@ impl Queue {
             &data_dir.join("state"),
             (settings.cache_bytes / 4).max(4 << 20),
         )?;
-        // Only after our generation is open (and locked) is it safe to remove the others.
+        // Only after our generation is open (and locked) is it safe to remove the others,
+        // and what interrupted snapshot uploads left.
         store::remove_other_generations(&dir, generation)?;
+        snapshot::clean_snapshot_dirs(&data_dir.join("snapshots"))?;
 
         let counters = Counters::default();
         let (_, attributes, dead) = match st

@@ -232,11 +232,23 @@ pub struct SnapshotUpload<'a> {
     run_bytes: usize,
     /// Queue every member, past the skip of unchanged values (`full`).
     full: bool,
+    /// Bytes written to runs so far.
+    spilled_bytes: u64,
+    /// The next generation's file while `finish` writes it; removed if the upload fails.
+    unfinished: Option<PathBuf>,
     runs: Vec<PathBuf>,
 }
 
 impl Drop for SnapshotUpload<'_> {
+    /// Frees the split, and removes what an upload that did not finish left: its sorted runs
+    /// and a generation file `CURRENT` does not name. (After `finish`, the runs are gone.)
     fn drop(&mut self) {
+        for run in self.runs.drain(..) {
+            let _ = fs::remove_file(run);
+        }
+        if let Some(path) = self.unfinished.take() {
+            let _ = fs::remove_file(path);
+        }
         self.queue
             .uploads
             .0
@@ -278,6 +290,8 @@ impl Queue {
             buffered_bytes: 0,
             run_bytes: RUN_BYTES,
             full: false,
+            spilled_bytes: 0,
+            unfinished: None,
             runs: Vec::new(),
         };
         upload.prepare()?;
@@ -291,19 +305,46 @@ impl SnapshotUpload<'_> {
         // `snapshots/` and the split's directory are synced into their parents: `CURRENT`
         // and the member file are only durable with them.
         create_dir_durable(&self.dir)?;
-        let current = current_file(&self.dir)?;
-        for entry in fs::read_dir(&self.dir)? {
-            let path = entry?.path();
-            let keep = path.file_name() == Some(CURRENT.as_ref())
-                || current.as_ref().is_some_and(|(_, p)| *p == path);
-            if !keep {
-                fs::remove_file(&path)?;
-            }
-        }
+        let current = clean_split_dir(&self.dir)?;
         self.current = current;
         Ok(())
     }
+}
 
+/// Removes from a split's directory every file but `CURRENT` and the generation it names:
+/// what uploads that never finished left (runs, an unfinished generation). Returns the
+/// current generation.
+fn clean_split_dir(dir: &Path) -> Result<Option<(u64, PathBuf)>, QueueError> {
+    let current = current_file(dir)?;
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let keep = path.file_name() == Some(CURRENT.as_ref())
+            || current.as_ref().is_some_and(|(_, p)| *p == path);
+        if !keep {
+            fs::remove_file(&path)?;
+        }
+    }
+    Ok(current)
+}
+
+/// At open: cleans every split's directory (`clean_split_dir`), so spill files of an upload
+/// a crash interrupted do not hold disk until that split's next upload.
+pub fn clean_snapshot_dirs(snapshot_dir: &Path) -> Result<(), QueueError> {
+    let entries = match fs::read_dir(snapshot_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    for entry in entries {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            clean_split_dir(&entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+impl SnapshotUpload<'_> {
     /// Sorts in runs of this many bytes instead of `RUN_BYTES` (tests use tiny runs to
     /// exercise the merge).
     pub fn with_run_bytes(mut self, bytes: usize) -> Self {
@@ -330,8 +371,19 @@ impl SnapshotUpload<'_> {
         Ok(())
     }
 
-    /// Sorts what is buffered into a run file.
+    /// Sorts what is buffered into a run file, within the queue's bounds: the free-disk
+    /// reserve (a full disk would stop the queue) and `queue.max_disk_bytes` for what the
+    /// upload has spilled (a snapshot bigger than that is refused).
     fn spill(&mut self) -> Result<(), QueueError> {
+        self.queue.check_bounds(0)?;
+        self.spilled_bytes += self.buffered_bytes as u64;
+        if self.spilled_bytes > self.queue.settings.max_disk_bytes {
+            return Err(QueueError::Refused(format!(
+                "the snapshot is over {} bytes (queue.max_disk_bytes) once sorted; split the \
+                 audience or raise the bound",
+                self.queue.settings.max_disk_bytes
+            )));
+        }
         self.buffer.sort_unstable();
         self.buffer.dedup();
         let path = self.dir.join(format!("run-{:04}.tmp", self.runs.len()));
@@ -350,6 +402,7 @@ impl SnapshotUpload<'_> {
         let generation = self.current.as_ref().map_or(1, |(g, _)| g + 1);
         let name = format!("gen-{generation:06}.members");
         let new_path = self.dir.join(&name);
+        self.unfinished = Some(new_path.clone());
         let mut out = BufWriter::with_capacity(1 << 16, File::create(&new_path)?);
         out.write_all(MAGIC)?;
 
@@ -468,9 +521,10 @@ impl SnapshotUpload<'_> {
         if let Some((_, path)) = &self.current {
             fs::remove_file(path)?;
         }
-        for run in &self.runs {
+        for run in self.runs.drain(..) {
             let _ = fs::remove_file(run);
         }
+        self.unfinished = None;
         Ok(report)
     }
 }

@@ -702,3 +702,60 @@ async fn a_current_naming_a_missing_generation_is_refused_and_deletes_nothing() 
     let q = Queue::open(dir.path(), settings(1000)).unwrap();
     assert_eq!(q.pending(), 50);
 }
+
+/// Snapshot spill files stay within the disk's reserve and the queue's bound, and never
+/// outlive their upload: an upload refused mid-way leaves no file, a snapshot over
+/// `max_disk_bytes` is refused, and what a crash left is removed at the next open.
+#[tokio::test]
+async fn snapshot_spills_keep_the_reserve_and_the_bound_and_leave_nothing_behind() {
+    use aiq_braze_sync::queue::QueueError;
+    let dir = tempfile::tempdir().unwrap();
+    let split_dir = dir.path().join("snapshots").join("a.1");
+    let files = |d: &std::path::Path| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(d)
+            .map(|r| {
+                r.flatten()
+                    .map(|e| e.file_name().into_string().unwrap())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    };
+    let add_many = |upload: &mut aiq_braze_sync::queue::SnapshotUpload<'_>, n: u32| {
+        (0..n).try_for_each(|i| upload.add(&UserId::External(format!("user-{i}"))))
+    };
+
+    // The free-disk reserve is more than the disk has: the first spill is refused as full.
+    let mut no_room = settings(1000);
+    no_room.min_free_bytes = u64::MAX / 2;
+    let q = Queue::open(dir.path(), no_room).unwrap();
+    let mut upload = q.begin_snapshot("a", "1").unwrap().with_run_bytes(4096);
+    assert!(matches!(
+        add_many(&mut upload, 2000),
+        Err(QueueError::Full(_))
+    ));
+    drop(upload);
+    assert_eq!(files(&split_dir), Vec::<String>::new());
+    drop(q);
+
+    // A snapshot bigger than the queue's disk bound is refused, and leaves nothing.
+    let mut small = settings(1000);
+    small.max_disk_bytes = 2 << 20;
+    let q = Queue::open(dir.path(), small).unwrap();
+    let mut upload = q.begin_snapshot("a", "1").unwrap().with_run_bytes(64 << 10);
+    let refused = add_many(&mut upload, 100_000);
+    assert!(
+        matches!(refused, Err(QueueError::Refused(ref why)) if why.contains("max_disk_bytes")),
+        "{refused:?}"
+    );
+    drop(upload);
+    assert_eq!(files(&split_dir), Vec::<String>::new());
+    drop(q);
+
+    // A crash mid-upload leaves runs; the next open removes them.
+    std::fs::write(split_dir.join("run-0000.tmp"), b"left by a crash").unwrap();
+    std::fs::write(split_dir.join("gen-000001.members"), b"unfinished").unwrap();
+    let _q = Queue::open(dir.path(), settings(1000)).unwrap();
+    assert_eq!(files(&split_dir), Vec::<String>::new());
+}
