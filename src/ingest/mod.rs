@@ -99,9 +99,25 @@ pub fn parse_attributes(body: &[u8], prefer: PreferId) -> Result<Vec<AttributeUp
     let mut out = Vec::new();
     for raw in split_records(body)? {
         out.extend(attributes_of(&raw, prefer)?);
+        if out.len() > MAX_ATTRIBUTES_PER_REQUEST {
+            return Err(raw.bad(
+                "attributes",
+                format!(
+                    "the request holds more than {MAX_ATTRIBUTES_PER_REQUEST} attribute updates \
+                     by here; split it into smaller requests"
+                ),
+            ));
+        }
     }
     Ok(out)
 }
+
+/// Attributes one `/v1/attributes` record may set. Each one is a pending update and, once
+/// delivered, an entry of the daemon's state: unbounded, one body could grow the state by
+/// gigabytes. A profile with more custom attributes than this is not what ActionIQ sends.
+pub const MAX_ATTRIBUTES_PER_RECORD: usize = 500;
+/// Attribute updates one `/v1/attributes` request may carry.
+pub const MAX_ATTRIBUTES_PER_REQUEST: usize = 50_000;
 
 /// One membership from an already-parsed JSON value: `index` and `line` say where it was.
 pub fn membership(
@@ -216,6 +232,15 @@ fn attributes_of(raw: &RawRecord, prefer: PreferId) -> Result<Vec<AttributeUpdat
             ))
         }
     };
+    if map.len() > MAX_ATTRIBUTES_PER_RECORD {
+        return Err(raw.bad(
+            "attributes",
+            format!(
+                "holds {} attributes; at most {MAX_ATTRIBUTES_PER_RECORD} per record",
+                map.len()
+            ),
+        ));
+    }
     let mut out = Vec::with_capacity(map.len());
     for (name, value) in map {
         check_attribute_name(name).map_err(|why| raw.bad("attributes", why))?;

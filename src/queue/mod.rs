@@ -347,6 +347,8 @@ pub struct Queue {
     uploads: snapshot::Uploads,
     /// `DATA_DIR/snapshots`: each split's current member set; see `snapshot.rs`.
     snapshot_dir: PathBuf,
+    /// `DATA_DIR/state`: `state.rs`'s database, counted in the disk bound.
+    state_dir: PathBuf,
     committer: Committer,
     counters: Counters,
     work: tokio::sync::Notify,
@@ -448,9 +450,13 @@ impl Queue {
             set_aside_damage(&st, &counters, damage, &mut next_seq)?;
         }
         counters.events.store(log.live(), Ordering::Relaxed);
-        counters
-            .disk_bytes
-            .store(st.disk_bytes() + log.disk_bytes(), Ordering::Relaxed);
+        counters.disk_bytes.store(
+            st.disk_bytes()
+                + log.disk_bytes()
+                + store::dir_bytes(&data_dir.join("state"))
+                + store::dir_bytes(&data_dir.join("snapshots")),
+            Ordering::Relaxed,
+        );
 
         let store = Arc::new(RwLock::new(st));
         let log = Arc::new(Mutex::new(log));
@@ -507,6 +513,7 @@ impl Queue {
             state,
             uploads: Default::default(),
             snapshot_dir: data_dir.join("snapshots"),
+            state_dir: data_dir.join("state"),
             committer,
             counters,
             work: tokio::sync::Notify::new(),
@@ -1091,9 +1098,12 @@ impl Queue {
             .disk_bytes();
         let bytes = self.read_store().map(|s| s.disk_bytes()).unwrap_or(0);
         if bytes > 0 {
+            // The state and the snapshots are on the same disk and grow with use: they count
+            // in `queue.max_disk_bytes` and in what stats show, like the queue itself.
+            let others = store::dir_bytes(&self.state_dir) + store::dir_bytes(&self.snapshot_dir);
             self.counters
                 .disk_bytes
-                .store(bytes + log_bytes, Ordering::Relaxed);
+                .store(bytes + log_bytes + others, Ordering::Relaxed);
         }
         let live = self.pending() + self.counters.dead.load(Ordering::Relaxed);
         let floor = self

@@ -707,3 +707,43 @@ async fn a_snapshot_upload_that_goes_quiet_is_abandoned_and_frees_its_split() {
     );
     env.shutdown().await;
 }
+
+/// One record may set at most 500 attributes and one request carry at most 50,000 updates:
+/// each is pending state and then an entry of the daemon's own state, so an unbounded body
+/// could grow the disk by gigabytes. Refused with 400 naming the limit, nothing queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attributes_per_record_and_per_request_are_bounded() {
+    let env = Env::start().await;
+    let many: serde_json::Map<String, Value> =
+        (0..501).map(|i| (format!("a{i}"), json!(i))).collect();
+    let body = array(&[json!({"external_id": "u", "attributes": many})]);
+    let (status, v) = env.post("/v1/attributes", body).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("at most 500 per record"),
+        "{v}"
+    );
+    assert_eq!(v["field"], "attributes");
+
+    let records: Vec<Value> = (0..101)
+        .map(|u| {
+            let attrs: serde_json::Map<String, Value> =
+                (0..500).map(|i| (format!("a{i}"), json!(i))).collect();
+            json!({"external_id": format!("u{u}"), "attributes": attrs})
+        })
+        .collect();
+    let (status, v) = env.post("/v1/attributes", array(&records)).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("more than 50000 attribute updates"),
+        "{v}"
+    );
+    assert_eq!(v["index"], 100, "{v}");
+    assert_eq!(env.stats().await["queue"]["accepted_total"], 0);
+}

@@ -215,3 +215,29 @@ async fn a_full_disk_refuses_ingest_and_recovers_once_space_frees() {
         .await
     );
 }
+
+/// The daemon's state (what each attribute was last sent as) and the snapshots live on the
+/// same disk and count in `queue stats` and in `queue.max_disk_bytes`, like the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_and_the_snapshots_count_in_the_disk_bytes() {
+    let env = Env::start().await;
+    let records: Vec<_> = (0..200)
+        .map(|u| serde_json::json!({"external_id": format!("s{u}"), "attributes": {"tier": "gold", "n": u}}))
+        .collect();
+    assert_eq!(env.post("/v1/attributes", array(&records)).await.0, 202);
+    let data = env.data_dir();
+    let (counted, stats) = wait_for_stats(&env, Duration::from_secs(10), |s| {
+        let shown = s["queue"]["disk_bytes"].as_u64().unwrap_or(0);
+        let state = dir_bytes(&data.join("state"));
+        s["queue"]["pending"] == 0
+            && state > 0
+            && shown >= state + dir_bytes(&data.join("queue").join("gen-000001"))
+    })
+    .await;
+    assert!(
+        counted,
+        "{stats}; state {} bytes, queue {} bytes",
+        dir_bytes(&data.join("state")),
+        dir_bytes(&data.join("queue"))
+    );
+}
