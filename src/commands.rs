@@ -163,12 +163,19 @@ pub fn daemon_base(config: &Config) -> String {
     format!("http://{addr}")
 }
 
+/// An HTTP client for talking to the daemon itself: never through a proxy (`HTTP_PROXY` in
+/// the environment would otherwise carry the ingest token off the machine).
+pub fn daemon_client(timeout: Duration) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .no_proxy()
+        .build()
+}
+
 /// Asks the running daemon over its admin API, with the ingest token.
 async fn remote(config: &Config, op: &QueueOp) -> anyhow::Result<Value> {
     let base = format!("{}/v1/admin/queue", daemon_base(config));
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()?;
+    let client = daemon_client(Duration::from_secs(30))?;
     let request = match op {
         QueueOp::Stats => client.get(format!("{base}/stats")),
         QueueOp::Peek(limit) => client.get(format!("{base}/peek?limit={limit}")),

@@ -486,9 +486,7 @@ impl Sink {
                     addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
                 }
                 Ok(Sink::Daemon {
-                    client: reqwest::Client::builder()
-                        .timeout(Duration::from_secs(120))
-                        .build()?,
+                    client: crate::commands::daemon_client(Duration::from_secs(120))?,
                     url: format!("http://{addr}/v1/{}", kind.noun()),
                     token: config.ingest.token.as_ref().map(|t| t.expose().to_string()),
                 })

@@ -252,9 +252,7 @@ async fn through_daemon(
         "{}/v1/memberships?resend=true",
         crate::commands::daemon_base(config)
     );
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()?;
+    let client = crate::commands::daemon_client(Duration::from_secs(60))?;
     for chunk in ids.chunks(10_000) {
         let body: Vec<Value> = chunk
             .iter()

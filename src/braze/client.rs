@@ -172,6 +172,9 @@ impl BrazeClient {
             .connect_timeout(config.request_timeout.min(Duration::from_secs(10)))
             .pool_idle_timeout(Duration::from_secs(60))
             .user_agent(concat!("aiq-braze-sync/", env!("CARGO_PKG_VERSION")))
+            // Braze's REST API does not redirect; following one would send the key wherever
+            // it points. A 3xx is an answer, reported as a wrong endpoint.
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         let track_url = format!("{}/users/track", config.endpoint);
         Ok(BrazeClient {
@@ -216,14 +219,14 @@ impl BrazeClient {
         };
         let status = response.status().as_u16();
         let headers = response.headers().clone();
-        let text = match response.text().await {
-            Ok(t) => t,
-            Err(e) => {
+        let text = match read_capped(response).await {
+            Ok(t) => String::from_utf8_lossy(&t).into_owned(),
+            Err(why) => {
                 // On a 2xx Braze has taken the request; resending would duplicate events, so
                 // only the per-object errors are unknown. Say so rather than guess.
                 if (200..300).contains(&status) {
-                    tracing::warn!(status, error = %describe_transport_error(&e),
-                        "Braze accepted a request but its answer was cut; per-object errors, if any, are unknown");
+                    tracing::warn!(status, error = %why,
+                        "Braze accepted a request but its answer was not read whole; per-object errors, if any, are unknown");
                 }
                 String::new()
             }
@@ -280,11 +283,11 @@ impl BrazeClient {
         };
         let status = response.status().as_u16();
         let headers = response.headers().clone();
-        let text = match response.text().await {
-            Ok(text) => text,
-            Err(e) => {
+        let text = match read_capped(response).await {
+            Ok(text) => String::from_utf8_lossy(&text).into_owned(),
+            Err(why) => {
                 return ExportOutcome::Retry {
-                    reason: format!("answered {status}, then the answer was cut: {e}"),
+                    reason: format!("answered {status}, then the answer was not read whole: {why}"),
                     after: None,
                 }
             }
@@ -323,11 +326,8 @@ impl BrazeClient {
             .await
             .map_err(|e| describe_transport_error(&e))?;
         let status = response.status().as_u16();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| describe_transport_error(&e))?;
-        Ok((status, body.to_vec()))
+        let body = read_capped(response).await?;
+        Ok((status, body))
     }
 
     /// POSTs a JSON body with the API key.
@@ -356,17 +356,34 @@ impl BrazeClient {
             }
         };
         let status = response.status().as_u16();
-        match response.text().await {
-            Ok(text) => classify_probe(status, url, &text),
-            Err(e) => ProbeOutcome::Unreachable {
-                kind: unreachable_kind(&e),
-                cause: format!(
-                    "answered {status}, then the answer was cut: {}",
-                    describe_transport_error(&e)
-                ),
+        match read_capped(response).await {
+            Ok(text) => classify_probe(status, url, &String::from_utf8_lossy(&text)),
+            Err(why) => ProbeOutcome::Unreachable {
+                kind: Unreachable::Other,
+                cause: format!("answered {status}, then the answer was not read whole: {why}"),
             },
         }
     }
+}
+
+/// Braze answers with small JSON bodies (an export of 50 full profiles stays far below this):
+/// an answer past this size is not read on, so a wrong endpoint cannot fill memory.
+const MAX_ANSWER_BYTES: usize = 16 << 20;
+
+/// Reads an answer's body, up to `MAX_ANSWER_BYTES`.
+async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| describe_transport_error(&e))?
+    {
+        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+            return Err(format!("the answer is over {MAX_ANSWER_BYTES} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// What a probe's answer means. Pure, so every status is tested without a network.
@@ -388,6 +405,11 @@ pub fn classify_probe(status: u16, url: &str, body: &str) -> ProbeOutcome {
         404 => ProbeOutcome::EndpointWrong {
             url: url.to_owned(),
             message,
+        },
+        // Braze does not redirect, and no redirect is followed (the key would go along).
+        300..=399 => ProbeOutcome::EndpointWrong {
+            url: url.to_owned(),
+            message: format!("answered {status}, a redirect: Braze's REST API does not redirect"),
         },
         _ => ProbeOutcome::Other { status, message },
     }
@@ -504,6 +526,15 @@ pub fn classify(status: u16, headers: &HeaderMap, body: &str) -> TrackOutcome {
         },
         413 => TrackOutcome::TooLarge,
         401 | 403 | 404 => TrackOutcome::Misconfigured { status, message },
+        // Braze's REST API does not redirect, and the client follows no redirect (the key
+        // would go along): the endpoint is wrong. Delivery pauses until it is fixed.
+        300..=399 => TrackOutcome::Misconfigured {
+            status,
+            message: format!(
+                "braze.endpoint redirects to {}; set it to the instance's REST endpoint",
+                header(headers, "location").unwrap_or("another address")
+            ),
+        },
         429 => TrackOutcome::Retry {
             reason: format!("429 rate limited: {message}"),
             after: retry_after(headers),
@@ -582,6 +613,20 @@ mod tests {
             h.insert(*k, HeaderValue::from_str(v).unwrap());
         }
         h
+    }
+
+    #[test]
+    fn a_redirect_is_a_wrong_endpoint_never_followed() {
+        let h = headers(&[("location", "https://elsewhere.example/users/track")]);
+        let TrackOutcome::Misconfigured { status, message } = classify(301, &h, "") else {
+            panic!("a redirect must pause delivery");
+        };
+        assert_eq!(status, 301);
+        assert!(message.contains("elsewhere.example"), "{message}");
+        assert!(matches!(
+            classify_probe(302, "https://rest.example/users/track", ""),
+            ProbeOutcome::EndpointWrong { .. }
+        ));
     }
 
     #[test]
