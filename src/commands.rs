@@ -37,6 +37,9 @@ pub async fn run(
     path: &std::path::Path,
     log_level: crate::logging::LevelHandle,
 ) -> anyhow::Result<()> {
+    for file in &config.exposed {
+        tracing::warn!(%file, "a file holding a secret is readable by group or others: `chmod 600` it (and own it by the service's user)");
+    }
     let mut signals =
         Signals::new([SIGTERM, SIGINT, SIGHUP]).context("cannot install signal handlers")?;
     let listener = tokio::net::TcpListener::bind(config.ingest.listen)

@@ -143,6 +143,9 @@ pub struct Config {
     pub identity: PreferId,
     /// `[update_existing_only]`: whether each kind of record may create a Braze profile.
     pub update_existing_only: UpdateExistingOnly,
+    /// Files holding a secret (the config with an inline key or token, a key or token file)
+    /// that group or others may read: logged as warnings at start.
+    pub exposed: Vec<String>,
 }
 
 /// `identity.prefer`: the identifier a `/v1` record or import row that carries both
@@ -375,7 +378,9 @@ impl Config {
         // read above has already refused.
         let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         let base_dir = absolute.parent().unwrap_or(Path::new("/"));
-        Self::from_toml_str(&text, base_dir, env)
+        let mut config = Self::from_toml_str(&text, base_dir, env)?;
+        config.exposed = exposed_secret_files(&text, &absolute, base_dir, env);
+        Ok(config)
     }
 
     /// Validates config text. Relative paths in it are resolved against `base_dir` (the config
@@ -426,6 +431,7 @@ impl Config {
                 log: log?,
                 identity: identity?,
                 update_existing_only: update_existing_only?,
+                exposed: Vec::new(),
             })
         })();
         match config {
@@ -460,6 +466,7 @@ impl Config {
             log: LogConfig::default(),
             identity: PreferId::default(),
             update_existing_only: UpdateExistingOnly::default(),
+            exposed: Vec::new(),
         }
     }
 }
@@ -879,6 +886,52 @@ fn read_secret(
             .map(Some)
             .map_err(|why| p.report(&file_key, why)),
     }
+}
+
+/// The files holding a secret that group or others may read, each with its mode: the config
+/// itself when it holds `api_key` or `token` inline, and the key and token files (resolved as
+/// `read_secret_file` does; systemd's credential copies are the service's alone).
+fn exposed_secret_files(
+    text: &str,
+    config_path: &Path,
+    base_dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(root) = text.parse::<Table>() else {
+        return Vec::new();
+    };
+    let field = |section: &str, key: &str| {
+        root.get(section)
+            .and_then(|s| s.get(key))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
+    let mut files = Vec::new();
+    if field("braze", "api_key").is_some() || field("ingest", "token").is_some() {
+        files.push(config_path.to_path_buf());
+    }
+    for (section, key) in [("braze", "api_key_file"), ("ingest", "token_file")] {
+        let Some(path) = field(section, key) else {
+            continue;
+        };
+        let path = Path::new(&path);
+        let full = if path.is_absolute() {
+            path.to_path_buf()
+        } else if let Some(dir) = env(ENV_CREDENTIALS_DIRECTORY) {
+            PathBuf::from(dir).join(path)
+        } else {
+            base_dir.join(path)
+        };
+        files.push(full);
+    }
+    files
+        .into_iter()
+        .filter_map(|f| {
+            let mode = std::fs::metadata(&f).ok()?.permissions().mode() & 0o777;
+            (mode & 0o077 != 0).then(|| format!("{} (mode {mode:o})", f.display()))
+        })
+        .collect()
 }
 
 /// Reads a secret file; the error names the file and never its contents.

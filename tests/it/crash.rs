@@ -393,3 +393,32 @@ async fn the_data_directory_is_readable_by_its_owner_only() {
     }
     assert!(open.is_empty(), "readable by others: {open:?}");
 }
+
+/// A config holding the API key inline that others may read is named in a warning at start;
+/// once it is 0600, no warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_readable_by_others_is_warned_about_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (_fake, mut daemon, _port, base, client) = start_binary(dir.path()).await;
+    let config = daemon.config.clone();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // The first start read the file as the test's umask made it: start again with 0644.
+    assert_eq!(daemon.sigterm(), 0);
+    std::fs::write(&daemon.log, "").unwrap();
+    daemon.spawn();
+    daemon.until_healthy(&client, &base).await;
+    assert_eq!(daemon.sigterm(), 0);
+    let log = std::fs::read_to_string(&daemon.log).unwrap();
+    assert!(
+        log.contains("readable by group or others") && log.contains("config.toml (mode 644)"),
+        "{log}"
+    );
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(&daemon.log, "").unwrap();
+    daemon.spawn();
+    daemon.until_healthy(&client, &base).await;
+    assert_eq!(daemon.sigterm(), 0);
+    let log = std::fs::read_to_string(&daemon.log).unwrap();
+    assert!(!log.contains("readable by group or others"), "{log}");
+}
