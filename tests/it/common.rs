@@ -215,3 +215,14 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// The daemon in this process, from a loaded config, listening on `config.ingest.listen`
+/// (a port the test chose, so that the real binary's commands find it).
+pub async fn start_in_process(config: &Config) -> Running {
+    let listener = tokio::net::TcpListener::bind(config.ingest.listen)
+        .await
+        .expect("bind the configured listen address");
+    daemon::start(config, listener)
+        .await
+        .expect("daemon starts")
+}

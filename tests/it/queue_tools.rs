@@ -216,12 +216,7 @@ async fn a_dead_event_is_listed_with_the_object_braze_was_sent() {
     let port = free_port();
     let path = crate::binary::write_config(dir.path(), &fake, port);
     let config = Config::load(&path).unwrap();
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let running = aiq_braze_sync::daemon::start(&config, listener)
-        .await
-        .unwrap();
+    let running = start_in_process(&config).await;
     let base = format!("http://127.0.0.1:{port}");
     let event = serde_json::json!({"name": "purchase", "external_id": "blocked",
         "time": "2026-11-28T10:00:00Z", "properties": {"sku": "A1", "price": 9.5}});

@@ -77,12 +77,7 @@ async fn reconcile_finds_what_braze_lacks_and_repairs_it_running_and_stopped() {
     )
     .unwrap();
     let config = Config::load(&path).unwrap();
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let running = aiq_braze_sync::daemon::start(&config, listener)
-        .await
-        .unwrap();
+    let running = start_in_process(&config).await;
     let base = format!("http://127.0.0.1:{port}");
 
     // 120 members; the first 100 have profiles, the last 20 sign up only later.
@@ -154,12 +149,7 @@ async fn reconcile_finds_what_braze_lacks_and_repairs_it_running_and_stopped() {
         (0, &json!(1)),
         "{report} {stderr}"
     );
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let running = aiq_braze_sync::daemon::start(&config, listener)
-        .await
-        .unwrap();
+    let running = start_in_process(&config).await;
     assert!(wait_until(Duration::from_secs(10), || holds_true(&fake, &users)).await);
     running.shutdown().await.unwrap();
 }
