@@ -56,18 +56,55 @@ pub async fn run(
         stop_rx,
     );
     let mut current = config;
-    let signal = loop {
-        match signals.next().await {
-            Some(SIGHUP) => service::reload(&running, path, &mut current, &log_level),
-            other => break other,
+    let gave_up = loop {
+        tokio::select! {
+            signal = signals.next() => match signal {
+                Some(SIGHUP) => service::reload(&running, path, &mut current, &log_level),
+                other => {
+                    tracing::info!(signal = ?other, "stopping: ingest first, then delivery, then a final sync");
+                    break None;
+                }
+            },
+            why = storage_gave_up(&running.queue) => {
+                tracing::error!(error = %why, "the queue's storage has failed for {} s and sled \
+                    does not recover from a failed write in place: stopping so that a restart \
+                    reopens it (nothing acknowledged is lost)", STORAGE_GIVE_UP.as_secs());
+                break Some(why);
+            }
         }
     };
-    tracing::info!(signal = ?signal, "stopping: ingest first, then delivery, then a final sync");
     service::stopping();
     let _ = stop_supervisor.send(true);
     let _ = supervisor.await;
     signals.handle().close();
-    running.shutdown().await
+    let stopped = running.shutdown().await;
+    match gave_up {
+        None => stopped,
+        Some(why) => Err(anyhow::anyhow!(
+            "the queue's storage failed ({why}); exiting for a restart"
+        )),
+    }
+}
+
+/// How long writes to the disk may keep failing before the daemon exits for a restart: sled
+/// 0.34 keeps failing after one failed write even once the disk has room again, and only a
+/// new process reopens it. Long enough for a full disk to be freed meanwhile.
+pub const STORAGE_GIVE_UP: Duration = Duration::from_secs(10);
+
+/// Completes once the queue's storage has been failing for `STORAGE_GIVE_UP`, with why.
+async fn storage_gave_up(queue: &std::sync::Arc<crate::queue::Queue>) -> String {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if queue.storage_failure().is_some() {
+            let q = std::sync::Arc::clone(queue);
+            let _ = tokio::task::spawn_blocking(move || q.probe_storage()).await;
+        }
+        if let Some((since, why)) = queue.storage_failure() {
+            if since.elapsed() >= STORAGE_GIVE_UP {
+                return why;
+            }
+        }
+    }
 }
 
 /// One operator request on the queue, answered the same way by the daemon and locally.

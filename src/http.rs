@@ -614,6 +614,16 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         )
             .into_response();
     }
+    if let Some((since, why)) = state.queue.storage_failure() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false, "reason": format!(
+                "storage failing for {} s (ingest refused, nothing acknowledged lost): {why}",
+                since.elapsed().as_secs()
+            )})),
+        )
+            .into_response();
+    }
     match state.delivery.gate.health() {
         Health::Paused { reason, .. } => (
             StatusCode::SERVICE_UNAVAILABLE,

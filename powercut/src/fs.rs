@@ -40,6 +40,8 @@ pub(crate) struct Shared {
     pub trap: Arc<TrapSlot>,
     pub counters: CounterCells,
     pub backing: PathBuf,
+    /// While set, every write is answered ENOSPC, as by a full disk ([`crate::PowerCut::set_full`]).
+    pub full: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -385,6 +387,9 @@ impl Filesystem for PowerFs {
         let counters = &self.shared.counters;
         CounterCells::bump(&counters.writes, 1);
         CounterCells::bump(&counters.bytes_written, data.len() as u64);
+        if self.shared.full.load(std::sync::atomic::Ordering::Relaxed) {
+            return reply.error(errno(Errno(libc::ENOSPC)));
+        }
         // The kernel has already turned O_APPEND into the offset of the end of the file.
         match self.with(|model| model.write(ino.0, offset, data)) {
             Ok(()) => reply.written(data.len() as u32),

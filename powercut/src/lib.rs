@@ -222,6 +222,7 @@ impl PowerCut {
             trap: Arc::new(TrapSlot::new()),
             counters: CounterCells::default(),
             backing,
+            full: Default::default(),
         });
         let mut powercut = PowerCut {
             shared,
@@ -282,6 +283,14 @@ impl PowerCut {
     /// If a call caught by an earlier trap is still held.
     pub fn arm_sync_trap_after(&self, skip: u64) -> SyncTrap {
         TrapSlot::arm(&self.shared.trap, skip)
+    }
+
+    /// While `full`, every write is answered `ENOSPC`, as when the disk has filled behind
+    /// the writer's back (its free-space checks saw room); nothing else changes.
+    pub fn set_full(&self, full: bool) {
+        self.shared
+            .full
+            .store(full, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// What the mount has seen so far.

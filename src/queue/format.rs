@@ -30,6 +30,9 @@ pub const META_COUNTS: &[u8] = &[META, b'c'];
 /// for chunks above the watermark (`eventlog::GoneState::encode`).
 pub const META_EVENTS_GONE: &[u8] = &[META, b'w'];
 
+/// The meta key a storage probe writes (`Queue::probe_storage`): when it last wrote.
+pub const META_PROBE: &[u8] = &[META, b'p'];
+
 pub fn encode_counts(events: u64, attributes: u64, dead: u64) -> [u8; 24] {
     let mut v = [0u8; 24];
     v[..8].copy_from_slice(&events.to_be_bytes());

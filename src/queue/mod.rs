@@ -363,6 +363,8 @@ pub struct Queue {
     progress_unsynced: Arc<AtomicBool>,
     /// When a completion last wrote the log's progress (`PROGRESS_EVERY`).
     progress_written: Mutex<Instant>,
+    /// `storage_failure`.
+    storage_failure: Mutex<Option<(Instant, String)>>,
 }
 
 impl Drop for Queue {
@@ -521,6 +523,7 @@ impl Queue {
             sled_dirty,
             progress_unsynced,
             progress_written: Mutex::new(Instant::now()),
+            storage_failure: Mutex::new(None),
         }))
     }
 
@@ -537,6 +540,55 @@ impl Queue {
         self.enqueue_with(records, true).await
     }
 
+    /// Since when, and why, writes to the disk have been failing (a full or failing disk);
+    /// `None` once one succeeds again. `/readyz` reports it, and the daemon exits for a
+    /// restart when it lasts (`daemon::STORAGE_GIVE_UP`).
+    pub fn storage_failure(&self) -> Option<(Instant, String)> {
+        self.storage_failure
+            .lock()
+            .expect("storage failure lock poisoned")
+            .clone()
+    }
+
+    /// While `storage_failure` is set: tries a small durable write (sled and the event log
+    /// directory), and clears it if that works, so a disk that has room again is noticed
+    /// without waiting for the next request. Blocking.
+    pub fn probe_storage(&self) {
+        if self.storage_failure().is_none() {
+            return;
+        }
+        let probed = self.read_store().and_then(|store| {
+            store
+                .tree
+                .insert(format::META_PROBE, &now_ms().to_be_bytes())?;
+            store.sync()?;
+            store::sync_dir(&self.dir.join(EVENTS_DIR))?;
+            Ok(())
+        });
+        self.note_storage(&probed);
+    }
+
+    /// Records how a write to the disk went (see `storage_failure`).
+    fn note_storage<T>(&self, result: &Result<T, QueueError>) {
+        let failed = match result {
+            Err(e @ (QueueError::Sync(_) | QueueError::Storage(_) | QueueError::Io(_))) => {
+                Some(e.to_string())
+            }
+            // Refusals say nothing of the disk.
+            Err(_) => return,
+            Ok(_) => None,
+        };
+        let mut state = self
+            .storage_failure
+            .lock()
+            .expect("storage failure lock poisoned");
+        match (failed, state.as_ref()) {
+            (Some(why), None) => *state = Some((Instant::now(), why)),
+            (Some(_), Some(_)) => {}
+            (None, _) => *state = None,
+        }
+    }
+
     /// `enqueue`, where `skip_unchanged: false` queues every value even if Braze was sent it
     /// lately (a full snapshot, a repair): for when what was sent may not be what Braze holds.
     pub async fn enqueue_with(
@@ -548,8 +600,12 @@ impl Queue {
             return Ok(());
         }
         self.check_bounds(records.len() as u64)?;
-        self.insert(&records, skip_unchanged)?;
-        self.committer.commit().await?;
+        let inserted = self.insert(&records, skip_unchanged);
+        self.note_storage(&inserted);
+        inserted?;
+        let committed = self.committer.commit().await;
+        self.note_storage(&committed);
+        committed?;
         self.work.notify_waiters();
         Ok(())
     }

@@ -266,3 +266,112 @@ fn kill(
         what
     })
 }
+
+/// A disk that fills behind the daemon's back (its free-space check saw room): ingest is
+/// refused and nothing acknowledged is lost, `/readyz` says why, and once there is room again
+/// the daemon takes records again, in place or after the restart it exits for (as systemd's
+/// `Restart=on-failure` would start it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_reported_and_recovered_from_without_losing_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(pc) = mount(dir.path(), Mode::Ordered) else {
+        return;
+    };
+    let fake = FakeBraze::start(API_KEY).await.unwrap();
+    fake.set_behaviour(Behaviour::FailStatus {
+        status: 503,
+        until: Instant::now() + Duration::from_secs(3600),
+    });
+    let port = free_port();
+    let data_dir = dir.path().join("mnt").join("data");
+    let mut daemon = Daemon {
+        config: write_config_at(dir.path(), &data_dir, &fake, port),
+        log: dir.path().join("daemon.log"),
+        child: None,
+        starts: 0,
+    };
+    let base = format!("http://127.0.0.1:{port}");
+    let client = http();
+    daemon.spawn();
+    daemon.until_healthy(&client, &base).await;
+    let send = |ids: std::ops::Range<u64>| {
+        let (client, base) = (client.clone(), base.clone());
+        async move {
+            let items: Vec<_> = ids.map(event).collect();
+            post(&client, &format!("{base}/v1/events"), array(&items)).await
+        }
+    };
+    assert_eq!(send(0..50).await.0, 202);
+
+    let members = |users: std::ops::Range<u64>| {
+        let (client, base) = (client.clone(), base.clone());
+        async move {
+            let items: Vec<_> = users
+                .map(|u| membership(&format!("full-{u}"), "9", "1", true))
+                .collect();
+            post(&client, &format!("{base}/v1/memberships"), array(&items)).await
+        }
+    };
+    assert_eq!(members(0..20).await.0, 202);
+
+    pc.set_full(true);
+    let (status, v) = send(50..100).await;
+    assert_eq!(status, 503, "{v}");
+    let (status, v) = members(20..40).await;
+    assert_eq!(status, 503, "{v}");
+    let ready = client.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let reason = ready.text().await.unwrap();
+    assert!(reason.contains("storage failing"), "{reason}");
+
+    pc.set_full(false);
+    // sled does not recover from a failed write in place: within its give-up time the daemon
+    // exits non-zero, and is started again here as systemd would.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let exit = loop {
+        let exited = daemon
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten());
+        if let Some(status) = exited {
+            daemon.child = None;
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let exit = exit.expect("the daemon kept running on a store that cannot write");
+    assert!(!exit.success(), "exit {exit:?}");
+    let log = std::fs::read_to_string(&daemon.log).unwrap_or_default();
+    assert!(log.contains("exiting for a restart"), "{log}");
+    daemon.spawn();
+    daemon.until_healthy(&client, &base).await;
+    assert_eq!(
+        send(200..250).await.0,
+        202,
+        "{}",
+        std::fs::read_to_string(&daemon.log).unwrap_or_default()
+    );
+    let (status, v) = members(40..60).await;
+    assert_eq!(
+        status,
+        202,
+        "{v}; log: {}",
+        std::fs::read_to_string(&daemon.log).unwrap_or_default()
+    );
+    fake.set_behaviour(Behaviour::Accept);
+    let got = |f: &FakeBraze| event_counts(f);
+    let fake2 = fake.clone();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let got = got(&fake2);
+            (0..50).chain(200..250).all(|i| got.contains_key(&i))
+        })
+        .await,
+        "acknowledged events lost; log: {}",
+        std::fs::read_to_string(&daemon.log).unwrap_or_default()
+    );
+    assert_eq!(daemon.sigterm(), 0);
+}
