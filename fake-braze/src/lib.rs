@@ -16,7 +16,8 @@
 //! user_attributes_object), events with a `name` and purchases with a `product_id`, a
 //! three-letter `currency`, a numeric `price` and a `quantity` of 1 to 100
 //! (api/objects_filters/event_object, …/purchase_object), both with an ISO 8601 `time`
-//! (`time.rs`) and object `properties`. Failing objects become non-fatal `errors`
+//! (`time.rs`) and object `properties`, and an `email` attribute that is an address
+//! (`EMAIL_BAD_FORMAT`, the endpoint's documented errors). Failing objects become non-fatal `errors`
 //! (`type`, `input_array`, `index`) in a 201 and the rest are applied; if all fail, it is a
 //! 400 and nothing is applied (api/errors).
 //!
