@@ -1,4 +1,5 @@
-//! Event latency while a membership backfill drains (SPEC guarantee 7), run by hand:
+//! Event latency while a membership backfill drains (events never wait behind a backfill),
+//! run by hand:
 //!
 //! ```sh
 //! cargo bench --bench event_latency                      # 1,000,000-record backfill

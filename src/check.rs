@@ -219,8 +219,8 @@ fn say_failure(
         }
         ProbeOutcome::PermissionMissing { message } => {
             // Braze says "Access Denied" for a missing permission and "Forbidden" when the
-            // account's plan excludes the endpoint or the account is inactive (BRAZE-API.md
-            // §2.2); the permission is the likely fix either way, so it comes first.
+            // account's plan excludes the endpoint or the account is inactive (Braze's API
+            // errors page); the permission is the likely fix either way, so it comes first.
             let account = if message.to_ascii_lowercase().contains("forbidden") {
                 "; \"Forbidden\" can also mean the account's plan excludes this endpoint or the \
                  account is inactive: ask your Braze administrator"

@@ -27,7 +27,8 @@ use crate::queue::{BatchLimits, Queue, QueueError, QueueSettings, PID_FILE};
 /// The async runtime the binary runs on: one worker thread, unless `TOKIO_WORKER_THREADS`
 /// (read by tokio) asks for more.
 ///
-/// One is enough because Braze's burst limit, 3,000 requests per 3 s (`BRAZE-API.md` §2.4),
+/// One is enough because Braze's burst limit, 3,000 requests per 3 s (Braze's API rate limits
+/// page),
 /// is about 75,000 events a second, and one core drives twice that end to end; the work that can
 /// fill a core has threads of its own (bodies over 64 KiB are parsed on the blocking pool,
 /// syncs run on the commit thread, sled flushes on its own). A second worker bought no

@@ -238,8 +238,8 @@ impl BrazeClient {
     ///
     /// It sends one attributes object for `external_id` (a fresh [`probe_external_id`]) with
     /// `"_update_existing_only": true` and one custom attribute, `aiq_braze_sync_check`. In
-    /// update-only mode Braze creates no profile for an unknown `external_id` (`BRAZE-API.md`
-    /// §1.3), and no profile has this random id, so the object updates nobody and creates
+    /// update-only mode Braze creates no profile for an unknown `external_id` (Braze's user
+    /// attributes object page, `_update_existing_only`), and no profile has this random id, so the object updates nobody and creates
     /// nobody. Braze still checks the key and its `users.track` permission first, which is all
     /// the answer has to tell. The attribute is a custom one with a self-describing name so
     /// that, were Braze ever to apply it, whoever finds it knows what wrote it.
@@ -256,7 +256,7 @@ impl BrazeClient {
 
     /// Proves the key may call `/users/export/ids`: asks for the `external_id` of the
     /// synthetic user, which reads nothing of anyone's. `fields_to_export` is mandatory for
-    /// accounts onboarded since August 2024 (`BRAZE-API.md` §3).
+    /// accounts onboarded since August 2024 (Braze's `/users/export/ids` page).
     pub async fn probe_export_ids(&self, external_id: &str) -> ProbeOutcome {
         let body = serde_json::json!({
             "external_ids": [external_id],

@@ -140,7 +140,7 @@ impl Delivery {
                 break;
             };
             // At most workers - 1 may carry memberships alone, so one is always free for
-            // events however big the backfill (SPEC guarantee 7).
+            // events however big the backfill (events never wait behind a backfill).
             let backfill_slot = self
                 .backfill_in_flight
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
