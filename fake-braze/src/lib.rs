@@ -344,6 +344,16 @@ impl FakeBraze {
         exports.into_iter().map(|(_, log)| log).collect()
     }
 
+    /// Every accepted object with the number of the request that carried it (requests are
+    /// numbered as they arrive), in arrival order: what a test needs to see which of two
+    /// objects Braze got first, across arrays. Within one request Braze applies attributes,
+    /// then events, then purchases.
+    pub fn arrivals(&self) -> Vec<(u64, &'static str, Value)> {
+        let mut accepted = self.shared.lock().accepted.clone();
+        accepted.sort_by_key(|(seq, _, _)| *seq);
+        accepted
+    }
+
     pub fn events(&self) -> Vec<Value> {
         self.accepted("events")
     }

@@ -16,6 +16,27 @@ pub const LANE_EVENTS: u8 = 0x01;
 pub const LANE_ATTRIBUTES: u8 = 0x02;
 pub const LATEST: u8 = 0x03;
 pub const DEAD: u8 = 0x04;
+/// `05 user seq`: one key per record in the attribute lane, by user, so that leasing an
+/// event finds that user's earlier pending updates (`Queue::lease_lanes`).
+pub const USER_PENDING: u8 = 0x05;
+
+/// The meta key saying the `USER_PENDING` index is complete (built at open for a database
+/// from before it).
+pub const META_USER_INDEX: &[u8] = &[META, b'u'];
+
+/// The prefix of one user's `USER_PENDING` keys.
+pub fn user_pending_prefix(user: &UserId) -> Vec<u8> {
+    let mut k = latest_key(user, "");
+    k[0] = USER_PENDING;
+    k
+}
+
+/// The `USER_PENDING` key of one attribute-lane record.
+pub fn user_pending_key(user: &UserId, seq: u64) -> Vec<u8> {
+    let mut k = user_pending_prefix(user);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
 
 /// The meta key holding the next sequence number, so ids never repeat across restarts.
 pub const META_NEXT_SEQ: &[u8] = &[META, b'n'];

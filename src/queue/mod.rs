@@ -41,6 +41,9 @@
 //! | `02 seq` | a pending membership update (lane 2, backfills) |
 //! | `03 kind len id attribute` | the seq of the newest pending update of that user's attribute, then its object fields |
 //! | `04 seq` | a dead-lettered record with Braze's reason |
+//! | `05 kind len id seq` | one key per attribute-lane record, by user: an event's lease finds its user's earlier pending updates and carries them in the same request (Braze applies attributes first) |
+//! | `00 'u'` | the `05` index is complete (built once at open for a database from before it) |
+//! | `00 'p'` | when a storage probe last wrote (`probe_storage`) |
 //!
 //! `seq` is big-endian so iteration order is acceptance order. Values start with a format
 //! version byte (`format.rs`); bincode is not self-describing, so a new record shape gets a
@@ -81,6 +84,7 @@ pub use snapshot::{SnapshotMembers, SnapshotReport, SnapshotUpload};
 mod commit;
 mod eventlog;
 pub mod format;
+mod pending_users;
 mod state;
 mod store;
 
@@ -365,6 +369,8 @@ pub struct Queue {
     progress_written: Mutex<Instant>,
     /// `storage_failure`.
     storage_failure: Mutex<Option<(Instant, String)>>,
+    /// Users that may have attribute updates pending (`pending_users.rs`).
+    pending_users: pending_users::PendingUsers,
 }
 
 impl Drop for Queue {
@@ -452,6 +458,7 @@ impl Queue {
             set_aside_damage(&st, &counters, damage, &mut next_seq)?;
         }
         counters.events.store(log.live(), Ordering::Relaxed);
+        let pending_users = index_pending_users(&st)?;
         counters.disk_bytes.store(
             st.disk_bytes()
                 + log.disk_bytes()
@@ -524,6 +531,7 @@ impl Queue {
             progress_unsynced,
             progress_written: Mutex::new(Instant::now()),
             storage_failure: Mutex::new(None),
+            pending_users,
         }))
     }
 
@@ -683,9 +691,23 @@ impl Queue {
 
         let max_events = limits.max_objects;
         let mut events = 0usize;
+        // Braze objects for attribute updates in this request (carried ones first), keyed as
+        // the request builder groups them; see the attribute lane below.
+        let mut users: HashSet<(UserId, bool, String)> = HashSet::new();
+        // Users whose events wait for a later lease: an earlier update of theirs could not be
+        // carried in this one.
+        let mut held: HashSet<UserId> = HashSet::new();
+        // Objects counted against the limit besides events (none on per-array accounts).
+        let others = |users: &HashSet<(UserId, bool, String)>| {
+            if limits.per_array {
+                0
+            } else {
+                users.len()
+            }
+        };
         let mut log = self.log.lock().expect("event log lock poisoned");
         let mut cursor = 0u64;
-        'chunks: while events < max_events {
+        'chunks: while events + others(&users) < max_events {
             // Chunks whose every remaining event is out with a worker are passed without a read.
             let Some(first) = log
                 .chunks_from(cursor)
@@ -723,7 +745,7 @@ impl Queue {
             };
             let chunk = log.chunk_mut(first).expect("indexed above");
             for (seq, envelope) in entries {
-                if events >= max_events {
+                if events + others(&users) >= max_events {
                     break 'chunks;
                 }
                 if leases.seqs.contains(&seq) || chunk.gone.contains(&seq) {
@@ -742,6 +764,28 @@ impl Queue {
                         continue;
                     }
                 };
+                // Braze applies a request's attributes before its events, and clients rely on
+                // "set the attribute, then fire the trigger": an event goes only with, or
+                // after, every update of its user accepted before it. Those still pending are
+                // carried in this request; if one cannot be, the user's events wait.
+                let user = stored.record.user();
+                if held.contains(user) {
+                    continue;
+                }
+                let carried = self.carry_earlier(
+                    &store,
+                    &mut leases,
+                    user,
+                    seq,
+                    (limits, events, &mut bytes),
+                    &mut users,
+                    &mut out,
+                )?;
+                if !carried || events + 1 + others(&users) > max_events {
+                    // What was carried goes now; the event follows in a later request.
+                    held.insert(user.clone());
+                    continue;
+                }
                 let size = envelope.len() + 96;
                 if bytes + size > limits.max_bytes && !out.is_empty() {
                     break 'chunks;
@@ -768,7 +812,6 @@ impl Queue {
         } else {
             limits.max_objects - events
         };
-        let mut users: HashSet<(UserId, bool, String)> = HashSet::new();
         if memberships && max_user_objects > 0 && bytes < limits.max_bytes {
             let from = record_key(LANE_ATTRIBUTES, leases.attributes_from);
             let to = record_key(LANE_ATTRIBUTES, u64::MAX);
@@ -855,6 +898,97 @@ impl Queue {
             self.quarantine(undecodable)?;
         }
         Ok(out)
+    }
+
+    /// Leases into `out` the pending attribute updates of `user` accepted before `event_seq`
+    /// that this request does not hold yet: the oldest pending update of each attribute, as
+    /// long as none of the attribute's updates is in flight elsewhere and the request has room
+    /// for it (`limits`, with `events` events in it). Returns whether every such update is now
+    /// in the request, so the event may follow it there if it fits too. An update taken when
+    /// the event then does not fit still goes: the event's next lease finds one update less.
+    #[allow(clippy::too_many_arguments)]
+    fn carry_earlier(
+        &self,
+        store: &Store,
+        leases: &mut Leases,
+        user: &UserId,
+        event_seq: u64,
+        (limits, events, bytes): (&BatchLimits, usize, &mut usize),
+        users: &mut HashSet<(UserId, bool, String)>,
+        out: &mut Vec<Leased>,
+    ) -> Result<bool, QueueError> {
+        let prefix = format::user_pending_prefix(user);
+        if !self.pending_users.maybe(&prefix) {
+            return Ok(true);
+        }
+        let mut end = prefix.clone();
+        end.extend_from_slice(&event_seq.to_be_bytes());
+        for item in store.tree.range(prefix.as_slice()..end.as_slice()) {
+            let (key, _) = item?;
+            let Some(seq) = key
+                .len()
+                .checked_sub(8)
+                .and_then(|at| key[at..].try_into().ok())
+                .map(u64::from_be_bytes)
+            else {
+                continue;
+            };
+            if out
+                .iter()
+                .any(|l| l.lane == LANE_ATTRIBUTES && l.seq == seq)
+            {
+                continue; // carried already, for an earlier event of this user
+            }
+            if leases.seqs.contains(&seq) {
+                return Ok(false); // in flight in another request: wait for its answer
+            }
+            let Some(value) = store.tree.get(record_key(LANE_ATTRIBUTES, seq))? else {
+                continue; // its record left the queue (set aside as undecodable)
+            };
+            let Ok(stored) = decode(&value) else {
+                return Ok(false); // the attribute lane's scan sets it aside
+            };
+            let Some(attribute) = stored.record.attribute_name() else {
+                return Ok(false);
+            };
+            let lk = latest_key(user, &attribute);
+            if leases.attributes.contains(&lk) {
+                // An older update of this attribute is in flight, or carried here already:
+                // this one goes in a later request, and so does the event.
+                return Ok(false);
+            }
+            let object = (
+                user.clone(),
+                matches!(stored.record, Record::Membership(_)),
+                stored.record.object_fields().to_string(),
+            );
+            let new_object = !users.contains(&object);
+            let objects = users.len() + usize::from(new_object);
+            let fits = if limits.per_array {
+                objects <= limits.max_objects
+            } else {
+                events + objects <= limits.max_objects
+            };
+            // (`events` excludes the event being leased: an update may go without it.)
+            let size = value.len() + 64 + user.value().len();
+            if !fits || *bytes + size > limits.max_bytes {
+                return Ok(false);
+            }
+            *bytes += size;
+            users.insert(object);
+            leases.seqs.insert(seq);
+            leases.attributes.insert(lk.clone());
+            out.push(Leased {
+                seq,
+                lane: LANE_ATTRIBUTES,
+                key_seq: seq,
+                attempts: leases.attempts.get(&seq).copied().unwrap_or(0),
+                stored,
+                raw: Some(value.to_vec()),
+                latest: Some(lk),
+            });
+        }
+        Ok(true)
     }
 
     /// Moves stored values that no longer decode to the dead letters, loudly, so that one bad
@@ -977,6 +1111,9 @@ impl Queue {
         let mut events: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
         // Only event progress to record: no batch needed (see below).
         let mut tree_ops = false;
+        // Users whose attribute-lane records this batch removes: their counts go down once
+        // it is applied.
+        let mut users_done = Vec::new();
         let mut log = self.log.lock().expect("event log lock poisoned");
         for (item, outcome) in results {
             if item.lane == LANE_EVENTS {
@@ -996,6 +1133,9 @@ impl Queue {
             // A membership update may have been superseded (removed) while in flight.
             if store.tree.contains_key(key)? {
                 batch.remove(&key);
+                let user = item.stored.record.user();
+                batch.remove(format::user_pending_key(user, item.seq));
+                users_done.push(format::user_pending_prefix(user));
                 change.attributes -= 1;
                 if let Outcome::Dead(reason) = outcome {
                     batch.insert(&format::dead_key(item.seq), dead_entry(item, reason));
@@ -1036,6 +1176,9 @@ impl Queue {
             }
             self.counters.stage(&mut batch, change);
             store.tree.apply_batch(batch)?;
+            for user in &users_done {
+                self.pending_users.remove(user);
+            }
             self.progress_unsynced.store(true, Ordering::Release);
         } else if let Some(gone) = gone {
             // One key, not a batch: sled 0.34 seals its log buffer for every multi-key batch
@@ -1262,6 +1405,8 @@ struct Pending {
 /// this same batch.
 struct Staging<'a> {
     tree: &'a sled::Tree,
+    /// `Queue::pending_users`, counted up as records enter the attribute lane.
+    pending_users: &'a pending_users::PendingUsers,
     log: &'a Mutex<EventLog>,
     sled_dirty: &'a AtomicBool,
     /// The batch holds writes that an acknowledgement depends on (not only the high-water
@@ -1300,6 +1445,7 @@ impl<'a> Staging<'a> {
         let (state, counters) = (&queue.state, &queue.counters);
         Staging {
             tree,
+            pending_users: &queue.pending_users,
             log: &queue.log,
             sled_dirty: &queue.sled_dirty,
             tree_writes: false,
@@ -1400,6 +1546,9 @@ impl<'a> Staging<'a> {
                     // update-only write must not swallow one that creates the profile).
                     Some(p) if plain.is_some() && p.fields == fields => {
                         self.batch.remove(&record_key(LANE_ATTRIBUTES, p.seq));
+                        // Its count stays: counts err high (`pending_users.rs`).
+                        self.batch
+                            .remove(format::user_pending_key(record.user(), p.seq));
                         self.coalesced += 1;
                     }
                     // Otherwise both stay, in order: the lease never takes a newer update
@@ -1415,6 +1564,10 @@ impl<'a> Staging<'a> {
                 }
                 self.tree_writes = true;
                 self.batch.insert(&record_key(LANE_ATTRIBUTES, seq), value);
+                let user = format::user_pending_prefix(record.user());
+                self.pending_users.add(&user);
+                self.batch
+                    .insert(format::user_pending_key(record.user(), seq), &[]);
                 self.batch
                     .insert(lk.as_slice(), format::latest_value(seq, rank, fields));
                 self.latest_here.insert(
@@ -1606,6 +1759,38 @@ fn log_records(log: &mut EventLog, limit: usize) -> Vec<(u64, Result<Vec<u8>, St
 /// Moves events that an older release kept in sled (lane `01`) into the event log: append,
 /// sync the log, then remove them from sled. A crash in between leaves them in both; the next
 /// open skips the chunks the log already holds.
+/// Completes the `USER_PENDING` index of a database from before it (once, then marked), and
+/// counts every user in it.
+fn index_pending_users(st: &Store) -> Result<pending_users::PendingUsers, QueueError> {
+    if st.tree.get(format::META_USER_INDEX)?.is_none() {
+        let mut batch = sled::Batch::default();
+        let mut n = 0usize;
+        for item in lane_records(&st.tree, LANE_ATTRIBUTES) {
+            let (seq, value) = item?;
+            // An undecodable record is set aside by the lease that meets it.
+            if let Ok(stored) = decode(&value) {
+                batch.insert(format::user_pending_key(stored.record.user(), seq), &[]);
+                n += 1;
+                if n.is_multiple_of(4096) {
+                    st.tree.apply_batch(std::mem::take(&mut batch))?;
+                }
+            }
+        }
+        batch.insert(format::META_USER_INDEX, &[]);
+        st.tree.apply_batch(batch)?;
+        st.sync()?;
+        if n > 0 {
+            tracing::info!(records = n, "indexed the pending attribute updates by user");
+        }
+    }
+    let users = pending_users::PendingUsers::default();
+    for item in st.tree.scan_prefix([format::USER_PENDING]) {
+        let (key, _) = item?;
+        users.add(&key[..key.len().saturating_sub(8)]);
+    }
+    Ok(users)
+}
+
 fn migrate_sled_events(st: &Store, log: &mut EventLog) -> Result<(), QueueError> {
     let mut moved = 0usize;
     loop {

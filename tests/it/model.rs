@@ -371,13 +371,24 @@ fn lease(
     prop_assert!(events.count() <= limits.max_objects);
     for l in &got {
         let tag = tag_of(&l.stored.record);
-        let r = &mut m.recs[tag];
-        prop_assert_eq!(r.status, Status::Queued, "record {} leased", tag);
-        if let Some(seq) = r.seq {
+        let (status, seq, key, user, acc) = {
+            let r = &m.recs[tag];
+            (r.status, r.seq, r.key, r.user, r.acc)
+        };
+        prop_assert_eq!(status, Status::Queued, "record {} leased", tag);
+        if let Some(seq) = seq {
             prop_assert_eq!(seq, l.seq, "record {} changed id", tag);
         }
-        if let Some(k) = r.key {
-            prop_assert!(memberships, "an attribute leased from the events lane only");
+        if let Some(k) = key {
+            // From the events lane only to go before, or with, a later event of its user.
+            prop_assert!(
+                memberships
+                    || m.recs.iter().any(|e| e.kind == Kind::Event
+                        && e.user == user
+                        && e.acc > acc
+                        && e.status == Status::Queued),
+                "an attribute leased from the events lane without a later event of its user"
+            );
             prop_assert!(
                 in_flight.insert(k),
                 "two updates of attribute {:?} in flight at once (record {})",
@@ -385,16 +396,26 @@ fn lease(
                 tag
             );
         }
+        let r = &mut m.recs[tag];
         r.status = Status::InFlight;
         r.seq = Some(l.seq);
         r.leased_at = m.clock;
     }
     if got.is_empty() {
-        // An event never waits for anything.
+        // An event waits for nothing but an earlier update of its own user (which goes first,
+        // or with it): with none queued or in flight, an empty lease means no event is queued.
         let waiting = m
             .recs
             .iter()
             .filter(|r| r.kind == Kind::Event && r.status == Status::Queued)
+            .filter(|e| {
+                !m.recs.iter().any(|a| {
+                    a.key.is_some()
+                        && a.user == e.user
+                        && a.acc < e.acc
+                        && matches!(a.status, Status::Queued | Status::InFlight)
+                })
+            })
             .count();
         prop_assert_eq!(waiting, 0, "events pending, but the lease is empty");
     }
