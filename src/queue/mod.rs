@@ -875,18 +875,8 @@ impl Queue {
                 if new_user {
                     users.insert(object);
                 }
-                leases.seqs.insert(seq);
-                leases.attributes.insert(lk.clone());
                 floor = passed.map(|_| seq + 1);
-                out.push(Leased {
-                    seq,
-                    lane: LANE_ATTRIBUTES,
-                    key_seq: seq,
-                    attempts: leases.attempts.get(&seq).copied().unwrap_or(0),
-                    stored,
-                    raw: Some(value.to_vec()),
-                    latest: Some(lk),
-                });
+                lease_attribute(&mut leases, &mut out, seq, stored, value.to_vec(), lk);
             }
             if let Some(floor) = floor {
                 leases.attributes_from = floor;
@@ -976,17 +966,7 @@ impl Queue {
             }
             *bytes += size;
             users.insert(object);
-            leases.seqs.insert(seq);
-            leases.attributes.insert(lk.clone());
-            out.push(Leased {
-                seq,
-                lane: LANE_ATTRIBUTES,
-                key_seq: seq,
-                attempts: leases.attempts.get(&seq).copied().unwrap_or(0),
-                stored,
-                raw: Some(value.to_vec()),
-                latest: Some(lk),
-            });
+            lease_attribute(leases, out, seq, stored, value.to_vec(), lk);
         }
         Ok(true)
     }
@@ -1759,6 +1739,29 @@ fn log_records(log: &mut EventLog, limit: usize) -> Vec<(u64, Result<Vec<u8>, St
 /// Moves events that an older release kept in sled (lane `01`) into the event log: append,
 /// sync the log, then remove them from sled. A crash in between leaves them in both; the next
 /// open skips the chunks the log already holds.
+/// Marks an attribute-lane record leased (it and its attribute: no other update of the
+/// attribute is leased until it completes) and adds it to `out`.
+fn lease_attribute(
+    leases: &mut Leases,
+    out: &mut Vec<Leased>,
+    seq: u64,
+    stored: Stored,
+    raw: Vec<u8>,
+    latest: Vec<u8>,
+) {
+    leases.seqs.insert(seq);
+    leases.attributes.insert(latest.clone());
+    out.push(Leased {
+        seq,
+        lane: LANE_ATTRIBUTES,
+        key_seq: seq,
+        attempts: leases.attempts.get(&seq).copied().unwrap_or(0),
+        stored,
+        raw: Some(raw),
+        latest: Some(latest),
+    });
+}
+
 /// Completes the `USER_PENDING` index of a database from before it (once, then marked), and
 /// counts every user in it.
 fn index_pending_users(st: &Store) -> Result<pending_users::PendingUsers, QueueError> {
