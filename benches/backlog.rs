@@ -1,4 +1,4 @@
-//! A large backlog (issue 7, item 4), run by hand:
+//! A large backlog, run by hand:
 //!
 //! ```sh
 //! cargo bench --bench backlog                                   # 10 M pending, 10 M churn
@@ -20,7 +20,7 @@
 //!
 //! The stand-in only counts: it keeps no records, so its memory does not grow with the run.
 //!
-//! With `--snapshot N` it measures snapshot diffing instead (issue 7, item 5): a split of N
+//! With `--snapshot N` it measures snapshot diffing instead: a split of N
 //! members is imported (`import snapshot`, daemon stopped) and delivered, then a second
 //! snapshot with 1 % churn (N/200 gone, N/200 new); time, peak RSS and the Braze requests
 //! each one cost are counted at the stand-in.
@@ -474,7 +474,7 @@ async fn snapshot(members: u64) {
         )
         .await;
         if expected == 0 {
-            // The whole split pending as memberships (issue 7, item 4's backlog as state
+            // The whole split pending as memberships (the backlog as state
             // rather than events): disk, then start and SIGKILL with Braze not there yet.
             let bytes = dir_bytes(&data);
             println!(

@@ -56,6 +56,25 @@ fn mount(dir: &Path, mode: Mode) -> Option<PowerCut> {
     }
 }
 
+/// The real binary with its data directory on the layer mounted under `dir`, talking to
+/// `fake`, healthy. The data directory does not exist yet: the daemon creates it on the
+/// layer, so its first start is under test too.
+async fn start_on_layer(dir: &Path, fake: &FakeBraze) -> (Daemon, String, reqwest::Client) {
+    let port = free_port();
+    let data_dir = dir.join("mnt").join("data");
+    let mut daemon = Daemon {
+        config: write_config_at(dir, &data_dir, fake, port),
+        log: dir.join("daemon.log"),
+        child: None,
+        starts: 0,
+    };
+    let base = format!("http://127.0.0.1:{port}");
+    let client = http();
+    daemon.spawn();
+    daemon.until_healthy(&client, &base).await;
+    (daemon, base, client)
+}
+
 /// One writer: a request every 20 ms, of 50 events or, every eighth, 50 memberships, each
 /// record unique, even across attempts; what got a 2xx goes into `acked`. Runs until `stop`.
 async fn writer(w: u64, base: String, acked: Arc<Mutex<Acked>>, stop: Arc<AtomicBool>) {
@@ -113,20 +132,7 @@ async fn power_cuts(mode: Mode) {
         return;
     };
     let fake = FakeBraze::start(API_KEY).await.unwrap();
-    let port = free_port();
-    // The data directory does not exist yet: the daemon creates it on the layer, so its
-    // first start is under test too.
-    let data_dir = dir.path().join("mnt").join("data");
-    let mut daemon = Daemon {
-        config: write_config_at(dir.path(), &data_dir, &fake, port),
-        log: dir.path().join("daemon.log"),
-        child: None,
-        starts: 0,
-    };
-    let base = format!("http://127.0.0.1:{port}");
-    let client = http();
-    daemon.spawn();
-    daemon.until_healthy(&client, &base).await;
+    let (mut daemon, base, client) = start_on_layer(dir.path(), &fake).await;
 
     let acked: Arc<Mutex<Acked>> = Default::default();
     let stop = Arc::new(AtomicBool::new(false));
@@ -282,18 +288,7 @@ async fn a_full_disk_is_reported_and_recovered_from_without_losing_anything() {
         status: 503,
         until: Instant::now() + Duration::from_secs(3600),
     });
-    let port = free_port();
-    let data_dir = dir.path().join("mnt").join("data");
-    let mut daemon = Daemon {
-        config: write_config_at(dir.path(), &data_dir, &fake, port),
-        log: dir.path().join("daemon.log"),
-        child: None,
-        starts: 0,
-    };
-    let base = format!("http://127.0.0.1:{port}");
-    let client = http();
-    daemon.spawn();
-    daemon.until_healthy(&client, &base).await;
+    let (mut daemon, base, client) = start_on_layer(dir.path(), &fake).await;
     let send = |ids: std::ops::Range<u64>| {
         let (client, base) = (client.clone(), base.clone());
         async move {
