@@ -25,6 +25,7 @@ use time::{OffsetDateTime, PrimitiveDateTime};
 
 use crate::ingest::{
     check_attribute_name, MAX_EXTERNAL_ID_BYTES, MAX_NAME_CHARS, MAX_PROPERTIES_BYTES,
+    MAX_RECORDS_PER_REQUEST,
 };
 use crate::record::{AttributeUpdate, Record, TrackArray, TrackObject, UserId};
 
@@ -135,8 +136,15 @@ pub fn parse(body: &[u8]) -> Result<Relayed, Refused> {
     let mut sent = 0usize;
     for array in ["attributes", "events", "purchases"] {
         let Some(raw) = top.get(array) else { continue };
-        let items: Vec<&RawValue> = serde_json::from_str(raw.get())
-            .map_err(|_| refused(format!("'{array}' must be an array of objects")))?;
+        let items = bounded_array(raw.get(), MAX_RECORDS_PER_REQUEST - sent).map_err(|e| {
+            refused(match e {
+                TooMany => format!(
+                    "a request holds at most {MAX_RECORDS_PER_REQUEST} objects; split it into \
+                     smaller requests"
+                ),
+                NotArray => format!("'{array}' must be an array of objects"),
+            })
+        })?;
         sent += items.len();
         let mut accepted = 0;
         for (index, item) in items.into_iter().enumerate() {
@@ -170,6 +178,42 @@ pub fn parse(body: &[u8]) -> Result<Relayed, Refused> {
         });
     }
     Ok(out)
+}
+
+/// Why an array was not taken.
+enum ArrayError {
+    TooMany,
+    NotArray,
+}
+use ArrayError::{NotArray, TooMany};
+
+/// The elements of a JSON array as raw text, refused past `most` of them: what one request
+/// can make the daemon hold stays bounded whatever the body's shape.
+fn bounded_array(text: &str, most: usize) -> Result<Vec<&RawValue>, ArrayError> {
+    use serde::de::SeqAccess;
+    struct Elements(usize);
+    impl<'de> Visitor<'de> for Elements {
+        type Value = Result<Vec<&'de RawValue>, ArrayError>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an array")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(item) = seq.next_element::<&RawValue>()? {
+                if out.len() == self.0 {
+                    return Ok(Err(TooMany));
+                }
+                out.push(item);
+            }
+            Ok(Ok(out))
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(text);
+    match de.deserialize_seq(Elements(most)) {
+        Ok(Err(too_many)) => Err(too_many),
+        Ok(Ok(items)) => de.end().map(|()| items).map_err(|_| NotArray),
+        Err(_) => Err(NotArray),
+    }
 }
 
 fn object(raw: &RawValue) -> Result<Members<'_>, String> {

@@ -18,7 +18,10 @@ use serde_json::value::RawValue;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use super::{format_time, MAX_EXTERNAL_ID_BYTES, MAX_NAME_CHARS, MAX_PROPERTIES_BYTES};
+use super::{
+    format_time, MAX_EXTERNAL_ID_BYTES, MAX_NAME_CHARS, MAX_PROPERTIES_BYTES,
+    MAX_RECORDS_PER_REQUEST,
+};
 use crate::braze::wire;
 use crate::config::PreferId;
 use crate::record::{Event, UserId};
@@ -47,18 +50,47 @@ pub fn events(body: &[u8], prefer: PreferId) -> Option<Vec<Event>> {
     let body = std::str::from_utf8(body).ok()?;
     let first = body.bytes().position(|b| !b.is_ascii_whitespace())?;
     let out: Vec<Event> = if body.as_bytes()[first] == b'[' {
-        let fields: Vec<Fields> = serde_json::from_str(body).ok()?;
-        fields
-            .into_iter()
-            .map(|f| event(f, prefer))
-            .collect::<Option<_>>()?
+        // Element by element: a whole `Vec<Fields>` of a body of `{}` would be many times
+        // the body's size before the first event was found wanting.
+        use serde::Deserializer as _;
+        let mut de = serde_json::Deserializer::from_str(body);
+        let events = de.deserialize_seq(Events { prefer }).ok()?;
+        de.end().ok()?;
+        events
     } else {
         body.split('\n')
             .filter(|line| !line.bytes().all(|b| b.is_ascii_whitespace()))
+            .take(MAX_RECORDS_PER_REQUEST + 1)
             .map(|line| event(serde_json::from_str(line).ok()?, prefer))
             .collect::<Option<_>>()?
     };
-    (!out.is_empty()).then_some(out)
+    (!out.is_empty() && out.len() <= MAX_RECORDS_PER_REQUEST).then_some(out)
+}
+
+/// The events of a JSON array, made as each element is read; fails at the first element
+/// that is not a plain event, and past `MAX_RECORDS_PER_REQUEST` (the full path says why).
+struct Events {
+    prefer: PreferId,
+}
+
+impl<'de> Visitor<'de> for Events {
+    type Value = Vec<Event>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an array of events")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Event>, A::Error> {
+        let refuse = || serde::de::Error::custom("the full path decides");
+        let mut out = Vec::new();
+        while let Some(fields) = seq.next_element::<Fields>()? {
+            if out.len() == MAX_RECORDS_PER_REQUEST {
+                return Err(refuse());
+            }
+            out.push(event(fields, self.prefer).ok_or_else(refuse)?);
+        }
+        Ok(out)
+    }
 }
 
 fn event(f: Fields, prefer: PreferId) -> Option<Event> {
@@ -159,10 +191,12 @@ mod tests {
 
     /// What the full path makes of a body.
     fn full(body: &[u8], prefer: PreferId) -> Result<Vec<Event>, super::super::BadInput> {
-        super::super::split_records(body)?
-            .iter()
-            .map(|r| super::super::event_of(r, prefer))
-            .collect()
+        let mut out = Vec::new();
+        super::super::for_each_record(body, |r| {
+            out.push(super::super::event_of(&r, prefer)?);
+            Ok(())
+        })?;
+        Ok(out)
     }
 
     /// The same users and fields; the properties' text may differ in spacing and order.

@@ -78,26 +78,30 @@ impl RawRecord {
 }
 
 pub fn parse_memberships(body: &[u8], prefer: PreferId) -> Result<Vec<Membership>, BadInput> {
-    split_records(body)?
-        .iter()
-        .map(|r| membership_of(r, prefer))
-        .collect()
+    let mut out = Vec::new();
+    for_each_record(body, |raw| {
+        out.push(membership_of(&raw, prefer)?);
+        Ok(())
+    })?;
+    Ok(out)
 }
 
 pub fn parse_events(body: &[u8], prefer: PreferId) -> Result<Vec<Event>, BadInput> {
     if let Some(events) = fast::events(body, prefer) {
         return Ok(events);
     }
-    split_records(body)?
-        .iter()
-        .map(|r| event_of(r, prefer))
-        .collect()
+    let mut out = Vec::new();
+    for_each_record(body, |raw| {
+        out.push(event_of(&raw, prefer)?);
+        Ok(())
+    })?;
+    Ok(out)
 }
 
 /// `/v1/attributes`: one update per attribute of each record, in order.
 pub fn parse_attributes(body: &[u8], prefer: PreferId) -> Result<Vec<AttributeUpdate>, BadInput> {
     let mut out = Vec::new();
-    for raw in split_records(body)? {
+    for_each_record(body, |raw| {
         out.extend(attributes_of(&raw, prefer)?);
         if out.len() > MAX_ATTRIBUTES_PER_REQUEST {
             return Err(raw.bad(
@@ -108,7 +112,8 @@ pub fn parse_attributes(body: &[u8], prefer: PreferId) -> Result<Vec<AttributeUp
                 ),
             ));
         }
-    }
+        Ok(())
+    })?;
     Ok(out)
 }
 
@@ -339,8 +344,17 @@ fn event_of(raw: &RawRecord, prefer: PreferId) -> Result<Event, BadInput> {
     ))
 }
 
-/// Splits a JSON array or NDJSON body into objects, keeping each one's index and line.
-fn split_records(body: &[u8]) -> Result<Vec<RawRecord>, BadInput> {
+/// Records one `/v1` request may hold. Each becomes a parsed record in memory until the
+/// request is queued, so this (with `ingest.max_body_bytes`) bounds what one request costs.
+pub const MAX_RECORDS_PER_REQUEST: usize = 100_000;
+
+/// Hands each object of a JSON array or NDJSON body to `each`, with its index and line, as
+/// it is parsed: only one record's JSON tree exists at a time, and a body that goes wrong
+/// stops at its first bad record. Returns how many records there were.
+fn for_each_record(
+    body: &[u8],
+    mut each: impl FnMut(RawRecord) -> Result<(), BadInput>,
+) -> Result<usize, BadInput> {
     // Spreadsheet tools and some exporters start UTF-8 files with a byte-order mark; it is
     // not part of the first record.
     let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
@@ -353,36 +367,88 @@ fn split_records(body: &[u8]) -> Result<Vec<RawRecord>, BadInput> {
     let Some(first) = body.iter().position(|b| !b.is_ascii_whitespace()) else {
         return Err(whole("the body holds no records".into(), None));
     };
-    let mut out = Vec::new();
-    if body[first] == b'[' {
-        // A JSON array: serde_json reports the line of a syntax error; for the records
-        // themselves we find each element's line by streaming through the array.
-        let values: Vec<Value> = serde_json::from_slice(body)
-            .map_err(|e| whole(format!("invalid JSON: {e}"), Some(e.line())))?;
-        let lines = element_lines(body, values.len());
-        for (index, value) in values.into_iter().enumerate() {
-            let line = lines.get(index).copied().unwrap_or(1);
-            out.push(object_of(index, line, value)?);
+    let mut count = 0usize;
+    let mut take = |index: usize, line: usize, value: Value| {
+        if index >= MAX_RECORDS_PER_REQUEST {
+            return Err(BadInput {
+                index: Some(index),
+                line: Some(line),
+                field: None,
+                message: format!(
+                    "a request holds at most {MAX_RECORDS_PER_REQUEST} records; split it into \
+                     smaller requests"
+                ),
+            });
         }
+        count = index + 1;
+        each(object_of(index, line, value)?)
+    };
+    if body[first] == b'[' {
+        use serde::de::Deserializer as _;
+        let mut stopped = None;
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let visitor = ArrayVisitor {
+            lines: ElementLines::new(body),
+            take: &mut take,
+            stopped: &mut stopped,
+        };
+        let parsed = de.deserialize_seq(visitor).and_then(|()| de.end());
+        if let Some(bad) = stopped {
+            return Err(bad);
+        }
+        parsed.map_err(|e| whole(format!("invalid JSON: {e}"), Some(e.line())))?;
     } else {
+        let mut index = 0;
         for (n, text) in body.split(|b| *b == b'\n').enumerate() {
             if text.iter().all(|b| b.is_ascii_whitespace()) {
                 continue;
             }
-            let index = out.len();
             let value: Value = serde_json::from_slice(text).map_err(|e| BadInput {
                 index: Some(index),
                 line: Some(n + 1),
                 field: None,
                 message: format!("invalid JSON: {e}"),
             })?;
-            out.push(object_of(index, n + 1, value)?);
+            take(index, n + 1, value)?;
+            index += 1;
         }
     }
-    if out.is_empty() {
+    if count == 0 {
         return Err(whole("the body holds no records".into(), None));
     }
-    Ok(out)
+    Ok(count)
+}
+
+/// Walks a JSON array element by element, handing each to `take`. A record's own problem
+/// stops the walk: it is kept in `stopped`, and serde is given a placeholder error.
+struct ArrayVisitor<'a, 'b, F> {
+    lines: ElementLines<'b>,
+    take: &'a mut F,
+    stopped: &'a mut Option<BadInput>,
+}
+
+impl<'de, F> serde::de::Visitor<'de> for ArrayVisitor<'_, '_, F>
+where
+    F: FnMut(usize, usize, Value) -> Result<(), BadInput>,
+{
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON array of objects")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
+        let mut index = 0;
+        while let Some(value) = seq.next_element::<Value>()? {
+            let line = self.lines.next().unwrap_or(1);
+            if let Err(bad) = (self.take)(index, line, value) {
+                *self.stopped = Some(bad);
+                return Err(serde::de::Error::custom("stopped at a bad record"));
+            }
+            index += 1;
+        }
+        Ok(())
+    }
 }
 
 fn object_of(index: usize, line: usize, value: Value) -> Result<RawRecord, BadInput> {
@@ -401,43 +467,73 @@ fn object_of(index: usize, line: usize, value: Value) -> Result<RawRecord, BadIn
     }
 }
 
-/// The 1-based line on which each top-level array element starts. Only used for messages, so a
-/// cheap scan that tracks strings and nesting is enough (the body already parsed as JSON).
-fn element_lines(body: &[u8], count: usize) -> Vec<usize> {
-    let mut lines = Vec::with_capacity(count);
-    let (mut line, mut depth, mut in_string, mut escaped) = (1usize, 0usize, false, false);
-    let mut expecting = false;
-    for &b in body {
-        if b == b'\n' {
-            line += 1;
-        }
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        if expecting && !b.is_ascii_whitespace() && b != b']' {
-            lines.push(line);
-            expecting = false;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'[' | b'{' => {
-                depth += 1;
-                if depth == 1 {
-                    expecting = true;
-                }
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            b',' if depth == 1 => expecting = true,
-            _ => {}
+/// The 1-based line on which each top-level array element starts, one element at a time.
+/// Only used for messages, so a cheap scan that tracks strings and nesting is enough (serde
+/// parses the same bytes and reports any syntax error itself).
+struct ElementLines<'a> {
+    body: &'a [u8],
+    pos: usize,
+    line: usize,
+    depth: usize,
+    in_string: bool,
+    escaped: bool,
+    expecting: bool,
+}
+
+impl<'a> ElementLines<'a> {
+    fn new(body: &'a [u8]) -> Self {
+        ElementLines {
+            body,
+            pos: 0,
+            line: 1,
+            depth: 0,
+            in_string: false,
+            escaped: false,
+            expecting: false,
         }
     }
-    lines
+}
+
+impl Iterator for ElementLines<'_> {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        while let Some(&b) = self.body.get(self.pos) {
+            self.pos += 1;
+            if b == b'\n' {
+                self.line += 1;
+            }
+            if self.in_string {
+                match (self.escaped, b) {
+                    (true, _) => self.escaped = false,
+                    (false, b'\\') => self.escaped = true,
+                    (false, b'"') => self.in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            let starts = self.expecting && !b.is_ascii_whitespace() && b != b']';
+            if starts {
+                self.expecting = false;
+            }
+            match b {
+                b'"' => self.in_string = true,
+                b'[' | b'{' => {
+                    self.depth += 1;
+                    if self.depth == 1 {
+                        self.expecting = true;
+                    }
+                }
+                b']' | b'}' => self.depth = self.depth.saturating_sub(1),
+                b',' if self.depth == 1 => self.expecting = true,
+                _ => {}
+            }
+            if starts {
+                return Some(self.line);
+            }
+        }
+        None
+    }
 }
 
 /// The record's one Braze identifier. ActionIQ's activation carries both ids; `prefer`
