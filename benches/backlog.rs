@@ -248,9 +248,17 @@ async fn starts_and_kills(bin: &Path, config: &Path, port: u16, log: &Path) {
     }
 }
 
-async fn stats(client: &reqwest::Client, port: u16) -> serde_json::Value {
-    match client
-        .get(format!("http://127.0.0.1:{port}/v1/admin/queue/stats"))
+/// A client for the daemon's admin socket in `data`: the admin API needs no token there.
+fn admin_client(data: &Path) -> reqwest::Client {
+    reqwest::Client::builder()
+        .unix_socket(data.join("admin.sock"))
+        .build()
+        .unwrap()
+}
+
+async fn stats(admin: &reqwest::Client) -> serde_json::Value {
+    match admin
+        .get("http://localhost/v1/admin/queue/stats")
         .send()
         .await
     {
@@ -327,7 +335,7 @@ async fn main() {
     tokio::spawn(counting_braze(braze_port, received.clone()));
     let (d, _) = Daemon::start(&bin, &config, port, &log).await;
     let pid = d.child.id();
-    let client = reqwest::Client::new();
+    let admin = admin_client(&data);
     let started = Instant::now();
     let mut peak_disk = backlog_bytes;
     let mut peak_rss = 0;
@@ -352,6 +360,7 @@ async fn main() {
     let writers: Vec<_> = (0..2u64)
         .map(|w| {
             let (posted, live, churn) = (posted.clone(), args.live, args.churn);
+            let admin = admin_client(&data);
             tokio::spawn(async move {
                 let client = reqwest::Client::new();
                 let mut i = w * 1000;
@@ -359,7 +368,7 @@ async fn main() {
                     let end = (i + 1000).min(churn);
                     let body: String = (i..end).map(|n| event_line(args_base() + n)).collect();
                     loop {
-                        let pending = stats(&client, port).await["queue"]["pending"]
+                        let pending = stats(&admin).await["queue"]["pending"]
                             .as_u64()
                             .unwrap_or(u64::MAX / 2);
                         if pending + 1000 > live {
@@ -387,7 +396,7 @@ async fn main() {
     let mut compactions = 0;
     while !done.load(Ordering::Relaxed) {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let s = stats(&client, port).await;
+        let s = stats(&admin).await;
         peak_live = peak_live.max(s["queue"]["pending"].as_u64().unwrap_or(0));
         compactions = s["queue"]["compactions_total"].as_u64().unwrap_or(0);
         peak_disk = peak_disk.max(dir_bytes(&data));
@@ -500,10 +509,10 @@ async fn snapshot(members: u64) {
         // least `queue.compact_min_mb` (256 MB). Stopping before that would leave the next
         // import to open the whole drained file (about 1 GB of RSS after 10 M), which no
         // running daemon keeps for more than a few seconds.
-        let client = reqwest::Client::new();
+        let admin = admin_client(&data);
         let waited = Instant::now();
         let rebuilt = loop {
-            let q = &stats(&client, port).await["queue"];
+            let q = &stats(&admin).await["queue"];
             let bytes = q["disk_bytes"].as_u64().unwrap_or(u64::MAX);
             if bytes < 256 << 20 {
                 break format!("{} MB on disk", bytes >> 20);

@@ -3,7 +3,7 @@
 //!
 //! ```sh
 //! cargo bench --bench event_latency                      # 1,000,000-record backfill
-//! cargo bench --bench event_latency -- --backfill 200000 --seconds 10
+//! cargo bench --bench event_latency -- --backfill 200000 --seconds 10 --snapshot 500000
 //! ```
 //!
 //! A fake Braze and the daemon run in this process on loopback, with a real sled queue in a
@@ -11,6 +11,10 @@
 //! alone, then while a backfill of distinct memberships is posted and drains. Latency is from
 //! the moment the 202 for an event reaches the client to the arrival of the Braze request that
 //! carries it (0 if the event got there first).
+//!
+//! Last, a split's snapshot of `--snapshot` members (default 500,000) is uploaded while an
+//! event is posted every 100 ms: how long each event waits for its 202, and for Braze, while
+//! the daemon receives, sorts and diffs the snapshot and queues its members.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -25,6 +29,7 @@ const KEY: &str = "bench-key";
 struct Args {
     backfill: u64,
     seconds: u64,
+    snapshot: u64,
 }
 
 fn args() -> Args {
@@ -41,6 +46,7 @@ fn args() -> Args {
     Args {
         backfill: value("--backfill", 1_000_000),
         seconds: value("--seconds", 10),
+        snapshot: value("--snapshot", 500_000),
     }
 }
 
@@ -206,5 +212,59 @@ async fn measure(
         drained.as_secs_f64(),
         args.backfill as f64 / drained.as_secs_f64(),
         fake.requests().len()
+    );
+
+    // 3. An event every 100 ms while a snapshot uploads.
+    let members: String = (0..args.snapshot)
+        .map(|i| format!("{{\"external_id\":\"snap-{i}\"}}\n"))
+        .collect();
+    let started = Instant::now();
+    let upload = {
+        let (client, base) = (client.clone(), base.clone());
+        tokio::spawn(async move {
+            let r = client
+                .put(format!("{base}/v1/audiences/snap/splits/1/members"))
+                .header("Content-Type", "application/x-ndjson")
+                .body(members)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        })
+    };
+    let mut acked = HashMap::new();
+    let mut answers = Vec::new();
+    let mut id = 20_000_000u64;
+    while !upload.is_finished() {
+        let sent = Instant::now();
+        let body = format!(
+            "{{\"name\":\"purchase\",\"external_id\":\"ev-{id}\",\"time\":\"2026-11-28T10:00:00Z\",\"properties\":{{\"id\":{id}}}}}\n"
+        );
+        let r = client
+            .post(format!("{base}/v1/events"))
+            .header("Content-Type", "application/x-ndjson")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 202);
+        acked.insert(id, Instant::now());
+        answers.push(sent.elapsed());
+        id += 1;
+        tokio::time::sleep(Duration::from_millis(100).saturating_sub(sent.elapsed())).await;
+    }
+    let (status, report) = upload.await.unwrap();
+    assert_eq!(status, 200, "{report}");
+    let uploaded = started.elapsed();
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    answers.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "events during a {}-member snapshot upload ({:.1} s): 202 in p50 {:.1} ms, max {:.1} ms; to Braze {}",
+        args.snapshot,
+        uploaded.as_secs_f64(),
+        ms(answers[answers.len() / 2]),
+        ms(answers[answers.len() - 1]),
+        percentiles(fake, &acked)
     );
 }

@@ -212,10 +212,21 @@ pub fn daemon_client(timeout: Duration) -> reqwest::Result<reqwest::Client> {
         .build()
 }
 
-/// Asks the running daemon over its admin API, with the ingest token.
+/// Asks the running daemon over its admin API: through the admin socket in `data_dir` (the
+/// file's permissions are the credential), or, where there is none, over `ingest.listen` with
+/// the ingest token.
 async fn remote(config: &Config, op: &QueueOp) -> anyhow::Result<Value> {
-    let base = format!("{}/v1/admin/queue", daemon_base(config));
-    let client = daemon_client(Duration::from_secs(30))?;
+    let socket = config.data_dir.join(daemon::ADMIN_SOCKET);
+    let (base, client) = if socket.exists() {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .unix_socket(socket.as_path())
+            .build()?;
+        ("http://localhost/v1/admin/queue".to_string(), client)
+    } else {
+        let base = format!("{}/v1/admin/queue", daemon_base(config));
+        (base, daemon_client(Duration::from_secs(30))?)
+    };
     let request = match op {
         QueueOp::Stats => client.get(format!("{base}/stats")),
         QueueOp::Peek(limit) => client.get(format!("{base}/peek?limit={limit}")),
@@ -224,17 +235,22 @@ async fn remote(config: &Config, op: &QueueOp) -> anyhow::Result<Value> {
         QueueOp::PurgeDead(sel) => client.post(format!("{base}/purge-dead")).json(sel),
     };
     let request = match &config.ingest.token {
-        Some(t) => request.bearer_auth(t.expose()),
-        None => request,
+        Some(t) if !socket.exists() => request.bearer_auth(t.expose()),
+        _ => request,
+    };
+    let place = if socket.exists() {
+        socket.display().to_string()
+    } else {
+        base.clone()
     };
     let response = request
         .send()
         .await
-        .with_context(|| format!("{base} is unreachable"))?;
+        .with_context(|| format!("{place} is unreachable"))?;
     let status = response.status();
     if !status.is_success() {
         let body = response.text().await.unwrap_or_default();
-        bail!("{base} answered {status}: {}", body.trim());
+        bail!("{place} answered {status}: {}", body.trim());
     }
     let mut v: Value = response.json().await?;
     v["source"] = "daemon".into();

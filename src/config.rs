@@ -67,6 +67,10 @@ const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOS
 const DEFAULT_MAX_BODY_BYTES: u64 = 16 * MIB;
 const DEFAULT_HEADER_TIMEOUT_MS: u64 = 30_000;
 const DEFAULT_UPLOAD_IDLE_TIMEOUT_MS: u64 = 60_000;
+const DEFAULT_MIN_BODY_RATE: u64 = 1024;
+const DEFAULT_BODY_GRACE_MS: u64 = 2_000;
+const DEFAULT_UPLOAD_TIMEOUT_MS: u64 = 600_000;
+const DEFAULT_MAX_CONNECTIONS: u64 = 1024;
 const DEFAULT_WORKERS: u64 = 4;
 const DEFAULT_BACKOFF_INITIAL_MS: u64 = 500;
 const DEFAULT_BACKOFF_MAX_MS: u64 = 60_000;
@@ -228,6 +232,18 @@ pub struct IngestConfig {
     /// abandoned, so a stalled client cannot hold its split (every other upload of it gets
     /// 409) for as long as its connection lives.
     pub upload_idle_timeout: Duration,
+    /// `ingest.min_body_rate` (bytes a second) and `ingest.body_grace_ms`: a body must have
+    /// arrived, at any moment, at this average rate after the grace, or the request is
+    /// answered 408 and its connection closed. A client trickling a byte every few seconds
+    /// would otherwise hold a connection, and a file descriptor, for as long as it likes.
+    pub min_body_rate: u64,
+    pub body_grace: Duration,
+    /// `ingest.upload_timeout_ms`: the longest a snapshot upload may take to arrive whole.
+    pub upload_timeout: Duration,
+    /// `ingest.max_connections`: connections served at once; more wait to be accepted. The
+    /// daemon keeps 256 descriptors of its open-file limit back from them (or half, if the
+    /// limit is under 512), whatever this says.
+    pub max_connections: usize,
     /// `ingest.export_passthrough`: whether `POST /users/export/ids` is forwarded to Braze.
     /// Off by default: it lets an ingest client read whole Braze profiles with the daemon's
     /// key, which writing records does not need.
@@ -296,6 +312,10 @@ impl Default for IngestConfig {
             max_body_bytes: to_usize(DEFAULT_MAX_BODY_BYTES),
             header_timeout: Duration::from_millis(DEFAULT_HEADER_TIMEOUT_MS),
             upload_idle_timeout: Duration::from_millis(DEFAULT_UPLOAD_IDLE_TIMEOUT_MS),
+            min_body_rate: DEFAULT_MIN_BODY_RATE,
+            body_grace: Duration::from_millis(DEFAULT_BODY_GRACE_MS),
+            upload_timeout: Duration::from_millis(DEFAULT_UPLOAD_TIMEOUT_MS),
+            max_connections: to_usize(DEFAULT_MAX_CONNECTIONS),
             export_passthrough: false,
             allowed_origins: Vec::new(),
             allowed_hosts: Vec::new(),
@@ -503,6 +523,10 @@ const INGEST_KEYS: &[&str] = &[
     "max_body_bytes",
     "header_timeout_ms",
     "upload_idle_timeout_ms",
+    "min_body_rate",
+    "body_grace_ms",
+    "upload_timeout_ms",
+    "max_connections",
     "export_passthrough",
     "allowed_origins",
     "allowed_hosts",
@@ -667,6 +691,21 @@ fn read_ingest(root: &Table, ctx: &Ctx<'_>, p: &mut Problems) -> Checked<IngestC
             100..=3_600_000,
         )
         .map(Duration::from_millis);
+    let min_body_rate = s.integer(p, "min_body_rate", DEFAULT_MIN_BODY_RATE, 1..=GIB);
+    let body_grace = s
+        .integer(p, "body_grace_ms", DEFAULT_BODY_GRACE_MS, 100..=3_600_000)
+        .map(Duration::from_millis);
+    let upload_timeout = s
+        .integer(
+            p,
+            "upload_timeout_ms",
+            DEFAULT_UPLOAD_TIMEOUT_MS,
+            1_000..=86_400_000,
+        )
+        .map(Duration::from_millis);
+    let max_connections = s
+        .integer(p, "max_connections", DEFAULT_MAX_CONNECTIONS, 8..=1_000_000)
+        .map(to_usize);
 
     let export_passthrough = s.boolean(p, "export_passthrough", false);
     let allowed_origins = s.strings(p, "allowed_origins");
@@ -678,6 +717,10 @@ fn read_ingest(root: &Table, ctx: &Ctx<'_>, p: &mut Problems) -> Checked<IngestC
         max_body_bytes: max_body_bytes?,
         header_timeout: header_timeout?,
         upload_idle_timeout: upload_idle_timeout?,
+        min_body_rate: min_body_rate?,
+        body_grace: body_grace?,
+        upload_timeout: upload_timeout?,
+        max_connections: max_connections?,
         export_passthrough: export_passthrough?,
         allowed_origins: allowed_origins?,
         allowed_hosts: allowed_hosts?,

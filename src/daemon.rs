@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::braze::BrazeClient;
@@ -98,13 +98,36 @@ pub struct Running {
     pub delivery: Arc<Delivery>,
     /// What the HTTP handlers share; a reload swaps the token in it.
     pub state: Arc<AppState>,
-    stop_ingest: Option<oneshot::Sender<()>>,
+    stop_ingest: watch::Sender<bool>,
     server: JoinHandle<std::io::Result<()>>,
+    admin_server: Option<JoinHandle<std::io::Result<()>>>,
     stop_workers: watch::Sender<bool>,
     workers: Vec<JoinHandle<()>>,
     maintenance: JoinHandle<()>,
     shutdown_timeout: Duration,
     pid_file: std::path::PathBuf,
+}
+
+/// The admin socket, in `data_dir`: the `queue` commands talk to the running daemon through
+/// it. Only the daemon's user can connect (the file is 0600 in a 0700 directory), which is
+/// the credential: no token is needed, and none can leak.
+pub const ADMIN_SOCKET: &str = "admin.sock";
+
+/// Connections the admin socket serves at once.
+const ADMIN_CONNECTIONS: usize = 16;
+
+/// Binds `data_dir/admin.sock`, replacing one a crash left behind (the queue is open, so no
+/// other daemon serves this directory).
+fn bind_admin_socket(data_dir: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = data_dir.join(ADMIN_SOCKET);
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = tokio::net::UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
 }
 
 pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Running> {
@@ -179,6 +202,16 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
         stopping: Default::default(),
         prefer: config.identity,
         upload_idle_timeout: config.ingest.upload_idle_timeout,
+        upload_timeout: config.ingest.upload_timeout,
+        body_limits: crate::request_body::Limits {
+            max_bytes: config.ingest.max_body_bytes,
+            min_rate: config.ingest.min_body_rate,
+            grace: config.ingest.body_grace,
+        },
+        // Room for eight of the largest bodies at once; more are answered 503 until some finish.
+        body_budget: crate::request_body::Budget::new(
+            config.ingest.max_body_bytes.saturating_mul(8),
+        ),
         export_passthrough: config.ingest.export_passthrough,
         export_window: Default::default(),
     });
@@ -188,12 +221,39 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
         origins: config.ingest.allowed_origins.clone(),
         hosts: config.ingest.allowed_hosts.clone(),
     };
-    let app = http::router(Arc::clone(&state), config.ingest.max_body_bytes, guard);
-    let (stop_ingest, stop_ingest_rx) = oneshot::channel::<()>();
+    let app = http::router(Arc::clone(&state), guard);
+    let (stop_ingest, stop_ingest_rx) = watch::channel(false);
+    let admin_server = match bind_admin_socket(&config.data_dir) {
+        Ok(listener) => {
+            let app = http::admin_router(Arc::clone(&state));
+            let mut stop = stop_ingest_rx.clone();
+            let header_timeout = config.ingest.header_timeout;
+            Some(tokio::spawn(async move {
+                http::serve(listener, app, header_timeout, ADMIN_CONNECTIONS, async {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+            }))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no admin socket: while the daemon runs, the queue \
+                commands need ingest.token to reach it over ingest.listen");
+            None
+        }
+    };
     let header_timeout = config.ingest.header_timeout;
+    let max_connections = http::connection_cap(config.ingest.max_connections);
+    if max_connections < config.ingest.max_connections {
+        tracing::warn!(
+            max_connections,
+            wanted = config.ingest.max_connections,
+            "ingest.max_connections lowered to fit the open-file limit (raise LimitNOFILE= to serve more)"
+        );
+    }
     let server = tokio::spawn(async move {
-        http::serve(listener, app, header_timeout, async {
-            let _ = stop_ingest_rx.await;
+        let mut stop = stop_ingest_rx;
+        http::serve(listener, app, header_timeout, max_connections, async {
+            let _ = stop.wait_for(|s| *s).await;
         })
         .await
     });
@@ -204,8 +264,9 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
         queue,
         delivery,
         state,
-        stop_ingest: Some(stop_ingest),
+        stop_ingest,
         server,
+        admin_server,
         stop_workers,
         workers,
         maintenance,
@@ -219,8 +280,12 @@ impl Running {
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
         self.state.stopping.store(true, Ordering::Relaxed);
-        if let Some(tx) = self.stop_ingest.take() {
-            let _ = tx.send(());
+        let _ = self.stop_ingest.send(true);
+        if let Some(admin) = self.admin_server.take() {
+            if tokio::time::timeout_at(deadline, admin).await.is_err() {
+                tracing::warn!("admin requests still open at the deadline; abandoning them");
+            }
+            let _ = std::fs::remove_file(self.pid_file.with_file_name(ADMIN_SOCKET));
         }
         match tokio::time::timeout_at(deadline, &mut self.server).await {
             Ok(Ok(Ok(()))) => {}

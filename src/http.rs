@@ -6,9 +6,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -24,11 +23,11 @@ use crate::members;
 use crate::queue::{Queue, QueueError, Selection};
 use crate::record::Record;
 use crate::relay;
-use futures_util::StreamExt;
+use crate::request_body::{self, BodyError};
 
 /// Bodies bigger than this are parsed on the blocking pool so that a 16 MB upload does not
 /// stall the threads serving everyone else.
-const PARSE_INLINE_MAX: usize = 64 * 1024;
+const PARSE_INLINE_MAX: usize = request_body::SMALL;
 
 pub struct AppState {
     pub queue: Arc<Queue>,
@@ -43,6 +42,11 @@ pub struct AppState {
     /// How long a snapshot upload may send nothing before it is abandoned and its split
     /// freed (`ingest.upload_idle_timeout_ms`).
     pub upload_idle_timeout: std::time::Duration,
+    /// `ingest.upload_timeout_ms`: the longest a snapshot upload may take to arrive.
+    pub upload_timeout: std::time::Duration,
+    /// Size and pace every body is read under, and the memory large ones share.
+    pub body_limits: request_body::Limits,
+    pub body_budget: request_body::Budget,
     /// `/users/export/ids` is forwarded only when on (`ingest.export_passthrough`), and then
     /// at most `EXPORT_PER_MINUTE` times a minute.
     pub export_passthrough: bool,
@@ -55,11 +59,7 @@ const EXPORT_PER_MINUTE: u64 = 250;
 /// Braze's limit of ids per lookup.
 const EXPORT_MAX_IDS: usize = 50;
 
-pub fn router(
-    state: Arc<AppState>,
-    max_body_bytes: usize,
-    guard: crate::http_guard::Guard,
-) -> Router {
+pub fn router(state: Arc<AppState>, guard: crate::http_guard::Guard) -> Router {
     // Everything but health and metrics needs the token, checked before the body is read:
     // a client without it cannot make the daemon buffer a body at all.
     let guarded = Router::new()
@@ -69,15 +69,16 @@ pub fn router(
         .route(
             "/v1/audiences/{audience_id}/splits/{split_id}/members",
             // Snapshots stream in: tens of millions of ids, read line by line, not buffered.
-            put(put_snapshot).layer(DefaultBodyLimit::disable()),
+            put(put_snapshot),
         )
         .route("/users/track", post(users_track))
         .route("/users/export/ids", post(export_ids))
-        .route("/v1/admin/queue/stats", get(admin_stats))
-        .route("/v1/admin/queue/peek", get(admin_peek))
-        .route("/v1/admin/queue/dead", get(admin_dead))
-        .route("/v1/admin/queue/retry-dead", post(admin_retry_dead))
-        .route("/v1/admin/queue/purge-dead", post(admin_purge_dead))
+        .merge(
+            admin_routes().route_layer(axum::middleware::from_fn_with_state(
+                Arc::clone(&state),
+                admin_needs_token,
+            )),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
             require_token,
@@ -92,8 +93,46 @@ pub fn router(
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
+}
+
+/// The admin API: statistics, and the pending and dead records (personal data), with the
+/// power to retry and purge. Over TCP it needs the token (`router`); on the admin socket
+/// (`admin_router`) the socket file's permissions are the credential.
+fn admin_routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/v1/admin/queue/stats", get(admin_stats))
+        .route("/v1/admin/queue/peek", get(admin_peek))
+        .route("/v1/admin/queue/dead", get(admin_dead))
+        .route("/v1/admin/queue/retry-dead", post(admin_retry_dead))
+        .route("/v1/admin/queue/purge-dead", post(admin_purge_dead))
+}
+
+/// The admin API alone, for the admin socket (`daemon::ADMIN_SOCKET`), which only the
+/// daemon's user can open.
+pub fn admin_router(state: Arc<AppState>) -> Router {
+    admin_routes().with_state(state)
+}
+
+/// Over TCP the admin API is never open: without a token configured, any local process (a
+/// web page, even, through a rebound DNS name) could read personal data and purge dead
+/// letters. The `queue` commands use the admin socket instead.
+async fn admin_needs_token(
+    State(state): State<Arc<AppState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if state.token.read().expect("token lock poisoned").is_some() {
+        return next.run(request).await;
+    }
+    (
+        StatusCode::FORBIDDEN,
+        Json(
+            json!({"error": "the admin API answers over TCP only when ingest.token is set; \
+            on this machine the queue commands reach it through the admin socket in data_dir"}),
+        ),
+    )
+        .into_response()
 }
 
 /// Refuses a request without the token before its body is read. The Braze-compatible
@@ -128,8 +167,8 @@ pub enum ApiError {
     BadInput(BadInput),
     Queue(QueueError),
     Stopping,
-    /// The body could not be read whole: over `ingest.max_body_bytes` (413), or cut short.
-    Body(BytesRejection),
+    /// The body could not be read whole: too large, too slow, too many at once, or cut short.
+    Body(BodyError),
 }
 
 impl IntoResponse for ApiError {
@@ -162,12 +201,15 @@ impl IntoResponse for ApiError {
                 })),
             )
                 .into_response(),
-            // axum's own answer is plain text; every other refusal here is JSON.
-            ApiError::Body(r) => (
-                r.status(),
-                Json(json!({"error": r.body_text(), "queued": 0})),
-            )
-                .into_response(),
+            ApiError::Body(e) => {
+                let mut r = (
+                    body_status(&e),
+                    Json(json!({"error": e.to_string(), "queued": 0})),
+                )
+                    .into_response();
+                add_body_headers(&mut r, &e);
+                r
+            }
             ApiError::Stopping => retry("5", json!({"error": "the daemon is stopping; retry"})),
             ApiError::Queue(e @ QueueError::Full(_)) => {
                 retry("30", json!({"error": e.to_string()}))
@@ -192,6 +234,34 @@ impl IntoResponse for ApiError {
     }
 }
 
+fn body_status(e: &BodyError) -> StatusCode {
+    match e {
+        BodyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        BodyError::TooSlow { .. } => StatusCode::REQUEST_TIMEOUT,
+        BodyError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+        BodyError::Cut(_) => StatusCode::BAD_REQUEST,
+    }
+}
+
+/// A body that was not read to its end leaves the connection unusable for another request:
+/// say so, and hyper closes it. A busy answer says when to come back.
+fn add_body_headers(r: &mut Response, e: &BodyError) {
+    if matches!(e, BodyError::Busy) {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+}
+
+async fn read_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(axum::body::Bytes, request_body::Held), BodyError> {
+    request_body::read(headers, body, &state.body_limits, &state.body_budget).await
+}
+
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let token = state.token.read().expect("token lock poisoned");
     let Some(token) = token.as_ref() else {
@@ -213,7 +283,7 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
 async fn ingest_with<F>(
     state: &AppState,
     headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
     skip_unchanged: bool,
     parse: F,
 ) -> Result<Response, ApiError>
@@ -224,7 +294,10 @@ where
     if state.stopping.load(Ordering::Relaxed) {
         return Err(ApiError::Stopping);
     }
-    let body = body.map_err(ApiError::Body)?;
+    // `_held` keeps the body's share of the memory budget until the records are queued.
+    let (body, _held) = read_body(state, headers, body)
+        .await
+        .map_err(ApiError::Body)?;
     let records = if body.len() <= PARSE_INLINE_MAX {
         parse(&body)
     } else {
@@ -254,7 +327,7 @@ async fn post_memberships(
     State(state): State<Arc<AppState>>,
     Query(options): Query<MembershipOptions>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let prefer = state.prefer;
     ingest_with(&state, &headers, body, !options.resend, move |b| {
@@ -269,7 +342,7 @@ async fn post_memberships(
 async fn post_events(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let prefer = state.prefer;
     ingest_with(&state, &headers, body, true, move |b| {
@@ -284,7 +357,7 @@ async fn post_events(
 async fn post_attributes(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let prefer = state.prefer;
     ingest_with(&state, &headers, body, true, move |b| {
@@ -303,7 +376,7 @@ async fn post_attributes(
 async fn users_track(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
     let braze_shaped = |status: StatusCode, message: String, errors: Vec<relay::ObjectError>| {
         (
@@ -322,9 +395,13 @@ async fn users_track(
     if state.stopping.load(Ordering::Relaxed) {
         return ApiError::Stopping.into_response();
     }
-    let body = match body {
-        Ok(b) => b,
-        Err(r) => return braze_shaped(r.status(), r.body_text(), Vec::new()),
+    let (body, _held) = match read_body(&state, &headers, body).await {
+        Ok(read) => read,
+        Err(e) => {
+            let mut r = braze_shaped(body_status(&e), e.to_string(), Vec::new());
+            add_body_headers(&mut r, &e);
+            return r;
+        }
     };
     let parsed = if body.len() <= PARSE_INLINE_MAX {
         relay::parse(&body)
@@ -359,11 +436,7 @@ async fn users_track(
     (StatusCode::CREATED, Json(answer)).into_response()
 }
 
-async fn admin_stats(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
+async fn admin_stats(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
     let queue = state.queue.stats().map_err(ApiError::Queue)?;
     Ok(Json(json!({"queue": queue, "delivery": state.delivery.stats()})).into_response())
 }
@@ -374,13 +447,16 @@ async fn admin_stats(
 async fn export_ids(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
     if !state.export_passthrough {
         let message = "the /users/export/ids passthrough is off; set [ingest] export_passthrough = true to forward lookups to Braze";
         return Ok((StatusCode::NOT_FOUND, Json(json!({ "message": message }))).into_response());
     }
+    let (body, _held) = read_body(&state, &headers, body)
+        .await
+        .map_err(ApiError::Body)?;
     let refuse = |message: String| {
         (StatusCode::BAD_REQUEST, Json(json!({ "message": message }))).into_response()
     };
@@ -502,41 +578,74 @@ async fn put_snapshot(
     if options.full {
         upload = upload.full();
     }
-    let mut reader = members::MemberReader::new(format, state.prefer);
-    let mut add = |user| upload.add(&user).map_err(ApiError::Queue);
+    // Parsing, sorting runs to disk, merging and diffing are all CPU and disk work: they run
+    // on a blocking thread fed through a short channel, so that events keep being answered
+    // on the runtime's thread while a snapshot of millions arrives.
+    let (pieces, mut received) = tokio::sync::mpsc::channel::<Option<axum::body::Bytes>>(4);
+    let (prefer, allow_empty) = (state.prefer, options.allow_empty);
+    let runtime = tokio::runtime::Handle::current();
+    let work = tokio::task::spawn_blocking(move || {
+        let mut reader = members::MemberReader::new(format, prefer);
+        let mut add = |user| upload.add(&user).map_err(ApiError::Queue);
+        loop {
+            match received.blocking_recv() {
+                Some(Some(piece)) => reader.feed(&piece, &mut add)?,
+                Some(None) => break,
+                // The request was abandoned; dropping the upload leaves the previous snapshot.
+                None => return Err(ApiError::Stopping),
+            }
+        }
+        reader.finish(&mut add)?;
+        runtime
+            .block_on(upload.finish(allow_empty))
+            .map_err(ApiError::Queue)
+    });
     let mut stream = body.into_data_stream();
+    // A client that stops sending, or trickles, would hold the split's upload lock (every
+    // other snapshot of it gets 409) for as long as its connection lives: the upload keeps
+    // the body pace, sends something at least every `upload_idle_timeout`, and arrives
+    // whole within `upload_timeout`.
+    let mut pace = request_body::Pace::new(&state.body_limits);
+    let whole_by = tokio::time::Instant::now() + state.upload_timeout;
+    let abandoned = |e: BodyError| {
+        ApiError::Body(match e {
+            BodyError::TooSlow { received, why } => BodyError::TooSlow {
+                received,
+                why: format!("{why}; the upload was abandoned and the previous snapshot stays"),
+            },
+            BodyError::Cut(why) => BodyError::Cut(format!("{why}; the previous snapshot stays")),
+            other => other,
+        })
+    };
     loop {
-        // A client that stops sending would hold the split's upload lock (every other
-        // snapshot of it gets 409) for as long as the connection lives: give up instead.
-        let idle = state.upload_idle_timeout;
-        let next = tokio::time::timeout(idle, stream.next()).await;
+        let idle_by = tokio::time::Instant::now() + state.upload_idle_timeout;
+        let by = idle_by.min(whole_by);
+        let next = tokio::time::timeout_at(by, pace.next(&mut stream)).await;
         let Ok(next) = next else {
-            return Err(ApiError::BadInput(BadInput {
-                index: None,
-                line: None,
-                field: None,
-                message: format!(
-                    "the upload sent nothing for {} ms and was abandoned; the previous snapshot stays",
-                    idle.as_millis()
-                ),
+            let why = if by == whole_by {
+                format!(
+                    "the upload did not arrive whole within {} ms (ingest.upload_timeout_ms)",
+                    state.upload_timeout.as_millis()
+                )
+            } else {
+                format!(
+                    "the upload sent nothing for {} ms (ingest.upload_idle_timeout_ms)",
+                    state.upload_idle_timeout.as_millis()
+                )
+            };
+            return Err(abandoned(BodyError::TooSlow {
+                received: pace.received(),
+                why,
             }));
         };
-        let Some(chunk) = next else { break };
-        let chunk = chunk.map_err(|e| {
-            ApiError::BadInput(BadInput {
-                index: None,
-                line: None,
-                field: None,
-                message: format!("the upload was cut short ({e}); the previous snapshot stays"),
-            })
-        })?;
-        reader.feed(&chunk, &mut add)?;
+        let piece = next.map_err(abandoned)?;
+        let end = piece.is_none();
+        // A closed channel means the worker stopped at a bad line: its answer says which.
+        if pieces.send(piece).await.is_err() || end {
+            break;
+        }
     }
-    reader.finish(&mut add)?;
-    let report = upload
-        .finish(options.allow_empty)
-        .await
-        .map_err(ApiError::Queue)?;
+    let report = work.await.expect("snapshot upload panicked")?;
     Ok(Json(report).into_response())
 }
 
@@ -551,10 +660,8 @@ const MAX_LIST: usize = 10_000;
 
 async fn admin_peek(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
     Query(q): Query<Limit>,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
     let limit = q.limit.unwrap_or(20).min(MAX_LIST);
     let records = state.queue.peek(limit).map_err(ApiError::Queue)?;
     let records = crate::braze::wire::with_objects(records, &state.delivery.policy);
@@ -563,10 +670,8 @@ async fn admin_peek(
 
 async fn admin_dead(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
     Query(q): Query<Limit>,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
     let limit = q.limit.unwrap_or(20).min(MAX_LIST);
     let records = state.queue.dead(limit).map_err(ApiError::Queue)?;
     let records = crate::braze::wire::with_objects(records, &state.delivery.policy);
@@ -575,10 +680,8 @@ async fn admin_dead(
 
 async fn admin_retry_dead(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
     Json(selection): Json<Selection>,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
     let report = state
         .queue
         .retry_dead(&selection)
@@ -589,10 +692,8 @@ async fn admin_retry_dead(
 
 async fn admin_purge_dead(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
     Json(selection): Json<Selection>,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
     let report = state
         .queue
         .purge_dead(&selection)
@@ -645,15 +746,32 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
 }
 
+/// Descriptors kept back from connections: the queue's files, a snapshot merge's runs, the
+/// connections to Braze and the commands' own.
+const FILES_KEPT_BACK: usize = 256;
+
+/// How many connections `serve` takes at once: `wanted` (`ingest.max_connections`), but
+/// never so many that the rest of the daemon could run out of file descriptors: the
+/// open-file limit less `FILES_KEPT_BACK`, and at most half of it.
+pub fn connection_cap(wanted: usize) -> usize {
+    let files = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
+    let room = files.saturating_sub(FILES_KEPT_BACK).max(files / 2);
+    wanted.min(room).max(1)
+}
+
 /// Serves `app` until `stop` resolves, then waits for the requests in progress to finish.
 ///
-/// What `axum::serve` does, plus a timer for hyper so that `header_timeout` applies: a
-/// connection that has not sent a whole request head in that time is closed. Bodies are
-/// bounded separately (`max_body_bytes`, and the snapshot upload's idle timeout).
-pub async fn serve(
-    listener: tokio::net::TcpListener,
+/// What `axum::serve` does, plus a timer for hyper so that `header_timeout` applies (a
+/// connection that has not sent a whole request head in that time is closed), and a cap of
+/// `max_connections` served at once: beyond it, connections wait in the kernel's backlog
+/// until one ends. Bodies are bounded separately (`request_body`).
+pub async fn serve<L: Listener>(
+    listener: L,
     app: axum::Router,
     header_timeout: std::time::Duration,
+    max_connections: usize,
     stop: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     use hyper_util::rt::{TokioIo, TokioTimer};
@@ -662,11 +780,16 @@ pub async fn serve(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout);
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let mut stop = std::pin::pin!(stop);
     loop {
+        let slot = tokio::select! {
+            slot = Arc::clone(&slots).acquire_owned() => slot.expect("the slots are never closed"),
+            () = &mut stop => break,
+        };
         let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+            accepted = listener.accept_stream() => match accepted {
+                Ok(stream) => stream,
                 // Out of file descriptors and the like: wait rather than spin, as axum does.
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot accept a connection");
@@ -676,7 +799,6 @@ pub async fn serve(
             },
             () = &mut stop => break,
         };
-        let _ = stream.set_nodelay(true);
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         let connection = builder.serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
@@ -684,9 +806,35 @@ pub async fn serve(
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
+            drop(slot);
         });
     }
     drop(listener);
     graceful.shutdown().await;
     Ok(())
+}
+
+/// What `serve` accepts connections from: the TCP listener of `ingest.listen`, or the
+/// admin socket.
+pub trait Listener: Send {
+    type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static;
+    fn accept_stream(
+        &self,
+    ) -> impl std::future::Future<Output = std::io::Result<Self::Stream>> + Send;
+}
+
+impl Listener for tokio::net::TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept_stream(&self) -> std::io::Result<tokio::net::TcpStream> {
+        let (stream, _) = self.accept().await?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+}
+
+impl Listener for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept_stream(&self) -> std::io::Result<tokio::net::UnixStream> {
+        Ok(self.accept().await?.0)
+    }
 }

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! HTTP ingest ──parse──▶ queue (sled, fdatasync'd) ──lease──▶ delivery workers ──▶ Braze
-//!   http.rs    ingest.rs   queue/                             delivery/            braze/
+//!   http.rs    ingest/     queue/                             delivery/            braze/
 //! ```
 //!
 //! A record is answered 2xx only once it is on disk. It leaves the queue only when Braze has
@@ -28,7 +28,10 @@
 //! - [`relay`]: the Braze-compatible `/users/track` body, checked as Braze checks it and
 //!   split into records.
 //! - [`metrics`]: `/metrics` in the Prometheus exposition format.
-//! - [`http`]: the ingest, health, metrics and admin endpoints.
+//! - [`http`]: the ingest, health, metrics and admin endpoints, and the accept loop with
+//!   its connection cap.
+//! - [`http_guard`]: what a browser may not do: cross-origin posts, foreign `Host`s.
+//! - [`request_body`]: reading bodies within bounds of size, pace and shared memory.
 //! - [`daemon`]: start and stop in pipeline order.
 //! - [`service`]: life under systemd: notify, watchdog, reload on SIGHUP.
 //! - [`logging`]: text or JSON log lines, the level changeable while running.
@@ -60,4 +63,5 @@ pub mod queue;
 pub mod reconcile;
 pub mod record;
 pub mod relay;
+pub mod request_body;
 pub mod service;

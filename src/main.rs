@@ -29,6 +29,16 @@ fn main() -> ExitCode {
     // leaves no core dump behind (systemd's LimitCORE=0 does the same for the service).
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let _ = rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable);
+    // The open-file soft limit up to the hard one, as most servers do: the soft default
+    // (1,024) is a guard for select()-era programs, and connections are capped at half of it.
+    let files = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    if files.current < files.maximum {
+        let raised = rustix::process::Rlimit {
+            current: files.maximum,
+            maximum: files.maximum,
+        };
+        let _ = rustix::process::setrlimit(rustix::process::Resource::Nofile, raised);
+    }
     let cli = Cli::parse();
     aiq_braze_sync::braze::client::install_tls_provider();
     let config = match &cli.command {

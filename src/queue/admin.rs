@@ -229,7 +229,7 @@ impl Queue {
     /// supersedes. Durable when it returns.
     pub async fn retry_dead(&self, selection: &Selection) -> Result<RetryReport, QueueError> {
         let report = self.stage_retry(selection)?;
-        self.committer.commit().await?;
+        self.commit_all().await?;
         self.work.notify_waiters();
         Ok(report)
     }
@@ -315,7 +315,7 @@ impl Queue {
             let purged: Vec<u64> = entries.into_iter().map(|(id, _)| id).collect();
             PurgeReport { purged, missing }
         };
-        self.committer.commit().await?;
+        self.commit_all().await?;
         Ok(report)
     }
 }

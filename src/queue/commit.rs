@@ -48,52 +48,50 @@ impl Committer {
     /// called; `progress` is called every `PROGRESS_SYNC_EVERY` and should sync what was
     /// written without a waiter, if anything was. The thread ends when the `Committer` is
     /// dropped.
-    pub fn spawn<F, P>(sync: F, progress: P) -> std::io::Result<Committer>
+    pub fn spawn<F, P>(name: &str, sync: F, progress: P) -> std::io::Result<Committer>
     where
         F: Fn() -> Result<(), QueueError> + Send + 'static,
         P: Fn() -> Result<(), QueueError> + Send + 'static,
     {
         let (tx, rx) = mpsc::channel::<Waiter>();
-        let thread = thread::Builder::new()
-            .name("queue-commit".into())
-            .spawn(move || {
-                let mut progress_synced = Instant::now();
-                // Logged once per run of failures, not every 20 ms.
-                let mut progress_failing = false;
-                loop {
-                    match rx.recv_timeout(PROGRESS_SYNC_EVERY) {
-                        Ok(first) => {
-                            let mut waiters = vec![first];
-                            waiters.extend(rx.try_iter());
-                            let result = sync().map_err(|e| e.to_string());
-                            if let Err(e) = &result {
-                                tracing::error!(error = %e, waiters = waiters.len(),
+        let thread = thread::Builder::new().name(name.into()).spawn(move || {
+            let mut progress_synced = Instant::now();
+            // Logged once per run of failures, not every 20 ms.
+            let mut progress_failing = false;
+            loop {
+                match rx.recv_timeout(PROGRESS_SYNC_EVERY) {
+                    Ok(first) => {
+                        let mut waiters = vec![first];
+                        waiters.extend(rx.try_iter());
+                        let result = sync().map_err(|e| e.to_string());
+                        if let Err(e) = &result {
+                            tracing::error!(error = %e, waiters = waiters.len(),
                                     "queue sync failed; the waiting requests are refused");
-                            }
-                            for w in waiters {
-                                // A waiter that gave up (its request was dropped) needs no
-                                // answer.
-                                let _ = w.send(result.clone());
-                            }
                         }
-                        Err(RecvTimeoutError::Timeout) => {}
-                        Err(RecvTimeoutError::Disconnected) => break,
-                    }
-                    if progress_synced.elapsed() < PROGRESS_SYNC_EVERY {
-                        continue;
-                    }
-                    progress_synced = Instant::now();
-                    match progress() {
-                        Ok(()) => progress_failing = false,
-                        Err(e) if !progress_failing => {
-                            progress_failing = true;
-                            tracing::warn!(error = %e,
-                                "delivery progress sync failed; a crash now would send more again");
+                        for w in waiters {
+                            // A waiter that gave up (its request was dropped) needs no
+                            // answer.
+                            let _ = w.send(result.clone());
                         }
-                        Err(_) => {}
                     }
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => break,
                 }
-            })?;
+                if progress_synced.elapsed() < PROGRESS_SYNC_EVERY {
+                    continue;
+                }
+                progress_synced = Instant::now();
+                match progress() {
+                    Ok(()) => progress_failing = false,
+                    Err(e) if !progress_failing => {
+                        progress_failing = true;
+                        tracing::warn!(error = %e,
+                                "delivery progress sync failed; a crash now would send more again");
+                    }
+                    Err(_) => {}
+                }
+            }
+        })?;
         Ok(Committer {
             tx: Some(tx),
             thread: Some(thread),

@@ -3,10 +3,11 @@
 //! # Design
 //!
 //! **Durability.** `enqueue` appends a request's events to the event log (`eventlog.rs`) and
-//! puts its attribute updates in one atomic sled batch, then waits for the group committer
-//! (`commit.rs`): an `fdatasync` of the log, plus sled `flush()` and our own `fdatasync` when
-//! the request wrote to sled, shared by every request waiting at that moment. Only then does
-//! ingest answer 2xx. Removals (a record Braze took) are not synced; if a crash loses one, the
+//! puts its attribute updates in one atomic sled batch, then waits for the group committers
+//! (`commit.rs`) of what it wrote: one thread `fdatasync`s the log, another runs sled
+//! `flush()` and our own `fdatasync`, each sync shared by every request waiting on that thread
+//! at that moment. Only then does ingest answer 2xx. The two threads are apart so that an
+//! event never waits for a sled sync a snapshot or backfill made long. Removals (a record Braze took) are not synced; if a crash loses one, the
 //! record is sent again (at least once). sled recovers a prefix of its log, so a lost removal
 //! can never outlive a later insert.
 //!
@@ -353,7 +354,10 @@ pub struct Queue {
     snapshot_dir: PathBuf,
     /// `DATA_DIR/state`: `state.rs`'s database, counted in the disk bound.
     state_dir: PathBuf,
+    /// Makes sled durable (attribute updates, dead letters, delivery progress).
     committer: Committer,
+    /// Makes the event log durable.
+    log_committer: Committer,
     counters: Counters,
     work: tokio::sync::Notify,
     /// The events lane (`eventlog.rs`). Locked inside `writer` and `leases`, never around
@@ -471,21 +475,33 @@ impl Queue {
         let log = Arc::new(Mutex::new(log));
         let sled_dirty = Arc::new(AtomicBool::new(false));
         let progress_unsynced = Arc::new(AtomicBool::new(false));
-        let committer = {
-            let (store, log, sled_dirty, progress) = (
-                Arc::clone(&store),
-                Arc::clone(&log),
-                Arc::clone(&sled_dirty),
-                Arc::clone(&progress_unsynced),
-            );
-            let (progress_store, progress_flag) = (Arc::clone(&store), Arc::clone(&progress));
+        // Two commit threads, so that an event never waits for a sled sync (which a snapshot
+        // or a backfill can make long) and an attribute update never waits for the log's.
+        let log_committer = {
+            let log = Arc::clone(&log);
             Committer::spawn(
+                "queue-commit-log",
                 move || {
                     let unsynced = log
                         .lock()
                         .expect("event log lock poisoned")
                         .take_unsynced()?;
                     unsynced.sync()?;
+                    Ok(())
+                },
+                || Ok(()),
+            )?
+        };
+        let committer = {
+            let (store, sled_dirty, progress) = (
+                Arc::clone(&store),
+                Arc::clone(&sled_dirty),
+                Arc::clone(&progress_unsynced),
+            );
+            let (progress_store, progress_flag) = (Arc::clone(&store), Arc::clone(&progress));
+            Committer::spawn(
+                "queue-commit",
+                move || {
                     if sled_dirty.swap(false, Ordering::AcqRel) {
                         // The same sync carries whatever progress was written before it.
                         let progressed = progress.swap(false, Ordering::AcqRel);
@@ -524,6 +540,7 @@ impl Queue {
             snapshot_dir: data_dir.join("snapshots"),
             state_dir: data_dir.join("state"),
             committer,
+            log_committer,
             counters,
             work: tokio::sync::Notify::new(),
             log,
@@ -607,11 +624,32 @@ impl Queue {
         if records.is_empty() {
             return Ok(());
         }
+        let wrote = self.stage(&records, skip_unchanged)?;
+        self.commit(wrote).await
+    }
+
+    /// The first half of `enqueue_with`: the records are in the store, not yet durable.
+    /// Holds the writer lock while it runs, so callers with many records stage a few hundred
+    /// at a time and `commit` once after several.
+    fn stage(&self, records: &[Record], skip_unchanged: bool) -> Result<Wrote, QueueError> {
         self.check_bounds(records.len() as u64)?;
-        let inserted = self.insert(&records, skip_unchanged);
+        let inserted = self.insert(records, skip_unchanged);
         self.note_storage(&inserted);
-        inserted?;
-        let committed = self.committer.commit().await;
+        inserted
+    }
+
+    /// The second half: what `wrote` says was staged is durable when this returns.
+    async fn commit(&self, wrote: Wrote) -> Result<(), QueueError> {
+        let committed = match (wrote.log, wrote.tree) {
+            (true, true) => {
+                let (log, tree) =
+                    tokio::join!(self.log_committer.commit(), self.committer.commit());
+                log.and(tree)
+            }
+            (true, false) => self.log_committer.commit().await,
+            (false, true) => self.committer.commit().await,
+            (false, false) => Ok(()),
+        };
         self.note_storage(&committed);
         committed?;
         self.work.notify_waiters();
@@ -646,7 +684,7 @@ impl Queue {
         Ok(())
     }
 
-    fn insert(&self, records: &[Record], skip_unchanged: bool) -> Result<(), QueueError> {
+    fn insert(&self, records: &[Record], skip_unchanged: bool) -> Result<Wrote, QueueError> {
         let store = self.read_store()?;
         let mut next_seq = self.writer.lock().expect("queue writer lock poisoned");
         let accepted_at = now_ms();
@@ -659,14 +697,14 @@ impl Queue {
             by_kind[record.kind_index()] += 1;
             staging.add(record, encode(record, accepted_at))?;
         }
-        staging.apply()?;
+        let wrote = staging.apply()?;
         self.counters
             .accepted
             .fetch_add(records.len() as u64, Ordering::Relaxed);
         for (counter, n) in self.counters.accepted_by_kind.iter().zip(by_kind) {
             counter.fetch_add(n, Ordering::Relaxed);
         }
-        Ok(())
+        Ok(wrote)
     }
 
     /// Leases the oldest pending records that fit in one Braze request: events first (they are
@@ -1262,7 +1300,13 @@ impl Queue {
     pub async fn sync(&self) -> Result<(), QueueError> {
         self.flush_progress()?;
         self.sled_dirty.store(true, Ordering::Release);
-        self.committer.commit().await
+        self.commit_all().await
+    }
+
+    /// Makes the log and sled durable, whatever was written.
+    async fn commit_all(&self) -> Result<(), QueueError> {
+        let (log, tree) = tokio::join!(self.log_committer.commit(), self.committer.commit());
+        log.and(tree)
     }
 
     /// Periodic upkeep: refreshes the disk size that the bound checks, and rebuilds the
@@ -1417,6 +1461,24 @@ struct Staging<'a> {
     unchanged: u64,
     /// Dead letters this batch removes (a retry puts them back in a lane).
     dead_removed: u64,
+    /// What the commit must make durable.
+    wrote: Wrote,
+}
+
+/// Which stores a staging wrote to, so that its commit syncs those and only those.
+#[derive(Debug, Clone, Copy, Default)]
+struct Wrote {
+    log: bool,
+    tree: bool,
+}
+
+impl Wrote {
+    fn and(self, other: Wrote) -> Wrote {
+        Wrote {
+            log: self.log || other.log,
+            tree: self.tree || other.tree,
+        }
+    }
 }
 
 impl<'a> Staging<'a> {
@@ -1445,6 +1507,7 @@ impl<'a> Staging<'a> {
             coalesced: 0,
             unchanged: 0,
             dead_removed: 0,
+            wrote: Wrote::default(),
         }
     }
 
@@ -1579,6 +1642,7 @@ impl<'a> Staging<'a> {
             let frames = std::mem::take(&mut self.frames);
             let mut log = self.log.lock().expect("event log lock poisoned");
             log.append(frames)?;
+            self.wrote.log = true;
             if self.dead_removed > 0 {
                 // Dead letters moving back: their events must be durable before sled forgets
                 // the dead letters, or a power cut between the two could lose both. Synced
@@ -1597,6 +1661,7 @@ impl<'a> Staging<'a> {
             self.counters.stage(&mut batch, change);
             self.tree.apply_batch(batch)?;
             self.sled_dirty.store(true, Ordering::Release);
+            self.wrote.tree = true;
         }
         *self.applied_seq = self.next_seq;
         // Applied: later records find these in the tree.
@@ -1623,9 +1688,11 @@ impl<'a> Staging<'a> {
         self.chunk_bytes = 0;
     }
 
-    /// Applies the batch atomically with the new sequence high-water mark; returns it.
-    fn apply(mut self) -> Result<(), QueueError> {
-        self.flush()
+    /// Applies the batch atomically with the new sequence high-water mark; says what the
+    /// commit must sync.
+    fn apply(mut self) -> Result<Wrote, QueueError> {
+        self.flush()?;
+        Ok(self.wrote)
     }
 }
 

@@ -26,7 +26,7 @@ use std::collections::{BinaryHeap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
@@ -38,8 +38,12 @@ const MAGIC: &[u8; 8] = b"AIQSNAP1";
 const CURRENT: &str = "CURRENT";
 /// Bytes of member ids sorted in memory at a time; the rest waits in sorted run files.
 const RUN_BYTES: usize = 32 << 20;
-/// Updates queued per durable chunk.
-const CHUNK: usize = 10_000;
+/// Updates staged at a time. Staging holds the queue's writer lock, which ingest takes on the
+/// runtime's thread: a stage is kept small enough that an event posted meanwhile waits for
+/// it a millisecond or so, not for the staging of a whole snapshot.
+const STAGE: usize = 100;
+/// Updates made durable per commit.
+const CHUNK: usize = 5_000;
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct SnapshotReport {
@@ -220,8 +224,8 @@ fn write_member(w: &mut impl Write, m: &[u8]) -> io::Result<()> {
 }
 
 /// An upload in progress. Dropping it without `finish` abandons it: `CURRENT` does not move.
-pub struct SnapshotUpload<'a> {
-    queue: &'a Queue,
+pub struct SnapshotUpload {
+    queue: Arc<Queue>,
     audience: String,
     split: String,
     dir: PathBuf,
@@ -239,7 +243,7 @@ pub struct SnapshotUpload<'a> {
     runs: Vec<PathBuf>,
 }
 
-impl Drop for SnapshotUpload<'_> {
+impl Drop for SnapshotUpload {
     /// Frees the split, and removes what an upload that did not finish left: its sorted runs
     /// and a generation file `CURRENT` does not name. (After `finish`, the runs are gone.)
     fn drop(&mut self) {
@@ -262,10 +266,10 @@ impl Queue {
     /// Starts an upload of a split's whole membership. Fails with `Conflict` while another
     /// upload of the same split runs.
     pub fn begin_snapshot(
-        &self,
+        self: &Arc<Self>,
         audience: &str,
         split: &str,
-    ) -> Result<SnapshotUpload<'_>, QueueError> {
+    ) -> Result<SnapshotUpload, QueueError> {
         // Audience and split ids are letters, digits, '-' and '_' (checked at ingest), so
         // they are safe in a file name and '.' cannot be part of either.
         let dir = self.snapshot_dir.join(format!("{audience}.{split}"));
@@ -281,7 +285,7 @@ impl Queue {
             )));
         }
         let mut upload = SnapshotUpload {
-            queue: self,
+            queue: Arc::clone(self),
             audience: audience.to_string(),
             split: split.to_string(),
             dir,
@@ -299,7 +303,7 @@ impl Queue {
     }
 }
 
-impl SnapshotUpload<'_> {
+impl SnapshotUpload {
     /// Reads `CURRENT` and removes what earlier uploads left behind.
     fn prepare(&mut self) -> Result<(), QueueError> {
         // `snapshots/` and the split's directory are synced into their parents: `CURRENT`
@@ -344,7 +348,7 @@ pub fn clean_snapshot_dirs(snapshot_dir: &Path) -> Result<(), QueueError> {
     Ok(())
 }
 
-impl SnapshotUpload<'_> {
+impl SnapshotUpload {
     /// Sorts in runs of this many bytes instead of `RUN_BYTES` (tests use tiny runs to
     /// exercise the merge).
     pub fn with_run_bytes(mut self, bytes: usize) -> Self {
@@ -456,7 +460,9 @@ impl SnapshotUpload<'_> {
                     .into(),
             ));
         }
-        let mut chunk = Vec::with_capacity(CHUNK);
+        let mut chunk = Vec::with_capacity(STAGE);
+        let mut staged = 0;
+        let mut wrote = super::Wrote::default();
         loop {
             let (user, member, resent) = match (&a, &b) {
                 (None, None) => break,
@@ -506,12 +512,20 @@ impl SnapshotUpload<'_> {
                 member,
                 time: None,
             }));
-            if chunk.len() >= CHUNK {
-                let full = std::mem::take(&mut chunk);
-                self.queue.enqueue_with(full, !self.full).await?;
+            if chunk.len() >= STAGE {
+                wrote = wrote.and(self.queue.stage(&chunk, !self.full)?);
+                staged += chunk.len();
+                chunk.clear();
+                if staged >= CHUNK {
+                    self.queue.commit(std::mem::take(&mut wrote)).await?;
+                    staged = 0;
+                }
             }
         }
-        self.queue.enqueue_with(chunk, !self.full).await?;
+        if !chunk.is_empty() {
+            wrote = wrote.and(self.queue.stage(&chunk, !self.full)?);
+        }
+        self.queue.commit(wrote).await?;
 
         // Only now, with every difference durable, does this snapshot become the reference.
         // The new file's data and entry are durable before `CURRENT` names it.

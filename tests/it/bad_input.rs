@@ -381,12 +381,12 @@ fn corpus() -> Vec<Case> {
             .typed(Some("multipart/form-data; boundary=b"))
             .says("not taken"),
         // Over `ingest.max_body_bytes`.
-        case("one byte over the limit", M, " ".repeat(LIMIT + 1), 413).says("length limit"),
+        case("one byte over the limit", M, " ".repeat(LIMIT + 1), 413).says("max_body_bytes"),
         case("a chunked body over the limit", E, " ".repeat(LIMIT + 1), 413)
             .streamed()
-            .says("length limit"),
+            .says("max_body_bytes"),
         case("over the limit on /users/track", T, " ".repeat(LIMIT + 1), 413)
-            .says("length limit"),
+            .says("max_body_bytes"),
     ]
 }
 
@@ -694,7 +694,7 @@ async fn a_snapshot_upload_that_goes_quiet_is_abandoned_and_frees_its_split() {
         .expect("the quiet upload was never abandoned")
         .unwrap();
     assert!(started.elapsed() >= Duration::from_millis(250));
-    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("sent nothing for 300 ms"), "{answer}");
     assert_eq!(env.stats().await["queue"]["accepted_total"], 0);
     // The split is free at once, and the abandoned members were never part of a snapshot.

@@ -13,6 +13,7 @@ mod crash;
 mod disk;
 mod end_to_end;
 mod faults;
+mod hostile;
 mod import;
 mod model;
 mod newcomer;

@@ -288,7 +288,7 @@ async fn an_update_braze_already_has_is_not_queued_again() {
 #[tokio::test]
 async fn a_snapshot_larger_than_memory_is_merged_from_sorted_runs() {
     let dir = tempfile::tempdir().unwrap();
-    let q = Queue::open(dir.path(), settings(1_000_000)).unwrap();
+    let q = std::sync::Arc::new(Queue::open(dir.path(), settings(1_000_000)).unwrap());
     // 5,000 users in a scrambled order, each twice, sorted in runs of about 100 ids.
     let users: Vec<u64> = (0..5000u64).map(|i| (i * 7919) % 5000).collect();
     let mut upload = q.begin_snapshot("a", "1").unwrap().with_run_bytes(4096);
@@ -722,14 +722,14 @@ async fn snapshot_spills_keep_the_reserve_and_the_bound_and_leave_nothing_behind
         names.sort();
         names
     };
-    let add_many = |upload: &mut aiq_braze_sync::queue::SnapshotUpload<'_>, n: u32| {
+    let add_many = |upload: &mut aiq_braze_sync::queue::SnapshotUpload, n: u32| {
         (0..n).try_for_each(|i| upload.add(&UserId::External(format!("user-{i}"))))
     };
 
     // The free-disk reserve is more than the disk has: the first spill is refused as full.
     let mut no_room = settings(1000);
     no_room.min_free_bytes = u64::MAX / 2;
-    let q = Queue::open(dir.path(), no_room).unwrap();
+    let q = std::sync::Arc::new(Queue::open(dir.path(), no_room).unwrap());
     let mut upload = q.begin_snapshot("a", "1").unwrap().with_run_bytes(4096);
     assert!(matches!(
         add_many(&mut upload, 2000),
@@ -742,7 +742,7 @@ async fn snapshot_spills_keep_the_reserve_and_the_bound_and_leave_nothing_behind
     // A snapshot bigger than the queue's disk bound is refused, and leaves nothing.
     let mut small = settings(1000);
     small.max_disk_bytes = 2 << 20;
-    let q = Queue::open(dir.path(), small).unwrap();
+    let q = std::sync::Arc::new(Queue::open(dir.path(), small).unwrap());
     let mut upload = q.begin_snapshot("a", "1").unwrap().with_run_bytes(64 << 10);
     let refused = add_many(&mut upload, 100_000);
     assert!(

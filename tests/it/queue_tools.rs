@@ -246,3 +246,90 @@ async fn a_dead_event_is_listed_with_the_object_braze_was_sent() {
     assert_eq!(dead["source"], "database", "{dead}");
     assert_eq!(dead["records"][0]["object"], expected, "{dead}");
 }
+
+/// The admin API carries personal data and can purge: with no token configured it answers
+/// only on the admin socket (0600), which the `queue` commands use; over TCP it is refused
+/// whatever the client, and with a token it needs the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_needs_a_credential_and_the_commands_use_the_socket() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeBraze::start(API_KEY).await.unwrap();
+    let start = |token: Option<&str>| {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let path = dir.path().join("config.toml");
+        let token = token.map_or(String::new(), |t| format!("token = {t:?}\n"));
+        std::fs::write(
+            &path,
+            format!(
+                "data_dir = {:?}\n[braze]\nendpoint = {:?}\napi_key = {API_KEY:?}\n[ingest]\nlisten = \"{addr}\"\n{token}",
+                dir.path().join("data"),
+                fake.url()
+            ),
+        )
+        .unwrap();
+        (path, listener, addr)
+    };
+
+    // No token, loopback: what the defaults give.
+    let (path, listener, addr) = start(None);
+    let config = Config::load(&path).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+    let daemon = aiq_braze_sync::daemon::start(&config, listener)
+        .await
+        .unwrap();
+    let socket = dir.path().join("data").join("admin.sock");
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    let client = http();
+    for (method, what) in [
+        ("GET", "peek"),
+        ("GET", "dead"),
+        ("GET", "stats"),
+        ("POST", "purge-dead"),
+    ] {
+        let r = client
+            .request(
+                method.parse().unwrap(),
+                format!("http://{addr}/v1/admin/queue/{what}"),
+            )
+            .header("content-type", "application/json")
+            .body(r#"{"all":true}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{what} over TCP without a token");
+    }
+    // Ingest still works without a token on loopback; the commands reach the daemon.
+    let (status, _) = post(
+        &client,
+        &format!("http://{addr}/v1/memberships"),
+        membership("u1", "a", "1", true).to_string(),
+    )
+    .await;
+    assert_eq!(status, 202);
+    let stats = cli_json(&path, &["queue", "stats", "--json"]).await;
+    assert_eq!(stats["source"], "daemon", "{stats}");
+    assert_eq!(stats["queue"]["accepted_total"], 1, "{stats}");
+    daemon.shutdown().await.unwrap();
+    assert!(!socket.exists(), "the socket is removed at a clean stop");
+
+    // With a token: the admin API over TCP needs it; the socket needs none.
+    let (path, listener, addr) = start(Some(TOKEN));
+    let config = Config::load(&path).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+    let daemon = aiq_braze_sync::daemon::start(&config, listener)
+        .await
+        .unwrap();
+    let stats = format!("http://{addr}/v1/admin/queue/stats");
+    let anonymous = client.get(&stats).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let with_token = client.get(&stats).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(with_token.status(), 200);
+    let peek = cli_json(&path, &["queue", "peek", "--json"]).await;
+    assert_eq!(peek["source"], "daemon", "{peek}");
+    daemon.shutdown().await.unwrap();
+}
