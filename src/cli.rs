@@ -29,7 +29,16 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon: ingest over HTTP, deliver to Braze. Stops cleanly on SIGTERM/SIGINT.
-    Run,
+    Run {
+        /// Start even if queue files are damaged (cut short, deleted, unreadable): what they
+        /// lost is logged, counted in aiq_queue_lost_total, and given up. Without it the daemon
+        /// refuses to start on damage and names the files. Use once, after deciding not to
+        /// restore a backup. Under systemd: `systemctl set-environment
+        /// AIQ_SYNC_ACCEPT_LOSS=1`, restart, then `systemctl unset-environment
+        /// AIQ_SYNC_ACCEPT_LOSS`.
+        #[arg(long, env = "AIQ_SYNC_ACCEPT_LOSS", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false)]
+        accept_loss: bool,
+    },
     /// See it work: a local stand-in for Braze, the daemon, and the sample data in data/.
     /// Needs no configuration file.
     Demo {

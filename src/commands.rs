@@ -30,6 +30,8 @@ pub enum ExitCode {
     PermissionMissing = 5,
     /// `check`: Braze answered 404: braze.endpoint is not a REST base URL.
     EndpointWrong = 6,
+    /// The queue's files are damaged: restarting cannot fix it (`run --accept-loss`).
+    Damaged = 7,
 }
 
 pub async fn run(
@@ -273,6 +275,13 @@ fn print_stats_table(out: &mut impl Write, v: &Value) -> std::io::Result<()> {
     let age = q["oldest_pending_age_ms"].as_u64().map_or("-".into(), age);
     writeln!(out, "oldest pending     {age}")?;
     writeln!(out, "bytes on disk      {}", n("disk_bytes"))?;
+    if n("lost_total") > 0 {
+        writeln!(
+            out,
+            "given up as lost   {}  (at most; damaged files accepted with run --accept-loss)",
+            n("lost_total")
+        )?;
+    }
     if let Some(d) = v.get("delivery") {
         writeln!(
             out,

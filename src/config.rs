@@ -150,6 +150,8 @@ pub struct Config {
     /// Files holding a secret (the config with an inline key or token, a key or token file)
     /// that group or others may read: logged as warnings at start.
     pub exposed: Vec<String>,
+    /// Not a key of the file: `run --accept-loss`, starting on damaged queue files.
+    pub accept_loss: bool,
 }
 
 /// `identity.prefer`: the identifier a `/v1` record or import row that carries both
@@ -452,6 +454,7 @@ impl Config {
                 identity: identity?,
                 update_existing_only: update_existing_only?,
                 exposed: Vec::new(),
+                accept_loss: false,
             })
         })();
         match config {
@@ -487,6 +490,7 @@ impl Config {
             identity: PreferId::default(),
             update_existing_only: UpdateExistingOnly::default(),
             exposed: Vec::new(),
+            accept_loss: false,
         }
     }
 }

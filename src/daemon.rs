@@ -71,6 +71,7 @@ pub fn queue_settings(config: &Config) -> QueueSettings {
         compact_min_bytes: config.queue.compact_min_bytes,
         min_free_bytes: config.queue.min_free_bytes,
         skip_unchanged_for: config.delivery.skip_unchanged_for,
+        accept_loss: config.accept_loss,
     }
 }
 

@@ -73,7 +73,10 @@ fn main() -> ExitCode {
             (Command::Demo { .. }, _) => Err(anyhow::anyhow!(
                 "this build has no demo: it was built without the `demo` feature"
             )),
-            (Command::Run, Some(config)) => commands::run(config, &cli.config, log_level).await,
+            (Command::Run { accept_loss }, Some(mut config)) => {
+                config.accept_loss = accept_loss;
+                commands::run(config, &cli.config, log_level).await
+            }
             (Command::Import { what }, Some(config)) => {
                 let (kind, args, empty_cells) = match what {
                     ImportWhat::Memberships(a) => {
@@ -131,9 +134,16 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("aiq-braze-sync: {e:#}");
+            let damaged = e.chain().any(|c| {
+                matches!(
+                    c.downcast_ref::<aiq_braze_sync::queue::QueueError>(),
+                    Some(aiq_braze_sync::queue::QueueError::Damaged(_))
+                )
+            });
             let code = e
                 .downcast_ref::<check::Failed>()
-                .map(check::Failed::exit_code);
+                .map(check::Failed::exit_code)
+                .or(damaged.then_some(commands::ExitCode::Damaged));
             ExitCode::from(code.unwrap_or(commands::ExitCode::Failure) as u8)
         }
     }

@@ -111,6 +111,11 @@ pub fn render(queue: Option<&Stats>, delivery: &DeliveryStats, latency: &Histogr
             "Queue rebuilds that gave disk space back.",
             counter(q.compactions_total),
         );
+        r.register(
+            "queue_lost",
+            "Records given up, at most, when damaged queue files were accepted (run --accept-loss)",
+            counter(q.lost_total),
+        );
     }
     r.register(
         "records_delivered",

@@ -199,9 +199,11 @@ pub struct EventLog {
     active: Option<(u64, File, u64)>,
     /// The last segment read from, kept open: leases read the same one over and over.
     reader: Option<(u64, File)>,
-    /// Written since the last sync: closed segments' handles, whether the active one was
-    /// written to, and whether a new file was created.
-    unsynced: Vec<File>,
+    /// Written since the last sync: closed segments' ids, lengths, event counts and handles,
+    /// whether the active one was written to, and whether a new file was created.
+    unsynced: Vec<(u64, u64, u64, File)>,
+    /// Events appended to the active segment.
+    active_events: u64,
     active_unsynced: bool,
     dir_unsynced: bool,
     /// One past the highest seq ever appended or found.
@@ -226,23 +228,30 @@ pub struct EventLog {
 
 /// Makes the log's writes since the last `take_unsynced` durable.
 pub struct Unsynced {
-    files: Vec<File>,
+    /// Segment id, its length and events written when taken, its handle.
+    files: Vec<(u64, u64, u64, File)>,
     dir: Option<PathBuf>,
 }
 
 impl Unsynced {
-    pub fn sync(self) -> io::Result<()> {
-        for f in &self.files {
+    /// Syncs; returns each segment synced with the length and event count now durable (for
+    /// the ledger).
+    pub fn sync(self) -> io::Result<Vec<(u64, u64, u64)>> {
+        for (_, _, _, f) in &self.files {
             f.sync_data()?;
         }
         if let Some(dir) = self.dir {
             super::store::sync_dir(&dir)?;
         }
-        Ok(())
+        Ok(self
+            .files
+            .iter()
+            .map(|(id, len, events, _)| (*id, *len, *events))
+            .collect())
     }
 }
 
-fn segment_path(dir: &Path, id: u64) -> PathBuf {
+pub fn segment_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("{id:010}.{EXTENSION}"))
 }
 
@@ -349,6 +358,7 @@ impl EventLog {
             active: None,
             reader: None,
             unsynced: Vec::new(),
+            active_events: 0,
             active_unsynced: false,
             dir_unsynced: false,
             end_seq: 0,
@@ -522,6 +532,7 @@ impl EventLog {
         *len += buf.len() as u64;
         let id = *id;
         self.active_unsynced = true;
+        self.active_events += frames.iter().map(|f| u64::from(f.1)).sum::<u64>();
         *self.segments.entry(id).or_default() += frames.len();
         for ((first, count, payload), offset) in frames.into_iter().zip(at) {
             self.chunks.insert(
@@ -576,9 +587,10 @@ impl EventLog {
             .append(true)
             .read(true)
             .open(segment_path(&self.dir, id))?;
-        if let Some((old, old_file, _)) = self.active.take() {
+        let old_events = std::mem::take(&mut self.active_events);
+        if let Some((old, old_file, old_len)) = self.active.take() {
             if std::mem::take(&mut self.active_unsynced) {
-                self.unsynced.push(old_file);
+                self.unsynced.push((old, old_len, old_events, old_file));
             }
             if self.segments.get(&old).is_none_or(|n| *n == 0) {
                 self.segments.remove(&old);
@@ -596,8 +608,8 @@ impl EventLog {
     pub fn take_unsynced(&mut self) -> io::Result<Unsynced> {
         let mut files = std::mem::take(&mut self.unsynced);
         if self.active_unsynced {
-            if let Some((_, file, _)) = &self.active {
-                files.push(file.try_clone()?);
+            if let Some((id, file, len)) = &self.active {
+                files.push((*id, *len, self.active_events, file.try_clone()?));
             }
             self.active_unsynced = false;
         }
@@ -757,6 +769,15 @@ impl EventLog {
             markers,
         };
         Some(state.encode())
+    }
+
+    /// The segment files there are.
+    pub fn segment_ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.segments.keys().copied()
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Bytes the segments take on disk.

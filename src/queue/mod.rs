@@ -85,6 +85,7 @@ pub use snapshot::{SnapshotMembers, SnapshotReport, SnapshotUpload};
 mod commit;
 mod eventlog;
 pub mod format;
+mod ledger;
 mod pending_users;
 mod state;
 mod store;
@@ -154,6 +155,9 @@ pub enum QueueError {
     Closed,
     #[error("queue database is corrupt: {0}")]
     Corrupt(String),
+    /// Files do not hold what the ledger says was stored in them, or cannot be read.
+    #[error("the queue's files are damaged: {0}")]
+    Damaged(String),
     #[error("queue storage error: {0}")]
     Storage(#[from] sled::Error),
     #[error("queue I/O error: {0}")]
@@ -199,6 +203,9 @@ pub struct QueueSettings {
     /// update-only write for a profile it does not have changes nothing, and other writers
     /// change profiles too), so what was sent is a cache that expires, not the truth.
     pub skip_unchanged_for: Option<std::time::Duration>,
+    /// Open even if files are damaged (`run --accept-loss`): what is lost is logged and
+    /// counted (`Stats::lost_total`), and the ledger starts over from what is there.
+    pub accept_loss: bool,
 }
 
 /// How much one Braze request may carry.
@@ -253,6 +260,9 @@ pub struct Stats {
     pub coalesced_total: u64,
     pub skipped_unchanged_total: u64,
     pub compactions_total: u64,
+    /// Records given up for lost when damaged files were accepted (`run --accept-loss`), at
+    /// most; kept in the ledger across restarts.
+    pub lost_total: u64,
     /// Per kind (membership, attribute, event, purchase), since the daemon started.
     pub accepted_by_kind: std::collections::BTreeMap<String, u64>,
     pub skipped_unchanged_by_kind: std::collections::BTreeMap<String, u64>,
@@ -358,6 +368,8 @@ pub struct Queue {
     committer: Committer,
     /// Makes the event log durable.
     log_committer: Committer,
+    /// What the files must hold (`ledger.rs`), kept by both commit threads.
+    ledger: Arc<ledger::Ledger>,
     counters: Counters,
     work: tokio::sync::Notify,
     /// The events lane (`eventlog.rs`). Locked inside `writer` and `leases`, never around
@@ -391,6 +403,123 @@ impl Drop for Queue {
     }
 }
 
+/// Syncs sled and tells the ledger which high-water mark is now durable: read before the
+/// sync, so that it is covered by it.
+fn sync_store(store: &RwLock<Store>, ledger: &ledger::Ledger) -> Result<(), QueueError> {
+    let store = store.read().expect("queue store lock poisoned");
+    let seq = next_seq_of(&store.tree)?;
+    store.sync()?;
+    ledger.tree_synced(seq);
+    Ok(())
+}
+
+/// Opens a generation; a panic inside sled (a damaged file can cause one) becomes the same
+/// clear error as any other damage.
+fn open_store(dir: &Path, generation: u64, cache_bytes: u64) -> Result<Store, QueueError> {
+    // The default hook would print the panic as if the program had crashed; its message is
+    // in the payload, and goes into the error. Only while opening, before anything else runs.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let opened = std::panic::catch_unwind(|| Store::open(dir, generation, cache_bytes));
+    std::panic::set_hook(hook);
+    match opened {
+        Ok(Err(QueueError::Storage(e))) => Err(QueueError::Damaged(format!(
+            "{} cannot be opened ({e}). {}",
+            dir.display(),
+            DAMAGE_CHOICES
+        ))),
+        Ok(opened) => opened,
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("a panic");
+            Err(QueueError::Damaged(format!(
+                "{} cannot be read ({why}). {}",
+                dir.display(),
+                DAMAGE_CHOICES
+            )))
+        }
+    }
+}
+
+/// What an operator can do about damaged files.
+const DAMAGE_CHOICES: &str = "Restore data_dir from a backup and start again; or start \
+    anyway, giving up what is lost: `aiq-braze-sync run --accept-loss` once (or \
+    AIQ_SYNC_ACCEPT_LOSS=1 in the service's environment), which logs each loss, counts it in \
+    aiq_queue_lost_total, and starts.";
+
+/// Settles the ledger at open: refuses damage unless `accept_loss`, and starts the ledger
+/// from what it said (for files still there) or, after accepting a loss, from what is there.
+fn open_ledger(
+    dir: &Path,
+    st: &Store,
+    log: &EventLog,
+    expected: Option<ledger::Entries>,
+    findings: Vec<ledger::Finding>,
+    accept_loss: bool,
+) -> Result<Arc<ledger::Ledger>, QueueError> {
+    let present = |e: &ledger::Entries| -> BTreeMap<u64, (u64, u64)> {
+        e.segments
+            .iter()
+            .filter(|(id, _)| eventlog::segment_path(log.dir(), **id).exists())
+            .map(|(id, len)| (*id, *len))
+            .collect()
+    };
+    if findings.is_empty() {
+        let start = match &expected {
+            Some(e) => ledger::Entries {
+                segments: present(e),
+                ..e.clone()
+            },
+            None => ledger::Entries::default(),
+        };
+        let ledger = ledger::Ledger::new(dir, start);
+        ledger.write()?;
+        return Ok(ledger);
+    }
+    if !accept_loss {
+        let list: Vec<String> = findings.iter().map(|f| format!("- {f}")).collect();
+        return Err(QueueError::Damaged(format!(
+            "refusing to start: files do not hold what was stored in them (the record is {}):\n{}\n{}",
+            dir.join(ledger::FILE).display(),
+            list.join("\n"),
+            DAMAGE_CHOICES
+        )));
+    }
+    let mut lost = 0;
+    for f in &findings {
+        lost += f.records.unwrap_or(0);
+        tracing::error!(file = %f.file.display(), loss = %f.what,
+            "damaged queue file accepted (--accept-loss): what it lost will not be delivered");
+    }
+    // From what the files hold now, made durable first, so that the new record is true.
+    st.sync()?;
+    let expected = expected.unwrap_or_default();
+    let mut segments = BTreeMap::new();
+    for id in log.segment_ids() {
+        if let Some(&(len, events)) = expected.segments.get(&id) {
+            let now =
+                std::fs::metadata(eventlog::segment_path(log.dir(), id)).map_or(0, |m| m.len());
+            segments.insert(id, (len.min(now), events));
+        }
+    }
+    let now = ledger::Entries {
+        tree_seq: next_seq_of(&st.tree)?,
+        segments,
+        lost: expected.lost,
+    };
+    let ledger = ledger::Ledger::new(dir, now.clone());
+    ledger.accept(now, lost)?;
+    tracing::warn!(
+        files = findings.len(),
+        records_at_most = lost,
+        "started on damaged files; the ledger now vouches for what is there"
+    );
+    Ok(ledger)
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -419,11 +548,51 @@ impl Queue {
                 1
             }
         };
-        let st = Store::open(
-            &store::generation_dir(&dir, generation),
-            generation,
-            settings.cache_bytes,
-        )?;
+        // What the files must hold, checked before anything below changes them.
+        let expected = ledger::read(&dir)?;
+        let events_dir = dir.join(EVENTS_DIR);
+        let mut findings = Vec::new();
+        if let Some(e) = &expected {
+            findings.extend(ledger::check_segments(
+                e,
+                &events_dir,
+                eventlog::segment_path,
+            ));
+        }
+        let mut generation = generation;
+        let mut generation_dir = store::generation_dir(&dir, generation);
+        let mut set_aside = false;
+        let st = match open_store(&generation_dir, generation, settings.cache_bytes) {
+            // Accepting the loss of a database sled cannot read: it is set aside (kept, out
+            // of the way) and a new, empty generation takes its place.
+            Err(QueueError::Damaged(why)) if settings.accept_loss => {
+                let aside = dir.join(format!("damaged-gen-{generation:06}"));
+                std::fs::rename(&generation_dir, &aside)?;
+                findings.push(ledger::Finding {
+                    file: generation_dir.clone(),
+                    what: format!(
+                        "could not be read ({why}); set aside as {}: its undelivered attribute \
+                         updates and memberships are lost",
+                        aside.display()
+                    ),
+                    records: expected.as_ref().map(|e| e.tree_seq),
+                });
+                set_aside = true;
+                generation += 1;
+                generation_dir = store::generation_dir(&dir, generation);
+                store::create_dir_durable(&generation_dir)?;
+                store::write_current(&dir, generation)?;
+                open_store(&generation_dir, generation, settings.cache_bytes)?
+            }
+            other => other?,
+        };
+        if let Some(e) = expected.as_ref().filter(|_| !set_aside) {
+            findings.extend(ledger::check_tree(
+                e,
+                &generation_dir,
+                next_seq_of(&st.tree)?,
+            ));
+        }
         let state = state::State::open(
             &data_dir.join("state"),
             (settings.cache_bytes / 4).max(4 << 20),
@@ -451,7 +620,26 @@ impl Queue {
         counters.dead.store(dead, Ordering::Relaxed);
 
         let gone = eventlog::gone_state(&st.tree)?;
-        let (mut log, damage) = EventLog::open(&dir.join(EVENTS_DIR), &gone)?;
+        let (mut log, damage) = EventLog::open(&events_dir, &gone)?;
+        // Opening cuts off a torn tail: never below what was synced.
+        if let Some(e) = &expected {
+            let present: BTreeMap<u64, (u64, u64)> = e
+                .segments
+                .iter()
+                .filter(|(id, _)| eventlog::segment_path(&events_dir, **id).exists())
+                .map(|(id, len)| (*id, *len))
+                .collect();
+            let after = ledger::Entries {
+                segments: present,
+                ..ledger::Entries::default()
+            };
+            findings.extend(ledger::check_segments(
+                &after,
+                &events_dir,
+                eventlog::segment_path,
+            ));
+        }
+        let ledger = open_ledger(&dir, &st, &log, expected, findings, settings.accept_loss)?;
         let mut next_seq = next_seq_of(&st.tree)?
             .max(log.end_seq())
             .max(gone.watermark)
@@ -478,7 +666,7 @@ impl Queue {
         // Two commit threads, so that an event never waits for a sled sync (which a snapshot
         // or a backfill can make long) and an attribute update never waits for the log's.
         let log_committer = {
-            let log = Arc::clone(&log);
+            let (log, synced, due) = (Arc::clone(&log), Arc::clone(&ledger), Arc::clone(&ledger));
             Committer::spawn(
                 "queue-commit-log",
                 move || {
@@ -486,17 +674,19 @@ impl Queue {
                         .lock()
                         .expect("event log lock poisoned")
                         .take_unsynced()?;
-                    unsynced.sync()?;
+                    synced.segments_synced(&unsynced.sync()?);
                     Ok(())
                 },
-                || Ok(()),
+                // Between commits: the ledger, when it has something new to say.
+                move || due.write_if_due(),
             )?
         };
         let committer = {
-            let (store, sled_dirty, progress) = (
+            let (store, sled_dirty, progress, synced_seq) = (
                 Arc::clone(&store),
                 Arc::clone(&sled_dirty),
                 Arc::clone(&progress_unsynced),
+                Arc::clone(&ledger),
             );
             let (progress_store, progress_flag) = (Arc::clone(&store), Arc::clone(&progress));
             Committer::spawn(
@@ -505,7 +695,7 @@ impl Queue {
                     if sled_dirty.swap(false, Ordering::AcqRel) {
                         // The same sync carries whatever progress was written before it.
                         let progressed = progress.swap(false, Ordering::AcqRel);
-                        let synced = store.read().expect("queue store lock poisoned").sync();
+                        let synced = sync_store(&store, &synced_seq);
                         if synced.is_err() {
                             sled_dirty.store(true, Ordering::Release);
                             progress.fetch_or(progressed, Ordering::AcqRel);
@@ -541,6 +731,7 @@ impl Queue {
             state_dir: data_dir.join("state"),
             committer,
             log_committer,
+            ledger,
             counters,
             work: tokio::sync::Notify::new(),
             log,
@@ -1293,6 +1484,7 @@ impl Queue {
             accepted_by_kind: by_kind(&c.accepted_by_kind),
             skipped_unchanged_by_kind: by_kind(&c.unchanged_by_kind),
             compactions_total: c.compactions.load(Ordering::Relaxed),
+            lost_total: self.ledger.lost(),
         })
     }
 
@@ -1300,7 +1492,8 @@ impl Queue {
     pub async fn sync(&self) -> Result<(), QueueError> {
         self.flush_progress()?;
         self.sled_dirty.store(true, Ordering::Release);
-        self.commit_all().await
+        self.commit_all().await?;
+        self.ledger.write()
     }
 
     /// Makes the log and sled durable, whatever was written.
@@ -1355,10 +1548,9 @@ impl Queue {
         if ids.is_empty() {
             return Ok(());
         }
-        self.store
-            .read()
-            .expect("queue store lock poisoned")
-            .sync()?;
+        sync_store(&self.store, &self.ledger)?;
+        // The ledger stops naming them first: a segment it names must exist.
+        self.ledger.forget_segments(&ids)?;
         self.log
             .lock()
             .expect("event log lock poisoned")

@@ -152,9 +152,10 @@ async fn slow_clients_under_a_small_file_limit_leave_room_for_a_good_request() {
         "POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {TOKEN}\r\n\
          Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
     );
+    let connected = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let slow: Vec<_> = (0..1200)
         .map(|_| {
-            let head = head.clone();
+            let (head, connected) = (head.clone(), connected.clone());
             tokio::spawn(async move {
                 let Ok(Ok(mut s)) = tokio::time::timeout(
                     Duration::from_secs(30),
@@ -167,6 +168,7 @@ async fn slow_clients_under_a_small_file_limit_leave_room_for_a_good_request() {
                 if s.write_all(head.as_bytes()).await.is_err() {
                     return;
                 }
+                connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 for _ in 0..1000 {
                     if s.write_all(b" ").await.is_err() {
                         return;
@@ -176,12 +178,26 @@ async fn slow_clients_under_a_small_file_limit_leave_room_for_a_good_request() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Until they all hold a connection (or wait in the backlog for one): more than the
+    // daemon's 1,024 files could serve.
+    let waiting = Instant::now();
+    while connected.load(std::sync::atomic::Ordering::Relaxed) < 1150
+        && waiting.elapsed() < Duration::from_secs(30)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "{} slow clients connected in {:?}",
+        connected.load(std::sync::atomic::Ordering::Relaxed),
+        waiting.elapsed()
+    );
 
+    // A new connection, as a new client makes: not one left open by the health check.
+    let fresh = http();
     let started = Instant::now();
     let answer = tokio::time::timeout(
         Duration::from_secs(5),
-        client
+        fresh
             .post(format!("{base}/v1/events"))
             .bearer_auth(TOKEN)
             .header("Content-Type", "application/json")

@@ -10,6 +10,7 @@ mod braze_client;
 mod check;
 mod common;
 mod crash;
+mod damage;
 mod disk;
 mod end_to_end;
 mod faults;

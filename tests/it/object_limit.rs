@@ -98,6 +98,7 @@ fn settings() -> QueueSettings {
         compact_min_bytes: 1 << 30,
         min_free_bytes: 0,
         skip_unchanged_for: None,
+        accept_loss: false,
     }
 }
 

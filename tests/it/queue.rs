@@ -15,6 +15,7 @@ fn settings(max_records: u64) -> QueueSettings {
         compact_min_bytes: 1 << 30,
         min_free_bytes: 0,
         skip_unchanged_for: Some(std::time::Duration::from_secs(604_800)),
+        accept_loss: false,
     }
 }
 
