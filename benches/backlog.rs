@@ -437,7 +437,7 @@ async fn timed(command: &mut Command) -> (f64, u64) {
     (started.elapsed().as_secs_f64(), peak)
 }
 
-/// Issue 7, item 5: see the module doc.
+/// `--snapshot N`: snapshot diffing at scale (see the module doc).
 async fn snapshot(members: u64) {
     let Run {
         bin,

@@ -1,4 +1,6 @@
-//! Group commit: one thread makes everyone's writes durable with one sync.
+//! Group commit: one thread makes everyone's writes durable with one sync. The queue runs
+//! two, one for the event log and one for sled, so a request waits only for the store it
+//! wrote to.
 //!
 //! sled 0.34.7's `flush_async()` deadlocks with several concurrent callers and its `flush()`
 //! does not fsync, so durability is ours. A writer inserts into sled, then asks this thread for

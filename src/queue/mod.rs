@@ -621,12 +621,16 @@ impl Queue {
 
         let gone = eventlog::gone_state(&st.tree)?;
         let (mut log, damage) = EventLog::open(&events_dir, &gone)?;
-        // Opening cuts off a torn tail: never below what was synced.
+        // Opening cuts off a torn tail: never below what was synced. Segments already
+        // found damaged above are not counted twice.
         if let Some(e) = &expected {
             let present: BTreeMap<u64, (u64, u64)> = e
                 .segments
                 .iter()
-                .filter(|(id, _)| eventlog::segment_path(&events_dir, **id).exists())
+                .filter(|(id, _)| {
+                    let path = eventlog::segment_path(&events_dir, **id);
+                    path.exists() && findings.iter().all(|f| f.file != path)
+                })
                 .map(|(id, len)| (*id, *len))
                 .collect();
             let after = ledger::Entries {
@@ -667,6 +671,7 @@ impl Queue {
         // or a backfill can make long) and an attribute update never waits for the log's.
         let log_committer = {
             let (log, synced, due) = (Arc::clone(&log), Arc::clone(&ledger), Arc::clone(&ledger));
+            let ledger_failing = AtomicBool::new(false);
             Committer::spawn(
                 "queue-commit-log",
                 move || {
@@ -677,8 +682,19 @@ impl Queue {
                     synced.segments_synced(&unsynced.sync()?);
                     Ok(())
                 },
-                // Between commits: the ledger, when it has something new to say.
-                move || due.write_if_due(),
+                // Between commits: the ledger, when it has something new to say. A failure
+                // is logged once per run of failures; the ledger then lags, which at worst
+                // lets damage to the newest writes go unnamed.
+                move || {
+                    match due.write_if_due() {
+                        Ok(()) => ledger_failing.store(false, Ordering::Relaxed),
+                        Err(e) if !ledger_failing.swap(true, Ordering::Relaxed) => {
+                            tracing::warn!(error = %e, "could not rewrite queue/LEDGER");
+                        }
+                        Err(_) => {}
+                    }
+                    Ok(())
+                },
             )?
         };
         let committer = {
