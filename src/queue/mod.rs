@@ -593,10 +593,26 @@ impl Queue {
                 next_seq_of(&st.tree)?,
             ));
         }
-        let state = state::State::open(
-            &data_dir.join("state"),
-            (settings.cache_bytes / 4).max(4 << 20),
-        )?;
+        let state_cache = (settings.cache_bytes / 4).max(4 << 20);
+        // A fact is of use while it can spare a write (sent within the skip window) or guard
+        // a dead letter of its attribute against a stale retry.
+        let dead_keys = dead_attribute_keys(&st.tree)?;
+        let window = settings.skip_unchanged_for;
+        let now = now_ms();
+        let keep = |key: &[u8], fact: &state::Settled| {
+            window.is_some_and(|w| fact.sent_within(w, now)) || dead_keys.contains(key)
+        };
+        let compacted = state::compact(data_dir, state_cache, settings.compact_min_bytes, keep)?;
+        if let Some(c) = compacted {
+            tracing::info!(
+                from_bytes = c.from_bytes,
+                to_bytes = c.to_bytes,
+                kept = c.kept,
+                dropped = c.dropped,
+                "state rebuilt without the facts no longer of use; disk space given back"
+            );
+        }
+        let state = state::State::open(&data_dir.join(state::DIR), state_cache)?;
         // Only after our generation is open (and locked) is it safe to remove the others,
         // and what interrupted snapshot uploads left.
         store::remove_other_generations(&dir, generation)?;
@@ -1960,6 +1976,22 @@ fn event_value(first: u64, entries: &[(u64, &[u8])]) -> Vec<u8> {
         [(seq, envelope)] if *seq == first => envelope.to_vec(),
         _ => format::encode_event_chunk(first, entries.iter().copied()),
     }
+}
+
+/// The latest-value keys of the attributes with a dead letter: their facts in `state/` must
+/// stay, or a retry could send a value older than one Braze already has.
+fn dead_attribute_keys(tree: &sled::Tree) -> Result<HashSet<Vec<u8>>, QueueError> {
+    let mut keys = HashSet::new();
+    for item in lane_records(tree, DEAD) {
+        let (_, value) = item?;
+        let stored = format::decode_dead(&value).and_then(|d| decode(&d.stored));
+        if let Ok(stored) = stored {
+            if let Some(attribute) = stored.record.attribute_name() {
+                keys.insert(latest_key(stored.record.user(), &attribute));
+            }
+        }
+    }
+    Ok(keys)
 }
 
 /// Every record of a sled lane (attribute updates, dead letters) in acceptance order, as its

@@ -1,8 +1,10 @@
 //! Long-lived per-user state, in its own sled database under `DATA_DIR/state/`.
 //!
 //! Kept apart from the queue so that the queue, which churns, can be rebuilt cheaply to give
-//! disk space back, while this, which grows only with the number of users and attributes,
-//! never needs to be.
+//! disk space back while the daemon runs. This grows with the number of users and attributes;
+//! a fact stops being of use once it is older than the skip window and no dead letter of its
+//! attribute is left, and at open `compact` rebuilds the database without such facts when it
+//! is mostly those (sled never shrinks a file by itself).
 //!
 //! **On-disk format** (changing it breaks existing databases; add a version instead):
 //! tree `settled`, key = the queue's latest-value key (`03 kind len id attribute`), value =
@@ -47,6 +49,130 @@ impl Settled {
     }
 }
 
+/// `DATA_DIR/state`, and the names a rebuild uses beside it.
+pub const DIR: &str = "state";
+const NEW: &str = "state.new";
+const OLD: &str = "state.old";
+
+/// What a rebuild did: bytes on disk before and after, facts kept and dropped.
+#[derive(Debug)]
+pub struct Compaction {
+    pub from_bytes: u64,
+    pub to_bytes: u64,
+    pub kept: u64,
+    pub dropped: u64,
+}
+
+/// Rebuilds `DATA_DIR/state` with only the facts `keep` wants, when it takes at least
+/// `min_bytes` on disk and those facts are under a quarter of that. Only at open, before
+/// anything else has the database open.
+///
+/// The new database is written beside it (`state.new`) and synced, then swapped in by two
+/// renames and a sync of `data_dir`; a crash at any point leaves either database whole, and
+/// the next open finishes or discards the swap. Losing facts is never losing records: a fact
+/// only spares Braze a write it already had, or a stale dead letter its retry.
+pub fn compact(
+    data_dir: &Path,
+    cache_bytes: u64,
+    min_bytes: u64,
+    keep: impl Fn(&[u8], &Settled) -> bool,
+) -> Result<Option<Compaction>, QueueError> {
+    let (dir, new, old) = (data_dir.join(DIR), data_dir.join(NEW), data_dir.join(OLD));
+    // An earlier rebuild cut short: between the renames, the new one is whole.
+    if !dir.exists() && new.exists() {
+        std::fs::rename(&new, &dir)?;
+        super::store::sync_dir(data_dir)?;
+    }
+    for leftover in [&new, &old] {
+        if leftover.exists() {
+            std::fs::remove_dir_all(leftover)?;
+        }
+    }
+    let from_bytes = super::store::dir_bytes(&dir);
+    if from_bytes < min_bytes.max(1) {
+        return Ok(None);
+    }
+    let state = State::open(&dir, cache_bytes)?;
+    let (mut kept, mut kept_bytes, mut dropped) = (0u64, 0u64, 0u64);
+    for item in state.settled.iter() {
+        let (key, value) = item?;
+        match decode(&value) {
+            Some(fact) if keep(&key, &fact) => {
+                kept += 1;
+                kept_bytes += (key.len() + value.len()) as u64;
+            }
+            _ => dropped += 1,
+        }
+    }
+    if kept_bytes.saturating_mul(4) >= from_bytes {
+        return Ok(None);
+    }
+    {
+        let fresh = State::open(&new, cache_bytes)?;
+        for item in state.settled.iter() {
+            let (key, value) = item?;
+            if decode(&value).is_some_and(|fact| keep(&key, &fact)) {
+                fresh.settled.insert(key, value)?;
+            }
+        }
+        fresh._db.flush()?;
+    }
+    drop(state);
+    sync_all(&new)?;
+    super::store::sync_dir(data_dir)?;
+    std::fs::rename(&dir, &old)?;
+    std::fs::rename(&new, &dir)?;
+    super::store::sync_dir(data_dir)?;
+    std::fs::remove_dir_all(&old)?;
+    Ok(Some(Compaction {
+        from_bytes,
+        to_bytes: super::store::dir_bytes(&dir),
+        kept,
+        dropped,
+    }))
+}
+
+/// Syncs every file and directory under `dir`, and `dir` itself.
+fn sync_all(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            sync_all(&entry.path())?;
+        } else {
+            std::fs::File::open(entry.path())?.sync_all()?;
+        }
+    }
+    super::store::sync_dir(dir)
+}
+
+/// A stored fact, or `None` if it does not read.
+fn decode(v: &[u8]) -> Option<Settled> {
+    let u64_at = |at: usize| {
+        v.get(at..at + 8)
+            .and_then(|s| s.try_into().ok())
+            .map(u64::from_be_bytes)
+    };
+    let delivered = |from: usize| v.get(from..).map(<[u8]>::to_vec).filter(|d| !d.is_empty());
+    match v.first() {
+        Some(&V1) => u64_at(1).map(|seq| Settled {
+            seq,
+            delivered: None,
+            at_ms: None,
+        }),
+        Some(&V2) => u64_at(1).map(|seq| Settled {
+            seq,
+            delivered: delivered(9),
+            at_ms: None,
+        }),
+        Some(&V3) => u64_at(1).zip(u64_at(9)).map(|(seq, at)| Settled {
+            seq,
+            delivered: delivered(17),
+            at_ms: Some(at),
+        }),
+        _ => None,
+    }
+}
+
 pub struct State {
     /// Held so the database stays open; `settled` is a tree inside it.
     _db: sled::Db,
@@ -65,33 +191,7 @@ impl State {
     }
 
     pub fn settled(&self, latest_key: &[u8]) -> Result<Option<Settled>, QueueError> {
-        let Some(v) = self.settled.get(latest_key)? else {
-            return Ok(None);
-        };
-        let u64_at = |at: usize| {
-            v.get(at..at + 8)
-                .and_then(|s| s.try_into().ok())
-                .map(u64::from_be_bytes)
-        };
-        let delivered = |from: usize| Some(v[from..].to_vec()).filter(|d| !d.is_empty());
-        Ok(match v.first() {
-            Some(&V1) => u64_at(1).map(|seq| Settled {
-                seq,
-                delivered: None,
-                at_ms: None,
-            }),
-            Some(&V2) => u64_at(1).map(|seq| Settled {
-                seq,
-                delivered: delivered(9),
-                at_ms: None,
-            }),
-            Some(&V3) => u64_at(1).zip(u64_at(9)).map(|(seq, at)| Settled {
-                seq,
-                delivered: delivered(17),
-                at_ms: Some(at),
-            }),
-            _ => None,
-        })
+        Ok(self.settled.get(latest_key)?.and_then(|v| decode(&v)))
     }
 
     /// The highest rank of this attribute's updates that left the queue, if any.

@@ -760,3 +760,61 @@ async fn snapshot_spills_keep_the_reserve_and_the_bound_and_leave_nothing_behind
     let _q = Queue::open(dir.path(), settings(1000)).unwrap();
     assert_eq!(files(&split_dir), Vec::<String>::new());
 }
+
+/// `state/` gives its space back: facts older than the skip window, with no dead letter of
+/// their attribute left, are dropped by a rebuild at open, and the facts a dead letter needs
+/// stay (its stale retry is still refused).
+#[tokio::test]
+async fn state_is_rebuilt_without_the_facts_no_longer_of_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(1_000_000);
+    // No skip window: a fact is then of use only to a dead letter of its attribute.
+    s.skip_unchanged_for = None;
+    s.compact_min_bytes = 1 << 20;
+    let deliver_all = |q: &Queue, outcome: Outcome| loop {
+        let leased = q.lease(&limits()).unwrap();
+        if leased.is_empty() {
+            break;
+        }
+        q.complete(leased.into_iter().map(|l| (l, outcome.clone())).collect())
+            .unwrap();
+    };
+    {
+        let q = Queue::open(dir.path(), s.clone()).unwrap();
+        // An update refused, then a newer one of the same attribute delivered.
+        q.enqueue(vec![member("guarded", true)]).await.unwrap();
+        deliver_all(&q, Outcome::Dead("REFUSED".into()));
+        q.enqueue(vec![member("guarded", false)]).await.unwrap();
+        for chunk in 0..20 {
+            let users: Vec<Record> = (0..1000)
+                .map(|i| member(&format!("user-{chunk}-{i}"), true))
+                .collect();
+            q.enqueue(users).await.unwrap();
+        }
+        deliver_all(&q, Outcome::Delivered);
+        assert_eq!(q.stats().unwrap().dead, 1);
+        q.sync().await.unwrap();
+    }
+    let state = dir.path().join("state");
+    let before = aiq_braze_sync::queue::dir_bytes(&state);
+    assert!(
+        before > s.compact_min_bytes,
+        "{before} bytes: too few to test"
+    );
+
+    let q = Queue::open(dir.path(), s.clone()).unwrap();
+    let after = aiq_braze_sync::queue::dir_bytes(&state);
+    eprintln!("state/: {before} bytes before the rebuild, {after} after");
+    assert!(
+        after * 4 < before,
+        "state/ {before} bytes before, {after} after"
+    );
+    assert!(!dir.path().join("state.new").exists() && !dir.path().join("state.old").exists());
+    // The dead `true` is older than the delivered `false`: its retry is refused still.
+    let report = q
+        .retry_dead(&aiq_braze_sync::queue::Selection::All)
+        .await
+        .unwrap();
+    assert_eq!(report.superseded.len(), 1, "{report:?}");
+    assert_eq!(q.pending(), 0);
+}
