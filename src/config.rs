@@ -71,7 +71,7 @@ const DEFAULT_MIN_BODY_RATE: u64 = 1024;
 const DEFAULT_BODY_GRACE_MS: u64 = 2_000;
 const DEFAULT_UPLOAD_TIMEOUT_MS: u64 = 600_000;
 const DEFAULT_MAX_CONNECTIONS: u64 = 1024;
-const DEFAULT_WORKERS: u64 = 4;
+const DEFAULT_WORKERS: u64 = 256;
 const DEFAULT_BACKOFF_INITIAL_MS: u64 = 500;
 const DEFAULT_BACKOFF_MAX_MS: u64 = 60_000;
 /// Upper bound for both backoff settings: a day. Longer waits are surely typos, and a bound
@@ -263,7 +263,8 @@ pub struct IngestConfig {
 /// `[delivery]`: the workers that drain the queue into Braze.
 #[derive(Debug, Clone)]
 pub struct DeliveryConfig {
-    /// `delivery.workers`: concurrent delivery tasks.
+    /// `delivery.workers`: the most requests to Braze in flight at once. How many are is
+    /// adapted to Braze's answers below this (`delivery::concurrency`).
     pub workers: usize,
     /// `delivery.backoff_initial_ms`: the first wait after a transient failure.
     pub backoff_initial: Duration,
@@ -372,7 +373,7 @@ pub enum ConfigError {
     #[error("config file is not valid TOML: {0}")]
     Syntax(String),
     /// The file is TOML but some settings are wrong or missing: one `KEY: why` line per problem,
-    /// e.g. `delivery.workers: must be between 1 and 64, got 0`.
+    /// e.g. `delivery.workers: must be between 2 and 1024, got 0`.
     #[error("{}", .0.join("\n"))]
     Invalid(Vec<String>),
 }
@@ -735,7 +736,7 @@ fn read_delivery(root: &Table, p: &mut Problems) -> Checked<DeliveryConfig> {
     let s = Section::open(root, "delivery", DELIVERY_KEYS, p);
 
     let workers = s
-        .integer(p, "workers", DEFAULT_WORKERS, 1..=64)
+        .integer(p, "workers", DEFAULT_WORKERS, 2..=1024)
         .map(to_usize);
     let backoff_initial = s.integer(
         p,
@@ -1422,7 +1423,7 @@ mod tests {
         assert!(c.ingest.token.is_none());
         assert_eq!(c.ingest.max_body_bytes, 16 * 1024 * 1024);
         assert!(!c.ingest.export_passthrough);
-        assert_eq!(c.delivery.workers, 4);
+        assert_eq!(c.delivery.workers, 256);
         assert_eq!(c.delivery.backoff_initial, Duration::from_millis(500));
         assert_eq!(c.delivery.backoff_max, Duration::from_secs(60));
         assert_eq!(c.delivery.max_requests_per_second, None);
@@ -1846,6 +1847,6 @@ mod tests {
         assert_eq!(c.ingest.listen.port(), 0);
         assert!(c.ingest.listen.ip().is_loopback());
         assert_eq!(c.braze.endpoint, "http://127.0.0.1:1234");
-        assert_eq!(c.delivery.workers, 4);
+        assert_eq!(c.delivery.workers, 256);
     }
 }

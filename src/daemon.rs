@@ -156,7 +156,7 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
             max_bytes: config.braze.max_request_bytes,
         },
         counters: DeliveryCounters::default(),
-        backfill_slots: config.delivery.workers.saturating_sub(1).max(1),
+        limiter: crate::delivery::concurrency::Limiter::new(config.delivery.workers),
         backfill_in_flight: Default::default(),
     });
     let (stop_workers, stop_rx) = watch::channel(false);
@@ -243,7 +243,8 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
         }
     };
     let header_timeout = config.ingest.header_timeout;
-    let max_connections = http::connection_cap(config.ingest.max_connections);
+    let max_connections =
+        http::connection_cap(config.ingest.max_connections, config.delivery.workers);
     if max_connections < config.ingest.max_connections {
         tracing::warn!(
             max_connections,

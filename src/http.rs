@@ -746,18 +746,20 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
 }
 
-/// Descriptors kept back from connections: the queue's files, a snapshot merge's runs, the
-/// connections to Braze and the commands' own.
-const FILES_KEPT_BACK: usize = 256;
+/// Descriptors kept back from ingest connections besides one per connection to Braze: the
+/// queue's files, a snapshot merge's runs, the commands' own.
+const FILES_KEPT_BACK: usize = 128;
 
 /// How many connections `serve` takes at once: `wanted` (`ingest.max_connections`), but
 /// never so many that the rest of the daemon could run out of file descriptors: the
-/// open-file limit less `FILES_KEPT_BACK`, and at most half of it.
-pub fn connection_cap(wanted: usize) -> usize {
+/// open-file limit less `FILES_KEPT_BACK` and `braze_connections`, and at most half of it.
+pub fn connection_cap(wanted: usize, braze_connections: usize) -> usize {
     let files = rustix::process::getrlimit(rustix::process::Resource::Nofile)
         .current
         .map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
-    let room = files.saturating_sub(FILES_KEPT_BACK).max(files / 2);
+    let room = files
+        .saturating_sub(FILES_KEPT_BACK + braze_connections)
+        .max(files / 2);
     wanted.min(room).max(1)
 }
 

@@ -171,6 +171,16 @@ pub fn render(queue: Option<&Stats>, delivery: &DeliveryStats, latency: &Histogr
         },
     );
     r.register(
+        "delivery_in_flight",
+        "Requests to Braze in flight now.",
+        gauge(delivery.in_flight as u64),
+    );
+    r.register(
+        "delivery_concurrency_limit",
+        "Requests to Braze that may be in flight now: adapts to Braze's answers, up to delivery.workers.",
+        gauge(delivery.concurrency_limit as u64),
+    );
+    r.register(
         "delivery_state",
         "1 for the state delivery is in: delivering, retrying (backing off after transient \
          failures) or paused (Braze refuses the key or endpoint).",

@@ -23,6 +23,8 @@ pub struct ObjectError {
 /// What Braze's rate-limit headers said, when it said anything.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RateInfo {
+    /// Requests the window allows (`X-RateLimit-Limit`).
+    pub limit: Option<u64>,
     pub remaining: Option<u64>,
     /// Time until the window resets.
     pub reset_in: Option<Duration>,
@@ -579,9 +581,10 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     })
 }
 
-/// Reads `X-RateLimit-Remaining` and `X-RateLimit-Reset`. Reset is epoch seconds on most
+/// Reads `X-RateLimit-Limit`, `-Remaining` and `-Reset`. Reset is epoch seconds on most
 /// accounts and seconds remaining on MAU-priced ones; a value below a billion is the latter.
 pub fn rate_info(headers: &HeaderMap) -> RateInfo {
+    let limit = header(headers, "x-ratelimit-limit").and_then(|v| v.parse().ok());
     let remaining = header(headers, "x-ratelimit-remaining").and_then(|v| v.parse().ok());
     let reset_in = header(headers, "x-ratelimit-reset")
         .and_then(|v| v.parse::<f64>().ok())
@@ -597,6 +600,7 @@ pub fn rate_info(headers: &HeaderMap) -> RateInfo {
             }
         });
     RateInfo {
+        limit,
         remaining,
         reset_in,
     }

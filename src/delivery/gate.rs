@@ -40,7 +40,14 @@ struct State {
     failures: u64,
     /// The rate ceiling as a gap between requests; changed by a reload.
     min_interval: Option<Duration>,
+    /// The gap Braze's own limit asks for (`learn`), and the longest window seen.
+    learned_interval: Option<Duration>,
+    window: Duration,
 }
+
+/// The share of Braze's limit the gate paces to: close to all of it, with room for the
+/// jitter of timers and clocks, so that many requests in flight do not meet a 429.
+const SHARE_OF_LIMIT: f64 = 0.95;
 
 pub struct Gate {
     state: Mutex<State>,
@@ -90,6 +97,8 @@ impl Gate {
                 health: Health::Delivering,
                 failures: 0,
                 min_interval: interval_of(max_requests_per_second),
+                learned_interval: None,
+                window: Duration::ZERO,
             }),
             backoff_max: max,
             paced_ms: Default::default(),
@@ -138,7 +147,7 @@ impl Gate {
                         s.probe_in_flight = true;
                     }
                     let slot = s.next_slot.max(now);
-                    if let Some(interval) = s.min_interval {
+                    if let Some(interval) = s.min_interval.max(s.learned_interval) {
                         s.next_slot = slot + interval;
                     }
                     (slot - now, Some(Permit { probe }))
@@ -178,6 +187,22 @@ impl Gate {
         if permit.probe {
             self.lock().probe_in_flight = false;
         }
+    }
+
+    /// What Braze's rate-limit headers say of its limit: `limit` requests a window, the
+    /// current one ending in `reset_in`. The window's length is taken as the longest
+    /// `reset_in` seen (whole seconds), and requests are spaced so that `SHARE_OF_LIMIT` of
+    /// the limit is used: many requests in flight then approach the limit without a storm of
+    /// 429s. The configured ceiling still applies when it is lower.
+    pub fn learn(&self, limit: u64, reset_in: Duration) {
+        if limit == 0 {
+            return;
+        }
+        let mut s = self.lock();
+        let window = Duration::from_secs(reset_in.as_secs_f64().ceil().max(1.0) as u64);
+        s.window = s.window.max(window);
+        let interval = s.window.div_f64(limit as f64 * SHARE_OF_LIMIT);
+        s.learned_interval = Some(interval);
     }
 
     /// Braze answered 2xx. `remaining` and `reset_in` from its headers pace the workers so

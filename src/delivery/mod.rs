@@ -7,6 +7,7 @@
 //! record at fault stands alone; it alone is dead-lettered.
 
 pub mod activity;
+pub mod concurrency;
 pub mod gate;
 
 use std::collections::{HashMap, HashSet};
@@ -23,6 +24,7 @@ use crate::braze::{wire, BrazeClient, TrackOutcome};
 use crate::config::UpdateExistingOnly;
 use crate::queue::format::LANE_EVENTS;
 use crate::queue::{BatchLimits, Leased, Outcome, Queue, QueueError};
+use concurrency::Signal;
 use gate::{Failure, Gate, Permit};
 
 /// Counters for `queue stats` and `/metrics`.
@@ -82,6 +84,9 @@ pub struct DeliveryStats {
     pub dead_by_kind: std::collections::BTreeMap<&'static str, u64>,
     /// Seconds workers spent waiting under the rate ceiling or Braze's pacing.
     pub rate_limit_wait_seconds: f64,
+    /// Requests to Braze in flight now, and how many may be (`concurrency.rs`).
+    pub in_flight: usize,
+    pub concurrency_limit: usize,
 }
 
 pub struct Delivery {
@@ -92,9 +97,11 @@ pub struct Delivery {
     /// The `_update_existing_only` flag each kind of `/v1` record is sent with.
     pub policy: UpdateExistingOnly,
     pub counters: DeliveryCounters,
-    /// How many workers may send membership-only batches at once: workers - 1 (at least 1).
-    pub backfill_slots: usize,
-    /// Workers sending a membership-only batch right now.
+    /// Requests in flight at once, adapting to Braze's answers (`concurrency.rs`), up to
+    /// `delivery.workers`.
+    pub limiter: concurrency::Limiter,
+    /// Workers sending a membership-only batch right now: at most the limit less one, so a
+    /// slot is always left for events.
     pub backfill_in_flight: AtomicUsize,
     /// Which workers are inside a bounded step, and since when (the watchdog's evidence).
     pub activity: activity::Activity,
@@ -116,6 +123,8 @@ impl Delivery {
             delivered_by_kind: by_kind(&c.delivered_by_kind),
             dead_by_kind: by_kind(&c.dead_by_kind),
             rate_limit_wait_seconds: self.gate.paced().as_secs_f64(),
+            in_flight: self.limiter.in_flight(),
+            concurrency_limit: self.limiter.limit(),
         }
     }
 
@@ -136,15 +145,19 @@ impl Delivery {
     async fn worker(&self, id: usize, mut stop: watch::Receiver<bool>) {
         tracing::debug!(worker = id, "delivery worker started");
         loop {
+            let Some(slot) = self.limiter.acquire(&mut stop).await else {
+                break;
+            };
             let Some(permit) = self.gate.acquire(&mut stop).await else {
                 break;
             };
-            // At most workers - 1 may carry memberships alone, so one is always free for
-            // events however big the backfill (events never wait behind a backfill).
+            // At most the limit less one may carry memberships alone, so a slot is always
+            // free for events however big the backfill (events never wait behind a backfill).
+            let backfill_slots = self.limiter.limit().saturating_sub(1).max(1);
             let backfill_slot = self
                 .backfill_in_flight
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                    (n < self.backfill_slots).then_some(n + 1)
+                    (n < backfill_slots).then_some(n + 1)
                 })
                 .is_ok();
             let signal = self.queue.work_signal();
@@ -181,7 +194,8 @@ impl Delivery {
                 }
                 continue;
             }
-            let results = self.deliver(id, items, permit, &mut stop).await;
+            let (results, signal) = self.deliver(id, items, permit, &mut stop).await;
+            slot.finish(signal);
             if holds_slot {
                 self.backfill_in_flight.fetch_sub(1, Ordering::AcqRel);
             }
@@ -223,7 +237,9 @@ impl Delivery {
         items: Vec<Leased>,
         permit: Permit,
         stop: &mut watch::Receiver<bool>,
-    ) -> Vec<(Leased, Outcome)> {
+    ) -> (Vec<(Leased, Outcome)>, Signal) {
+        // What the first answer said of Braze's load; a push-back later overrides it.
+        let mut signal = Signal::Nothing;
         let mut done = Vec::with_capacity(items.len());
         let mut todo = vec![items];
         let mut permit = Some(permit);
@@ -244,11 +260,19 @@ impl Delivery {
                 let _busy = self.activity.busy(worker);
                 self.client.track(std::mem::take(&mut body.json)).await
             };
-            self.counters
-                .latency
-                .observe(sent_at.elapsed().as_secs_f64());
+            let latency = sent_at.elapsed();
+            self.counters.latency.observe(latency.as_secs_f64());
+            signal = match (&outcome, signal) {
+                (TrackOutcome::Retry { .. }, _) => Signal::PushedBack,
+                (TrackOutcome::Misconfigured { .. }, s) => s,
+                (_, Signal::Nothing) => Signal::Answered(latency),
+                (_, s) => s,
+            };
             match outcome {
                 TrackOutcome::Accepted { errors, rate } => {
+                    if let (Some(limit), Some(reset_in)) = (rate.limit, rate.reset_in) {
+                        self.gate.learn(limit, reset_in);
+                    }
                     self.gate.success(p, rate.remaining, rate.reset_in);
                     self.counters
                         .requests_accepted
@@ -333,7 +357,7 @@ impl Delivery {
                 }
             }
         }
-        done
+        (done, signal)
     }
 }
 

@@ -28,7 +28,7 @@ fn the_example_config_loads_with_a_key_from_the_environment() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/config.example.toml");
     let env = |k: &str| (k == "BRAZE_API_KEY").then(|| "k".to_string());
     let config = aiq_braze_sync::config::Config::load_with_env(&path, &env).unwrap();
-    assert_eq!(config.delivery.workers, 4);
+    assert_eq!(config.delivery.workers, 256);
     assert_eq!(config.braze.max_objects_per_request, 75);
 }
 

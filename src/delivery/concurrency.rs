@@ -1,0 +1,259 @@
+//! How many requests to Braze are in flight at once: a limit that adapts to Braze's answers.
+//!
+//! Each worker sends one request and waits for its answer, so throughput is the requests in
+//! flight divided by Braze's latency: a fixed few cannot follow a Braze that answers in
+//! 200 ms, and a fixed many overrun one that rate-limits. Workers take a `Slot` before they
+//! lease; the limit on slots moves with what Braze says:
+//! - **slow start**: while nothing has pushed back, each answer that comes back fast raises
+//!   the limit by two (it triples every round trip), from `START` up to `max`: at 200 ms a
+//!   round trip, the 200 in flight that 1,000 requests a second need are reached in under a
+//!   second;
+//! - **additive increase** after the first push-back: by one per round trip (`1 / limit` an
+//!   answer);
+//! - **multiplicative decrease** on a 429, a 5xx, a timeout or a network error (halved), and
+//!   when latency rises past twice the best seen (by a tenth), at most once per round trip;
+//! - it only grows while it is used: an idle queue does not inflate it.
+//!
+//! The limit never drops under `FLOOR`: with two slots one is always left for events while a
+//! backfill holds the other (`Delivery::worker`). The rate itself is the gate's business
+//! (`gate.rs`): this bounds what is in flight, the gate spaces what is sent.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+/// Where the limit starts.
+pub const START: f64 = 8.0;
+/// The lowest it goes.
+pub const FLOOR: f64 = 2.0;
+
+/// What an answer says about Braze's load.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Signal {
+    /// Answered (2xx, or a refusal of the records themselves) after `latency`.
+    Answered(Duration),
+    /// 429, 5xx, a timeout or a network error: Braze pushes back.
+    PushedBack,
+    /// Nothing to learn (no request went out, or the key is refused).
+    Nothing,
+}
+
+pub struct Limiter {
+    state: Mutex<State>,
+    freed: Notify,
+    max: f64,
+}
+
+struct State {
+    limit: f64,
+    in_flight: usize,
+    slow_start: bool,
+    /// The fastest answer seen lately: the latency of an unloaded Braze.
+    best: Option<Duration>,
+    last_decrease: Instant,
+}
+
+/// One request's place in flight; given back when dropped (or through `finish`).
+pub struct Slot<'a> {
+    limiter: &'a Limiter,
+    /// In flight with it, and the limit, when it was taken: an answer raises the limit only
+    /// if half of it or more was in use then or is at the answer.
+    taken_with: usize,
+    limit_then: f64,
+    done: bool,
+}
+
+impl Limiter {
+    pub fn new(max: usize) -> Limiter {
+        let max = (max as f64).max(FLOOR);
+        Limiter {
+            state: Mutex::new(State {
+                limit: START.min(max),
+                in_flight: 0,
+                slow_start: true,
+                best: None,
+                last_decrease: Instant::now(),
+            }),
+            freed: Notify::new(),
+            max,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .expect("concurrency limiter lock poisoned")
+    }
+
+    /// The current limit, whole.
+    pub fn limit(&self) -> usize {
+        self.lock().limit as usize
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.lock().in_flight
+    }
+
+    /// A slot, once fewer than the limit are in flight; `None` if `stop` fires first.
+    pub async fn acquire(&self, stop: &mut tokio::sync::watch::Receiver<bool>) -> Option<Slot<'_>> {
+        loop {
+            let freed = self.freed.notified();
+            {
+                let mut s = self.lock();
+                if *stop.borrow() {
+                    return None;
+                }
+                if (s.in_flight as f64) < s.limit.floor() {
+                    s.in_flight += 1;
+                    return Some(Slot {
+                        limiter: self,
+                        taken_with: s.in_flight,
+                        limit_then: s.limit.floor(),
+                        done: false,
+                    });
+                }
+            }
+            tokio::select! {
+                _ = freed => {}
+                _ = stop.changed() => {}
+            }
+        }
+    }
+
+    fn settle(&self, slot: &Slot<'_>, signal: Signal) {
+        let mut s = self.lock();
+        let busy = slot.taken_with.max(s.in_flight) as f64 >= slot.limit_then / 2.0;
+        s.in_flight -= 1;
+        let round_trip = s.best.unwrap_or(Duration::from_millis(100));
+        let may_decrease = s.last_decrease.elapsed() >= round_trip;
+        match signal {
+            Signal::Nothing => {}
+            Signal::PushedBack => {
+                s.slow_start = false;
+                if may_decrease {
+                    s.limit = (s.limit / 2.0).max(FLOOR);
+                    s.last_decrease = Instant::now();
+                }
+            }
+            Signal::Answered(latency) => {
+                // The best latency forgets slowly, so a Braze that got slower for good
+                // becomes the new normal rather than a congestion signal for ever.
+                let best = match s.best {
+                    Some(b) if latency >= b => b + (latency - b) / 64,
+                    _ => latency,
+                };
+                s.best = Some(best);
+                if latency > best * 2 + Duration::from_millis(20) {
+                    s.slow_start = false;
+                    if may_decrease {
+                        s.limit = (s.limit * 0.9).max(FLOOR);
+                        s.last_decrease = Instant::now();
+                    }
+                } else if busy {
+                    let step = if s.slow_start { 2.0 } else { 1.0 / s.limit };
+                    s.limit = (s.limit + step).min(self.max);
+                }
+            }
+        }
+        drop(s);
+        self.freed.notify_waiters();
+    }
+}
+
+impl Slot<'_> {
+    /// Gives the slot back with what the answer said.
+    pub fn finish(mut self, signal: Signal) {
+        self.done = true;
+        self.limiter.settle(&self, signal);
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.limiter.settle(self, Signal::Nothing);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stop() -> tokio::sync::watch::Receiver<bool> {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        std::mem::forget(tx);
+        rx
+    }
+
+    /// Fills every slot and answers them all with `signal`: one round trip.
+    async fn round(l: &Limiter, signal: Signal) {
+        let mut stop = stop();
+        let mut slots = Vec::new();
+        for _ in 0..l.limit() {
+            slots.push(l.acquire(&mut stop).await.unwrap());
+        }
+        for s in slots {
+            s.finish(signal);
+        }
+    }
+
+    #[tokio::test]
+    async fn fast_answers_triple_the_limit_each_round_trip_up_to_the_cap() {
+        let l = Limiter::new(256);
+        let fast = Signal::Answered(Duration::from_millis(200));
+        let mut seen = vec![l.limit()];
+        for _ in 0..8 {
+            round(&l, fast).await;
+            seen.push(l.limit());
+        }
+        assert_eq!(seen, vec![8, 24, 72, 216, 256, 256, 256, 256, 256]);
+    }
+
+    #[tokio::test]
+    async fn push_back_halves_it_once_a_round_trip_then_it_grows_by_one() {
+        let l = Limiter::new(256);
+        let fast = Signal::Answered(Duration::from_millis(10));
+        for _ in 0..5 {
+            round(&l, fast).await;
+        }
+        assert_eq!(l.limit(), 256);
+        std::thread::sleep(Duration::from_millis(20));
+        // A whole round of 429s: halved once, not 128 times.
+        round(&l, Signal::PushedBack).await;
+        assert_eq!(l.limit(), 128);
+        round(&l, fast).await;
+        round(&l, fast).await;
+        assert_eq!(l.limit(), 129, "about one more a round trip");
+        // Never under the floor.
+        for _ in 0..20 {
+            std::thread::sleep(Duration::from_millis(20));
+            round(&l, Signal::PushedBack).await;
+        }
+        assert_eq!(l.limit(), FLOOR as usize);
+    }
+
+    #[tokio::test]
+    async fn an_unused_limit_does_not_grow() {
+        let l = Limiter::new(256);
+        let mut stop = stop();
+        for _ in 0..100 {
+            let slot = l.acquire(&mut stop).await.unwrap();
+            slot.finish(Signal::Answered(Duration::from_millis(5)));
+        }
+        assert_eq!(l.limit(), START as usize);
+    }
+
+    #[tokio::test]
+    async fn rising_latency_lowers_the_limit() {
+        let l = Limiter::new(256);
+        for _ in 0..4 {
+            round(&l, Signal::Answered(Duration::from_millis(50))).await;
+        }
+        let before = l.limit();
+        std::thread::sleep(Duration::from_millis(60));
+        round(&l, Signal::Answered(Duration::from_millis(400))).await;
+        assert!(l.limit() < before, "{} then {}", before, l.limit());
+    }
+}
