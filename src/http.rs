@@ -298,20 +298,36 @@ where
     let (body, _held) = read_body(state, headers, body)
         .await
         .map_err(ApiError::Body)?;
-    let records = if body.len() <= PARSE_INLINE_MAX {
-        parse(&body)
-    } else {
-        tokio::task::spawn_blocking(move || parse(&body))
+    let n = if body.len() <= PARSE_INLINE_MAX {
+        let records = parse(&body).map_err(ApiError::BadInput)?;
+        let n = records.len();
+        state
+            .queue
+            .enqueue_with(records, skip_unchanged)
             .await
-            .expect("ingest parser panicked")
-    }
-    .map_err(ApiError::BadInput)?;
-    let n = records.len();
-    state
-        .queue
-        .enqueue_with(records, skip_unchanged)
+            .map_err(ApiError::Queue)?;
+        n
+    } else {
+        // Parsed and staged on the blocking pool: neither stalls the runtime's thread, which
+        // serves every other request and the delivery workers.
+        let queue = Arc::clone(&state.queue);
+        let staged = tokio::task::spawn_blocking(move || {
+            let records = parse(&body).map_err(ApiError::BadInput)?;
+            let staged = queue
+                .stage_blocking(&records, skip_unchanged)
+                .map_err(ApiError::Queue)?;
+            Ok::<_, ApiError>((records.len(), staged))
+        })
         .await
-        .map_err(ApiError::Queue)?;
+        .expect("ingest parser panicked");
+        let (n, staged) = staged?;
+        state
+            .queue
+            .commit_staged(staged)
+            .await
+            .map_err(ApiError::Queue)?;
+        n
+    };
     Ok((StatusCode::ACCEPTED, Json(json!({"accepted": n}))).into_response())
 }
 

@@ -151,9 +151,11 @@ impl Delivery {
             let Some(permit) = self.gate.acquire(&mut stop).await else {
                 break;
             };
-            // At most the limit less one may carry memberships alone, so a slot is always
-            // free for events however big the backfill (events never wait behind a backfill).
-            let backfill_slots = self.limiter.limit().saturating_sub(1).max(1);
+            // At most three quarters of the limit (and at least one less) may carry
+            // memberships alone, so slots are always free for events however big the
+            // backfill (events never wait behind a backfill, nor for each other's answers).
+            let limit = self.limiter.limit();
+            let backfill_slots = limit.saturating_sub((limit / 4).max(1)).max(1);
             let backfill_slot = self
                 .backfill_in_flight
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -173,6 +175,7 @@ impl Delivery {
             let items = match leased {
                 Ok(items) => items,
                 Err(e) => {
+                    drop(slot);
                     self.gate.unused(permit);
                     if !matches!(e, QueueError::Busy) {
                         tracing::error!(error = %e, "cannot read the queue");
@@ -187,6 +190,8 @@ impl Delivery {
                 }
             };
             if items.is_empty() {
+                // Waiting for work is not a request in flight: the slot goes back first.
+                drop(slot);
                 self.gate.unused(permit);
                 tokio::select! {
                     _ = tokio::time::timeout(Duration::from_millis(250), signal) => {}

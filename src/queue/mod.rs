@@ -851,6 +851,31 @@ impl Queue {
         self.commit(wrote).await
     }
 
+    /// `enqueue_with` for a large request, in two halves: this one stages the records,
+    /// blocking, on the caller's thread (not the runtime's), a few hundred at a time so that
+    /// the writer lock, which small requests take on the runtime's thread, is never held
+    /// long; `commit_staged` then waits for them to be durable. The bounds are checked for
+    /// the whole request first, so a request over them queues nothing.
+    pub fn stage_blocking(
+        &self,
+        records: &[Record],
+        skip_unchanged: bool,
+    ) -> Result<Staged, QueueError> {
+        self.check_bounds(records.len() as u64)?;
+        let mut wrote = Wrote::default();
+        for part in records.chunks(STAGE_AT_ONCE) {
+            let inserted = self.insert(part, skip_unchanged);
+            self.note_storage(&inserted);
+            wrote = wrote.and(inserted?);
+        }
+        Ok(Staged(wrote))
+    }
+
+    /// The second half of `stage_blocking`: every record it staged is durable on return.
+    pub async fn commit_staged(&self, staged: Staged) -> Result<(), QueueError> {
+        self.commit(staged.0).await
+    }
+
     /// The first half of `enqueue_with`: the records are in the store, not yet durable.
     /// Holds the writer lock while it runs, so callers with many records stage a few hundred
     /// at a time and `commit` once after several.
@@ -1688,6 +1713,13 @@ struct Staging<'a> {
     /// What the commit must make durable.
     wrote: Wrote,
 }
+
+/// Records a large request stages under the writer lock at a time (`stage_blocking`).
+const STAGE_AT_ONCE: usize = 500;
+
+/// Records staged by `stage_blocking`, not yet durable: hand to `commit_staged`.
+#[must_use = "staged records are not durable until commit_staged"]
+pub struct Staged(Wrote);
 
 /// Which stores a staging wrote to, so that its commit syncs those and only those.
 #[derive(Debug, Clone, Copy, Default)]

@@ -22,6 +22,7 @@ mod object_limit;
 mod observability;
 mod ordering;
 mod outage;
+mod pace;
 mod powerloss;
 mod queue;
 mod queue_tools;
