@@ -42,6 +42,41 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     builder.enable_all().build()
 }
 
+/// The event workers' runtime: one thread of their own. On the main runtime's one thread
+/// they queued behind every task a backfill keeps ready (leases, request bodies, answers),
+/// and under a backfill that keeps the thread busy that wait was hundreds of milliseconds for
+/// the few events caught in it (BENCHMARKS.md, "At Braze's pace"). Here they wait only for
+/// each other and the queue's locks.
+fn events_runtime() -> std::io::Result<EventsRuntime> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("aiq-events")
+        .enable_all()
+        .build()?;
+    Ok(EventsRuntime(Some(runtime)))
+}
+
+/// Shuts its runtime down without waiting when dropped: dropping a runtime inside another
+/// one's task would panic, and a `start` that fails half-way drops it there.
+struct EventsRuntime(Option<tokio::runtime::Runtime>);
+
+impl EventsRuntime {
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0
+            .as_ref()
+            .expect("events runtime is present until dropped")
+            .handle()
+    }
+}
+
+impl Drop for EventsRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 /// Starts the daemon on a runtime of its own, shaped as the binary's (`runtime()`), for the
 /// benches, which drive it from another runtime in the same process: what they measure is
 /// then the daemon as it ships, not as their own runtime would run it. Call it outside any
@@ -104,6 +139,8 @@ pub struct Running {
     admin_server: Option<JoinHandle<std::io::Result<()>>>,
     stop_workers: watch::Sender<bool>,
     workers: Vec<JoinHandle<()>>,
+    /// Where the event workers run (`events_runtime`); shut down once they are joined.
+    events_runtime: EventsRuntime,
     maintenance: JoinHandle<()>,
     shutdown_timeout: Duration,
     pid_file: std::path::PathBuf,
@@ -156,11 +193,14 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
             max_bytes: config.braze.max_request_bytes,
         },
         counters: DeliveryCounters::default(),
-        limiter: crate::delivery::concurrency::Limiter::new(config.delivery.workers),
+        limiter: crate::delivery::concurrency::Limiter::new(
+            config.delivery.workers - crate::delivery::event_reserve(config.delivery.workers),
+        ),
         backfill_in_flight: Default::default(),
     });
     let (stop_workers, stop_rx) = watch::channel(false);
-    let workers = delivery.spawn_workers(config.delivery.workers, stop_rx);
+    let events_runtime = events_runtime().context("cannot start the event workers' thread")?;
+    let workers = delivery.spawn_workers(config.delivery.workers, stop_rx, events_runtime.handle());
 
     let maintenance = {
         let queue = Arc::clone(&queue);
@@ -271,6 +311,7 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
         admin_server,
         stop_workers,
         workers,
+        events_runtime,
         maintenance,
         shutdown_timeout: config.delivery.shutdown_timeout,
         pid_file,
@@ -307,6 +348,7 @@ impl Running {
                 w.abort();
             }
         }
+        drop(self.events_runtime);
         // Wait for it to be gone: it holds the queue, and so sled's lock on the directory.
         self.maintenance.abort();
         let _ = (&mut self.maintenance).await;

@@ -130,8 +130,33 @@ pub fn probe_external_id() -> String {
     format!("{PROBE_ID_PREFIX}{:016x}", fastrand::u64(..))
 }
 
+/// Which of the client's connection pools a request goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Connections {
+    /// The general workers'.
+    Shared,
+    /// The event workers', driven by their own runtime.
+    Events,
+}
+
+fn http_client(config: &BrazeConfig) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .timeout(config.request_timeout)
+        .connect_timeout(config.request_timeout.min(Duration::from_secs(10)))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .user_agent(concat!("aiq-braze-sync/", env!("CARGO_PKG_VERSION")))
+        // Braze's REST API does not redirect; following one would send the key wherever it
+        // points. A 3xx is an answer, reported as a wrong endpoint.
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+}
+
 pub struct BrazeClient {
     http: reqwest::Client,
+    /// A pool of its own for the event workers, which run on a runtime of their own: a
+    /// connection's I/O is driven by the runtime that opened it, so sharing one pool would
+    /// put events' answers back behind a backfill's work.
+    events_http: reqwest::Client,
     track_url: String,
     /// `track_url` parsed once: parsing it for every request was 1.4% of the daemon's CPU.
     /// `None` only if it does not parse, and then each request reports why.
@@ -169,18 +194,10 @@ pub fn install_tls_provider() {
 impl BrazeClient {
     pub fn new(config: &BrazeConfig) -> Result<BrazeClient, reqwest::Error> {
         install_tls_provider();
-        let http = reqwest::Client::builder()
-            .timeout(config.request_timeout)
-            .connect_timeout(config.request_timeout.min(Duration::from_secs(10)))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .user_agent(concat!("aiq-braze-sync/", env!("CARGO_PKG_VERSION")))
-            // Braze's REST API does not redirect; following one would send the key wherever
-            // it points. A 3xx is an answer, reported as a wrong endpoint.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()?;
         let track_url = format!("{}/users/track", config.endpoint);
         Ok(BrazeClient {
-            http,
+            http: http_client(config)?,
+            events_http: http_client(config)?,
             track_target: reqwest::Url::parse(&track_url).ok(),
             track_url,
             export_ids_url: format!("{}/users/export/ids", config.endpoint),
@@ -198,10 +215,15 @@ impl BrazeClient {
         format!("Bearer {}", key.expose())
     }
 
-    pub async fn track(&self, body: Vec<u8>) -> TrackOutcome {
+    /// Sends one `/users/track` request on the given connections.
+    pub async fn track(&self, connections: Connections, body: Vec<u8>) -> TrackOutcome {
+        let http = match connections {
+            Connections::Shared => &self.http,
+            Connections::Events => &self.events_http,
+        };
         let request = match &self.track_target {
-            Some(url) => self.http.post(url.clone()),
-            None => self.http.post(&self.track_url),
+            Some(url) => http.post(url.clone()),
+            None => http.post(&self.track_url),
         };
         let sent = request
             .header(CONTENT_TYPE, "application/json")

@@ -14,9 +14,11 @@
 //!   when latency rises past twice the best seen (by a tenth), at most once per round trip;
 //! - it only grows while it is used: an idle queue does not inflate it.
 //!
-//! The limit never drops under `FLOOR`: with two slots one is always left for events while a
-//! backfill holds the other (`Delivery::worker`). The rate itself is the gate's business
-//! (`gate.rs`): this bounds what is in flight, the gate spaces what is sent.
+//! The limit never drops under `FLOOR` (or the cap, if lower). Event workers take `reserved` slots beside it
+//! (`Delivery::event_worker`): they count as in flight and their answers can lower the limit,
+//! but they never wait for it, so an event is not held back by a limit a backfill has filled.
+//! The rate itself is the gate's business (`gate.rs`): this bounds what is in flight, the gate
+//! spaces what is sent.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -43,11 +45,15 @@ pub struct Limiter {
     state: Mutex<State>,
     freed: Notify,
     max: f64,
+    /// `FLOOR`, or `max` if that is lower.
+    floor: f64,
 }
 
 struct State {
     limit: f64,
     in_flight: usize,
+    /// Reserved slots in use: in flight, but not counted against `limit`.
+    reserved: usize,
     slow_start: bool,
     /// The fastest answer seen lately: the latency of an unloaded Braze.
     best: Option<Duration>,
@@ -62,21 +68,24 @@ pub struct Slot<'a> {
     taken_with: usize,
     limit_then: f64,
     done: bool,
+    reserved: bool,
 }
 
 impl Limiter {
     pub fn new(max: usize) -> Limiter {
-        let max = (max as f64).max(FLOOR);
+        let max = (max as f64).max(1.0);
         Limiter {
             state: Mutex::new(State {
                 limit: START.min(max),
                 in_flight: 0,
+                reserved: 0,
                 slow_start: true,
                 best: None,
                 last_decrease: Instant::now(),
             }),
             freed: Notify::new(),
             max,
+            floor: FLOOR.min(max),
         }
     }
 
@@ -91,8 +100,25 @@ impl Limiter {
         self.lock().limit as usize
     }
 
+    /// Requests in flight, reserved slots included.
     pub fn in_flight(&self) -> usize {
-        self.lock().in_flight
+        let s = self.lock();
+        s.in_flight + s.reserved
+    }
+
+    /// A slot outside the limit, at once: the caller bounds how many it holds. Its answer
+    /// can lower the limit (Braze pushing back concerns everything in flight) but never
+    /// raises it.
+    pub fn reserved(&self) -> Slot<'_> {
+        let mut s = self.lock();
+        s.reserved += 1;
+        Slot {
+            limiter: self,
+            taken_with: 0,
+            limit_then: s.limit.floor(),
+            done: false,
+            reserved: true,
+        }
     }
 
     /// A slot, once fewer than the limit are in flight; `None` if `stop` fires first.
@@ -111,6 +137,7 @@ impl Limiter {
                         taken_with: s.in_flight,
                         limit_then: s.limit.floor(),
                         done: false,
+                        reserved: false,
                     });
                 }
             }
@@ -123,8 +150,13 @@ impl Limiter {
 
     fn settle(&self, slot: &Slot<'_>, signal: Signal) {
         let mut s = self.lock();
-        let busy = slot.taken_with.max(s.in_flight) as f64 >= slot.limit_then / 2.0;
-        s.in_flight -= 1;
+        let busy =
+            !slot.reserved && slot.taken_with.max(s.in_flight) as f64 >= slot.limit_then / 2.0;
+        if slot.reserved {
+            s.reserved -= 1;
+        } else {
+            s.in_flight -= 1;
+        }
         let round_trip = s.best.unwrap_or(Duration::from_millis(100));
         let may_decrease = s.last_decrease.elapsed() >= round_trip;
         match signal {
@@ -132,7 +164,7 @@ impl Limiter {
             Signal::PushedBack => {
                 s.slow_start = false;
                 if may_decrease {
-                    s.limit = (s.limit / 2.0).max(FLOOR);
+                    s.limit = (s.limit / 2.0).max(self.floor);
                     s.last_decrease = Instant::now();
                 }
             }
@@ -147,7 +179,7 @@ impl Limiter {
                 if latency > best * 2 + Duration::from_millis(20) {
                     s.slow_start = false;
                     if may_decrease {
-                        s.limit = (s.limit * 0.9).max(FLOOR);
+                        s.limit = (s.limit * 0.9).max(self.floor);
                         s.last_decrease = Instant::now();
                     }
                 } else if busy {
@@ -249,6 +281,31 @@ mod tests {
             slot.finish(Signal::Answered(Duration::from_millis(5)));
         }
         assert_eq!(l.limit(), START as usize);
+    }
+
+    #[tokio::test]
+    async fn reserved_slots_never_wait_and_never_raise_the_limit() {
+        let l = Limiter::new(256);
+        let mut stop = stop();
+        let mut full = Vec::new();
+        for _ in 0..l.limit() {
+            full.push(l.acquire(&mut stop).await.unwrap());
+        }
+        // The limit is full, yet reserved slots are handed out, and counted in flight.
+        let reserved: Vec<_> = (0..4).map(|_| l.reserved()).collect();
+        assert_eq!(l.in_flight(), START as usize + 4);
+        for r in reserved {
+            r.finish(Signal::Answered(Duration::from_millis(5)));
+        }
+        assert_eq!(l.limit(), START as usize, "reserved answers do not grow it");
+        // Nor do they take a place under the limit: one more regular slot is still refused.
+        let more = tokio::time::timeout(Duration::from_millis(20), l.acquire(&mut stop)).await;
+        assert!(more.is_err(), "the limit is still full");
+        // But Braze pushing back on one lowers it.
+        std::thread::sleep(Duration::from_millis(120));
+        l.reserved().finish(Signal::PushedBack);
+        assert_eq!(l.limit(), START as usize / 2);
+        drop(full);
     }
 
     #[tokio::test]

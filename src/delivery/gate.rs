@@ -43,6 +43,9 @@ struct State {
     /// The gap Braze's own limit asks for (`learn`), and the longest window seen.
     learned_interval: Option<Duration>,
     window: Duration,
+    /// Turns taken ahead of the queue by `acquire_first`: each is given back by the next
+    /// waiter whose turn comes, which waits for a new one at the end of the queue.
+    owed: u32,
 }
 
 /// The share of Braze's limit the gate paces to: close to all of it, with room for the
@@ -99,6 +102,7 @@ impl Gate {
                 min_interval: interval_of(max_requests_per_second),
                 learned_interval: None,
                 window: Duration::ZERO,
+                owed: 0,
             }),
             backoff_max: max,
             paced_ms: Default::default(),
@@ -128,6 +132,27 @@ impl Gate {
 
     /// Waits until a request may be sent. Returns `None` if `stop` fires first.
     pub async fn acquire(&self, stop: &mut tokio::sync::watch::Receiver<bool>) -> Option<Permit> {
+        self.acquire_in_turn(stop, false).await
+    }
+
+    /// As `acquire`, but ahead of the requests already waiting for their turn under the rate
+    /// ceiling: for events, which must not wait behind a backfill's queue of paced requests.
+    /// The first of those to reach its turn gives it up and queues again at the end, so the
+    /// number of requests sent in any window is unchanged; only their order is. Only one turn
+    /// is owed at a time; until it is given back, this queues as `acquire` does. Backoff,
+    /// `Retry-After` and probing bind it as any other.
+    pub async fn acquire_first(
+        &self,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Option<Permit> {
+        self.acquire_in_turn(stop, true).await
+    }
+
+    async fn acquire_in_turn(
+        &self,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+        first: bool,
+    ) -> Option<Permit> {
         loop {
             if *stop.borrow() {
                 return None;
@@ -146,10 +171,24 @@ impl Gate {
                     if probe {
                         s.probe_in_flight = true;
                     }
-                    let slot = s.next_slot.max(now);
-                    if let Some(interval) = s.min_interval.max(s.learned_interval) {
-                        s.next_slot = slot + interval;
-                    }
+                    let turn = s.next_slot.max(now);
+                    let slot = match s.min_interval.max(s.learned_interval) {
+                        // One turn owed at a time: events that come faster than the
+                        // queue pays them back queue like any other request.
+                        Some(_) if first && turn > now && s.owed == 0 => {
+                            s.owed += 1;
+                            now
+                        }
+                        Some(interval) => {
+                            if turn == now {
+                                // Nobody waits for a turn, so nobody can give one back.
+                                s.owed = 0;
+                            }
+                            s.next_slot = turn + interval;
+                            turn
+                        }
+                        None => turn,
+                    };
                     (slot - now, Some(Permit { probe }))
                 }
             };
@@ -170,6 +209,11 @@ impl Gate {
                         if permit.probe {
                             s.probe_in_flight = false;
                         }
+                        continue;
+                    }
+                    // An event went in this turn's stead.
+                    if s.owed > 0 && !permit.probe {
+                        s.owed -= 1;
                         continue;
                     }
                 }
@@ -268,6 +312,8 @@ impl Gate {
         }
         s.health = health;
         s.not_before = s.not_before.max(Instant::now() + delay);
+        // Every waiter queues again after the pause: the turns owed are void.
+        s.owed = 0;
     }
 }
 
@@ -342,6 +388,46 @@ mod tests {
             gate.success(p, None, None);
         }
         assert!(start.elapsed() >= Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_event_goes_ahead_of_paced_requests_and_the_rate_holds() {
+        let gate = Arc::new(Gate::new(
+            Duration::from_millis(10),
+            Duration::from_secs(1),
+            Some(10.0),
+        ));
+        let start = Instant::now();
+        // Five backfill requests queue for their turns: 0, 100, … 400 ms.
+        let queued: Vec<_> = (0..5)
+            .map(|_| {
+                let gate = Arc::clone(&gate);
+                tokio::spawn(async move {
+                    let (_tx, mut rx) = stop();
+                    let p = gate.acquire(&mut rx).await.unwrap();
+                    gate.success(p, None, None);
+                    start.elapsed()
+                })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        // An event at 150 ms goes at once, not at 500 ms behind them.
+        let (_tx, mut rx) = stop();
+        let p = gate.acquire_first(&mut rx).await.unwrap();
+        assert_eq!(start.elapsed(), Duration::from_millis(150));
+        gate.success(p, None, None);
+        let mut turns = Vec::new();
+        for q in queued {
+            turns.push(q.await.unwrap().as_millis());
+        }
+        turns.sort();
+        // The request whose turn was at 200 ms gave it to the event and went at the end, at
+        // 500 ms: six requests in six turns of 100 ms.
+        assert_eq!(turns, vec![0, 100, 300, 400, 500]);
+        let p = gate.acquire(&mut rx).await.unwrap();
+        assert_eq!(start.elapsed(), Duration::from_millis(600));
+        gate.success(p, None, None);
     }
 
     #[tokio::test(start_paused = true)]

@@ -5,6 +5,12 @@
 //! delivered, dead (Braze refused that record, with its reason) or retry (left in the queue, in
 //! order). A whole-request 400 or a 413 is answered by splitting the batch in halves until the
 //! record at fault stands alone; it alone is dead-lettered.
+//!
+//! Two kinds of worker share that loop. General workers take a slot under the adaptive limit
+//! (`concurrency.rs`) and lease events first, then memberships. Event workers (`event_reserve`
+//! of them) lease events only, on a runtime thread and a connection pool of their own, in
+//! slots beside the limit, and go ahead of the gate's queue: however much of the daemon a
+//! backfill occupies, an event waits only for an event worker to come back from Braze.
 
 pub mod activity;
 pub mod concurrency;
@@ -19,13 +25,22 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::braze::client::ObjectError;
+use crate::braze::client::{Connections, ObjectError};
 use crate::braze::{wire, BrazeClient, TrackOutcome};
 use crate::config::UpdateExistingOnly;
 use crate::queue::format::LANE_EVENTS;
 use crate::queue::{BatchLimits, Leased, Outcome, Queue, QueueError};
 use concurrency::Signal;
 use gate::{Failure, Gate, Permit};
+
+/// How many of `delivery.workers` are event workers, sending events in reserved slots
+/// beside the adaptive limit (`Delivery::event_worker`): a quarter, at most 8 and at least 1,
+/// leaving at least one general worker (which alone delivers memberships).
+/// With eight cycling, events arriving steadily wait for the next one about an eighth of
+/// Braze's latency; more would only take a larger share of Braze's rate from the backfill.
+pub fn event_reserve(workers: usize) -> usize {
+    (workers / 4).clamp(1, 8).min(workers.saturating_sub(1))
+}
 
 /// Counters for `queue stats` and `/metrics`.
 pub struct DeliveryCounters {
@@ -128,20 +143,31 @@ impl Delivery {
         }
     }
 
+    /// Starts the delivery tasks for a cap of `workers` requests in flight: `event_reserve`
+    /// of them event workers, on `events_runtime`, the rest general workers under the
+    /// adaptive limit (which was built for `workers - event_reserve`) on the current one.
     pub fn spawn_workers(
         self: &Arc<Self>,
-        n: usize,
+        workers: usize,
         stop: watch::Receiver<bool>,
+        events_runtime: &tokio::runtime::Handle,
     ) -> Vec<JoinHandle<()>> {
-        (0..n)
+        let events = event_reserve(workers);
+        (0..workers)
             .map(|id| {
                 let this = Arc::clone(self);
                 let stop = stop.clone();
-                tokio::spawn(async move { this.worker(id, stop).await })
+                if id < events {
+                    events_runtime.spawn(async move { this.event_worker(id, stop).await })
+                } else {
+                    tokio::spawn(async move { this.worker(id, stop).await })
+                }
             })
             .collect()
     }
 
+    /// A general worker: takes a slot under the adaptive limit and its turn at the gate,
+    /// then leases events first and memberships after.
     async fn worker(&self, id: usize, mut stop: watch::Receiver<bool>) {
         tracing::debug!(worker = id, "delivery worker started");
         loop {
@@ -152,8 +178,7 @@ impl Delivery {
                 break;
             };
             // At most three quarters of the limit (and at least one less) may carry
-            // memberships alone, so slots are always free for events however big the
-            // backfill (events never wait behind a backfill, nor for each other's answers).
+            // memberships alone, so general workers carry events too however big the backfill.
             let limit = self.limiter.limit();
             let backfill_slots = limit.saturating_sub((limit / 4).max(1)).max(1);
             let backfill_slot = self
@@ -173,45 +198,99 @@ impl Delivery {
                 self.backfill_in_flight.fetch_sub(1, Ordering::AcqRel);
             }
             let items = match leased {
-                Ok(items) => items,
-                Err(e) => {
+                Ok(items) if !items.is_empty() => items,
+                other => {
+                    // Waiting for work is not a request in flight: the slot goes back first.
                     drop(slot);
                     self.gate.unused(permit);
-                    if !matches!(e, QueueError::Busy) {
-                        tracing::error!(error = %e, "cannot read the queue");
-                    }
-                    tokio::time::sleep(Duration::from_millis(if matches!(e, QueueError::Busy) {
-                        10
-                    } else {
-                        1000
-                    }))
-                    .await;
+                    self.wait_for_work(other.err(), signal, &mut stop).await;
                     continue;
                 }
             };
-            if items.is_empty() {
-                // Waiting for work is not a request in flight: the slot goes back first.
-                drop(slot);
-                self.gate.unused(permit);
+            let (results, answer) = self
+                .deliver(id, items, permit, &mut stop, Connections::Shared)
+                .await;
+            slot.finish(answer);
+            if holds_slot {
+                self.backfill_in_flight.fetch_sub(1, Ordering::AcqRel);
+            }
+            self.complete(id, results);
+        }
+        tracing::debug!(worker = id, "delivery worker stopped");
+    }
+
+    /// An event worker: leases events only (with the updates of their users that must go
+    /// before them), then goes ahead of the gate's queue of paced requests and sends them in
+    /// a reserved slot. However full the limit and the gate's queue are with a backfill, an
+    /// event waits for one of these workers to come back from Braze, not for the backfill.
+    async fn event_worker(&self, id: usize, mut stop: watch::Receiver<bool>) {
+        tracing::debug!(worker = id, "event worker started");
+        while !*stop.borrow() {
+            let signal = self.queue.work_signal();
+            let leased = {
+                let _busy = self.activity.busy(id);
+                self.queue.lease_lanes(&self.limits, false)
+            };
+            let items = match leased {
+                Ok(items) if !items.is_empty() => items,
+                other => {
+                    self.wait_for_work(other.err(), signal, &mut stop).await;
+                    continue;
+                }
+            };
+            // Leased first, so that a turn at the gate is taken only for a request that will
+            // go. Backoff and `Retry-After` still hold it back, with its events leased.
+            let Some(permit) = self.gate.acquire_first(&mut stop).await else {
+                let results = items.into_iter().map(|l| (l, Outcome::Retry)).collect();
+                self.complete(id, results);
+                break;
+            };
+            let slot = self.limiter.reserved();
+            let (results, answer) = self
+                .deliver(id, items, permit, &mut stop, Connections::Events)
+                .await;
+            slot.finish(answer);
+            self.complete(id, results);
+        }
+        tracing::debug!(worker = id, "event worker stopped");
+    }
+
+    /// After an empty lease, until new work is queued (or a while, or `stop`); after a failed
+    /// one, a pause (short if the queue was only busy being rebuilt).
+    async fn wait_for_work(
+        &self,
+        error: Option<QueueError>,
+        signal: tokio::sync::futures::Notified<'_>,
+        stop: &mut watch::Receiver<bool>,
+    ) {
+        let pause = match error {
+            None => {
                 tokio::select! {
                     _ = tokio::time::timeout(Duration::from_millis(250), signal) => {}
                     _ = stop.changed() => {}
                 }
-                continue;
+                return;
             }
-            let (results, signal) = self.deliver(id, items, permit, &mut stop).await;
-            slot.finish(signal);
-            if holds_slot {
-                self.backfill_in_flight.fetch_sub(1, Ordering::AcqRel);
+            Some(QueueError::Busy) => Duration::from_millis(10),
+            Some(e) => {
+                tracing::error!(error = %e, "cannot read the queue");
+                Duration::from_millis(1000)
             }
-            self.record(&results);
-            let _busy = self.activity.busy(id);
-            if let Err(e) = self.queue.complete(results) {
-                // The records stay queued and will be sent again: a duplicate, not a loss.
-                tracing::error!(error = %e, "could not record delivery outcomes; records will be resent");
-            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.changed() => {}
         }
-        tracing::debug!(worker = id, "delivery worker stopped");
+    }
+
+    /// Counts what became of each record and writes it to the queue.
+    fn complete(&self, id: usize, results: Vec<(Leased, Outcome)>) {
+        self.record(&results);
+        let _busy = self.activity.busy(id);
+        if let Err(e) = self.queue.complete(results) {
+            // The records stay queued and will be sent again: a duplicate, not a loss.
+            tracing::error!(error = %e, "could not record delivery outcomes; records will be resent");
+        }
     }
 
     fn record(&self, results: &[(Leased, Outcome)]) {
@@ -242,6 +321,7 @@ impl Delivery {
         items: Vec<Leased>,
         permit: Permit,
         stop: &mut watch::Receiver<bool>,
+        connections: Connections,
     ) -> (Vec<(Leased, Outcome)>, Signal) {
         // What the first answer said of Braze's load; a push-back later overrides it.
         let mut signal = Signal::Nothing;
@@ -263,7 +343,9 @@ impl Delivery {
             let sent_at = std::time::Instant::now();
             let outcome = {
                 let _busy = self.activity.busy(worker);
-                self.client.track(std::mem::take(&mut body.json)).await
+                self.client
+                    .track(connections, std::mem::take(&mut body.json))
+                    .await
             };
             let latency = sent_at.elapsed();
             self.counters.latency.observe(latency.as_secs_f64());

@@ -1370,7 +1370,21 @@ impl Queue {
     /// one batch under the writer lock.
     fn settle(&self, results: &[(Leased, Outcome)]) -> Result<(), QueueError> {
         let store = self.store.read().expect("queue store lock poisoned");
-        let next_seq = self.writer.lock().expect("queue writer lock poisoned");
+        // Events delivered (or to retry) change the tree only through the log's progress,
+        // which may wait: they do not wait for the writer lock, which a large request's
+        // staging can hold for a while, and write progress only when it is free.
+        let events_only = results
+            .iter()
+            .all(|(item, o)| item.lane == LANE_EVENTS && !matches!(o, Outcome::Dead(_)));
+        let next_seq = if events_only {
+            match self.writer.try_lock() {
+                Ok(guard) => Some(guard),
+                Err(std::sync::TryLockError::WouldBlock) => None,
+                Err(std::sync::TryLockError::Poisoned(_)) => panic!("queue writer lock poisoned"),
+            }
+        } else {
+            Some(self.writer.lock().expect("queue writer lock poisoned"))
+        };
         let mut batch = sled::Batch::default();
         let mut change = CountChange::default();
         // Events leave their chunks together, one index update per chunk.
@@ -1430,10 +1444,9 @@ impl Queue {
         }
         // A batch goes to the tree anyway: progress rides along. Otherwise it waits for
         // `PROGRESS_EVERY`.
-        let gone = if tree_ops || self.progress_due() {
-            log.gone_value(*next_seq)
-        } else {
-            None
+        let gone = match &next_seq {
+            Some(next_seq) if tree_ops || self.progress_due() => log.gone_value(**next_seq),
+            _ => None,
         };
         drop(log);
         if tree_ops {
