@@ -214,7 +214,7 @@ async fn measure(
                 stats.concurrency_limit, stats.in_flight
             );
         }
-        if s.pending_memberships == 0 && delivered >= args.backfill {
+        if s.pending_attributes == 0 && delivered >= args.backfill {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

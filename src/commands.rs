@@ -9,10 +9,10 @@ use serde_json::{json, Value};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_tokio::Signals;
 
-use crate::braze::wire::with_objects;
 use crate::cli::{QueueCommand, Which};
 use crate::config::Config;
 use crate::daemon;
+use crate::delivery::with_objects;
 use crate::queue::{QueueError, Selection};
 use crate::service;
 
@@ -264,7 +264,11 @@ fn print_stats_table(out: &mut impl Write, v: &Value) -> std::io::Result<()> {
     let n = |k: &str| q[k].as_u64().unwrap_or(0);
     writeln!(out, "pending            {}", n("pending"))?;
     writeln!(out, "  events           {}", n("pending_events"))?;
-    writeln!(out, "  memberships      {}", n("pending_memberships"))?;
+    writeln!(
+        out,
+        "  attributes       {}  (memberships included)",
+        n("pending_attributes")
+    )?;
     writeln!(out, "in flight          {}", n("in_flight"))?;
     writeln!(out, "dead-lettered      {}", n("dead"))?;
     writeln!(

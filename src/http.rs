@@ -680,7 +680,7 @@ async fn admin_peek(
 ) -> Result<Response, ApiError> {
     let limit = q.limit.unwrap_or(20).min(MAX_LIST);
     let records = state.queue.peek(limit).map_err(ApiError::Queue)?;
-    let records = crate::braze::wire::with_objects(records, &state.delivery.policy);
+    let records = crate::delivery::with_objects(records, &state.delivery.policy);
     Ok(Json(json!({ "records": records })).into_response())
 }
 
@@ -690,7 +690,7 @@ async fn admin_dead(
 ) -> Result<Response, ApiError> {
     let limit = q.limit.unwrap_or(20).min(MAX_LIST);
     let records = state.queue.dead(limit).map_err(ApiError::Queue)?;
-    let records = crate::braze::wire::with_objects(records, &state.delivery.policy);
+    let records = crate::delivery::with_objects(records, &state.delivery.policy);
     Ok(Json(json!({ "records": records })).into_response())
 }
 

@@ -81,7 +81,7 @@ pub fn render(queue: Option<&Stats>, delivery: &DeliveryStats, latency: &Histogr
             f.get_or_create(&vec![("lane", "events".into())])
                 .set(q.pending_events as i64);
             f.get_or_create(&vec![("lane", "attributes".into())])
-                .set(q.pending_memberships as i64);
+                .set(q.pending_attributes as i64);
             f
         });
         r.register(

@@ -113,7 +113,7 @@ impl Event {
     pub fn new(user: UserId, name: &str, time: &str, properties: Option<&str>) -> Event {
         Event {
             user,
-            members: crate::braze::wire::event_members(name, time, properties),
+            members: event_members(name, time, properties),
         }
     }
 
@@ -220,26 +220,12 @@ impl Record {
         }
     }
 
-    /// Every kind, in the order `/metrics` and the counters use.
-    pub const KINDS: [&'static str; 4] = ["membership", "attribute", "event", "purchase"];
-
-    /// This record's position in [`Record::KINDS`].
-    pub fn kind_index(&self) -> usize {
+    pub fn kind(&self) -> Kind {
         match self {
-            Record::Membership(_) => 0,
-            Record::Attribute(_) => 1,
-            Record::Tracked(t) if t.array == TrackArray::Purchases => 3,
-            Record::Event(_) | Record::Tracked(_) => 2,
-        }
-    }
-
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Record::Membership(_) => "membership",
-            Record::Event(_) => "event",
-            Record::Attribute(_) => "attribute",
-            Record::Tracked(t) if t.array == TrackArray::Purchases => "purchase",
-            Record::Tracked(_) => "event",
+            Record::Membership(_) => Kind::Membership,
+            Record::Attribute(_) => Kind::Attribute,
+            Record::Tracked(t) if t.array == TrackArray::Purchases => Kind::Purchase,
+            Record::Event(_) | Record::Tracked(_) => Kind::Event,
         }
     }
 
@@ -269,5 +255,114 @@ impl Record {
             Record::Attribute(a) => a.object_fields.as_deref().unwrap_or(""),
             _ => "",
         }
+    }
+}
+
+/// Writes a JSON string literal; serde_json's escaping is the one Braze reads.
+pub fn json_str(out: &mut Vec<u8>, s: &str) {
+    // Serialising a &str into a Vec cannot fail.
+    serde_json::to_writer(&mut *out, s).expect("writing JSON into a Vec cannot fail");
+}
+
+/// An event's members after its identifier and object-level fields (`Event::members`).
+/// `properties` goes in as given: ingest has checked it is an object's JSON text.
+pub fn event_members(name: &str, time: &str, properties: Option<&str>) -> String {
+    members_with(name, time, properties.map_or(0, str::len), |out| {
+        if let Some(p) = properties {
+            out.extend_from_slice(b",\"properties\":");
+            out.extend_from_slice(p.as_bytes());
+        }
+    })
+}
+
+/// `event_members` for properties read as their top-level names and each value's text as
+/// sent (ingest's fast path); `None` if the object's text would pass `max_properties` bytes.
+pub fn event_members_of(
+    name: &str,
+    time: &str,
+    properties: &[(std::borrow::Cow<str>, &serde_json::value::RawValue)],
+    max_properties: usize,
+) -> Option<String> {
+    let sent: usize = properties
+        .iter()
+        .map(|(k, v)| k.len() + v.get().len() + 4)
+        .sum();
+    let mut object = 0;
+    let members = members_with(name, time, sent, |out| {
+        out.extend_from_slice(b",\"properties\":");
+        let start = out.len();
+        out.push(b'{');
+        for (i, (key, value)) in properties.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            json_str(out, key);
+            out.push(b':');
+            out.extend_from_slice(value.get().as_bytes());
+        }
+        out.push(b'}');
+        object = out.len() - start;
+    });
+    (object <= max_properties).then_some(members)
+}
+
+fn members_with(name: &str, time: &str, extra: usize, rest: impl FnOnce(&mut Vec<u8>)) -> String {
+    // The punctuation and member names take 33 bytes; escapes are rare.
+    let mut out = Vec::with_capacity(48 + name.len() + time.len() + extra);
+    out.extend_from_slice(b"\"name\":");
+    json_str(&mut out, name);
+    out.extend_from_slice(b",\"time\":");
+    json_str(&mut out, time);
+    rest(&mut out);
+    String::from_utf8(out).expect("JSON text built from &str is UTF-8")
+}
+
+/// What a record is, as counted and shown: relayed events count as events, relayed purchases
+/// as purchases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Membership,
+    Attribute,
+    Event,
+    Purchase,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [
+        Kind::Membership,
+        Kind::Attribute,
+        Kind::Event,
+        Kind::Purchase,
+    ];
+
+    /// The name in `/metrics` labels, `queue stats` and the admin API.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Membership => "membership",
+            Kind::Attribute => "attribute",
+            Kind::Event => "event",
+            Kind::Purchase => "purchase",
+        }
+    }
+}
+
+/// Counters, one per kind.
+#[derive(Debug, Default)]
+pub struct PerKind([std::sync::atomic::AtomicU64; 4]);
+
+impl PerKind {
+    pub fn add(&self, kind: Kind, n: u64) {
+        self.0[kind as usize].fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Each kind's count by its name.
+    pub fn by_name(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        Kind::ALL
+            .iter()
+            .map(|k| {
+                let n = self.0[*k as usize].load(std::sync::atomic::Ordering::Relaxed);
+                (k.name(), n)
+            })
+            .collect()
     }
 }

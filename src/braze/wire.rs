@@ -1,4 +1,4 @@
-//! The `/users/track` request body, built from leased records.
+//! The `/users/track` request body, built from records.
 //!
 //! Events become `events` objects, relayed purchases `purchases` objects, both as they were
 //! accepted. Attribute updates (memberships included) become `attributes` objects, one per
@@ -14,14 +14,13 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 
 use crate::config::UpdateExistingOnly;
-use crate::queue::Leased;
-use crate::record::{Record, TrackArray, UserId};
+use crate::record::{json_str, Record, TrackArray, UserId};
 
 /// A request body ready to send, and where each object in it came from.
 #[derive(Debug)]
 pub struct TrackBody {
     pub json: Vec<u8>,
-    /// For each object in `attributes`, positions (in the leased slice) of its records.
+    /// For each object in `attributes`, positions (in the records given) of its records.
     pub attributes: Vec<Vec<usize>>,
     /// For each object in `events`, the position of its record.
     pub events: Vec<usize>,
@@ -49,12 +48,6 @@ impl TrackBody {
         let singles = self.events.iter().chain(&self.purchases).map(|&p| vec![p]);
         self.attributes.iter().cloned().chain(singles).collect()
     }
-}
-
-/// Writes a JSON string literal; serde_json's escaping is the one Braze reads.
-fn json_str(out: &mut Vec<u8>, s: &str) {
-    // Serialising a &str into a Vec cannot fail.
-    serde_json::to_writer(&mut *out, s).expect("writing JSON into a Vec cannot fail");
 }
 
 fn write_user(out: &mut Vec<u8>, user: &UserId) {
@@ -128,59 +121,6 @@ fn object_fields<'a>(record: &'a Record, policy: &UpdateExistingOnly) -> Cow<'a,
     }
 }
 
-/// An event's members after its identifier and object-level fields (`Event::members`).
-/// `properties` goes in as given: ingest has checked it is an object's JSON text.
-pub fn event_members(name: &str, time: &str, properties: Option<&str>) -> String {
-    members_with(name, time, properties.map_or(0, str::len), |out| {
-        if let Some(p) = properties {
-            out.extend_from_slice(b",\"properties\":");
-            out.extend_from_slice(p.as_bytes());
-        }
-    })
-}
-
-/// `event_members` for properties read as their top-level names and each value's text as
-/// sent (ingest's fast path); `None` if the object's text would pass `max_properties` bytes.
-pub fn event_members_of(
-    name: &str,
-    time: &str,
-    properties: &[(Cow<str>, &serde_json::value::RawValue)],
-    max_properties: usize,
-) -> Option<String> {
-    let sent: usize = properties
-        .iter()
-        .map(|(k, v)| k.len() + v.get().len() + 4)
-        .sum();
-    let mut object = 0;
-    let members = members_with(name, time, sent, |out| {
-        out.extend_from_slice(b",\"properties\":");
-        let start = out.len();
-        out.push(b'{');
-        for (i, (key, value)) in properties.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            json_str(out, key);
-            out.push(b':');
-            out.extend_from_slice(value.get().as_bytes());
-        }
-        out.push(b'}');
-        object = out.len() - start;
-    });
-    (object <= max_properties).then_some(members)
-}
-
-fn members_with(name: &str, time: &str, extra: usize, rest: impl FnOnce(&mut Vec<u8>)) -> String {
-    // The punctuation and member names take 33 bytes; escapes are rare.
-    let mut out = Vec::with_capacity(48 + name.len() + time.len() + extra);
-    out.extend_from_slice(b"\"name\":");
-    json_str(&mut out, name);
-    out.extend_from_slice(b",\"time\":");
-    json_str(&mut out, time);
-    rest(&mut out);
-    String::from_utf8(out).expect("JSON text built from &str is UTF-8")
-}
-
 fn write_event(out: &mut Vec<u8>, record: &Record, policy: &UpdateExistingOnly) {
     match record {
         Record::Event(e) => {
@@ -233,26 +173,15 @@ pub fn object_of(record: &Record, policy: &UpdateExistingOnly) -> serde_json::Va
     serde_json::from_slice(&out).unwrap_or(serde_json::Value::Null)
 }
 
-/// Fills in each listed record's `object` (`object_of`).
-pub fn with_objects(
-    mut records: Vec<crate::queue::RecordView>,
-    policy: &UpdateExistingOnly,
-) -> Vec<crate::queue::RecordView> {
-    for r in &mut records {
-        r.object = r.record.as_ref().map(|record| object_of(record, policy));
-    }
-    records
-}
-
 /// Builds the body for `items`, in their order. Attribute objects are ordered by each
 /// object's first record, so within one user later records come later.
-pub fn build(items: &[Leased], policy: &UpdateExistingOnly) -> TrackBody {
+pub fn build<T: AsRef<Record>>(items: &[T], policy: &UpdateExistingOnly) -> TrackBody {
     type ObjectKey<'a> = (&'a UserId, Cow<'a, str>);
     let mut objects: Vec<(ObjectKey, Vec<usize>)> = Vec::new();
     let mut object_index: HashMap<ObjectKey, usize> = HashMap::new();
     let (mut events, mut purchases) = (Vec::new(), Vec::new());
     for (pos, item) in items.iter().enumerate() {
-        let record = &item.stored.record;
+        let record = item.as_ref();
         match record {
             Record::Tracked(t) if t.array == TrackArray::Purchases => purchases.push(pos),
             Record::Event(_) | Record::Tracked(_) => events.push(pos),
@@ -271,7 +200,7 @@ pub fn build(items: &[Leased], policy: &UpdateExistingOnly) -> TrackBody {
     // members plus its identifier and object-level fields.
     let size: usize = items
         .iter()
-        .map(|item| match &item.stored.record {
+        .map(|item| match item.as_ref() {
             Record::Event(e) => e.members.len() + e.user.value().len() + 64,
             Record::Tracked(t) => t.json.len() + 1,
             _ => 160,
@@ -287,15 +216,15 @@ pub fn build(items: &[Leased], policy: &UpdateExistingOnly) -> TrackBody {
         write_user(out, user);
         write_members(out, fields);
         for &pos in positions {
-            write_attribute(out, &items[pos].stored.record);
+            write_attribute(out, items[pos].as_ref());
         }
         out.push(b'}');
     });
     write_array(&mut json, "events", &events, |out, pos| {
-        write_event(out, &items[pos].stored.record, policy)
+        write_event(out, items[pos].as_ref(), policy)
     });
     write_array(&mut json, "purchases", &purchases, |out, pos| {
-        write_event(out, &items[pos].stored.record, policy)
+        write_event(out, items[pos].as_ref(), policy)
     });
     json.push(b'}');
     TrackBody {
@@ -309,10 +238,10 @@ pub fn build(items: &[Leased], policy: &UpdateExistingOnly) -> TrackBody {
 /// Splits leased records into two halves by Braze object (a user's attribute updates stay
 /// together), for finding the record Braze refuses a whole request for. Returns `None` when the
 /// records form a single object and cannot be split further.
-pub fn split_in_half(
-    items: Vec<Leased>,
+pub fn split_in_half<T: AsRef<Record>>(
+    items: Vec<T>,
     policy: &UpdateExistingOnly,
-) -> Result<(Vec<Leased>, Vec<Leased>), Vec<Leased>> {
+) -> Result<(Vec<T>, Vec<T>), Vec<T>> {
     let objects = build(&items, policy).objects_in_order();
     if objects.len() < 2 {
         return Err(items);

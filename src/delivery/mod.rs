@@ -28,8 +28,8 @@ use tokio::task::JoinHandle;
 use crate::braze::client::{Connections, ObjectError};
 use crate::braze::{wire, BrazeClient, TrackOutcome};
 use crate::config::UpdateExistingOnly;
-use crate::queue::format::LANE_EVENTS;
-use crate::queue::{BatchLimits, Leased, Outcome, Queue, QueueError};
+use crate::queue::{BatchLimits, Lane, Leased, Outcome, Queue, QueueError};
+use crate::record::PerKind;
 use concurrency::Signal;
 use gate::{Failure, Gate, Permit};
 
@@ -42,6 +42,21 @@ pub fn event_reserve(workers: usize) -> usize {
     (workers / 4).clamp(1, 8).min(workers.saturating_sub(1))
 }
 
+/// Fills in each listed record's `object`: what it was, or will be, sent to Braze as
+/// (`wire::object_of`).
+pub fn with_objects(
+    mut records: Vec<crate::queue::RecordView>,
+    policy: &UpdateExistingOnly,
+) -> Vec<crate::queue::RecordView> {
+    for r in &mut records {
+        r.object = r
+            .record
+            .as_ref()
+            .map(|record| wire::object_of(record, policy));
+    }
+    records
+}
+
 /// Counters for `queue stats` and `/metrics`.
 pub struct DeliveryCounters {
     pub requests_accepted: AtomicU64,
@@ -52,9 +67,8 @@ pub struct DeliveryCounters {
     pub requests_misconfigured: AtomicU64,
     pub records_delivered: AtomicU64,
     pub records_dead: AtomicU64,
-    /// Per kind, in `Record::KINDS` order.
-    pub delivered_by_kind: [AtomicU64; 4],
-    pub dead_by_kind: [AtomicU64; 4],
+    pub delivered_by_kind: PerKind,
+    pub dead_by_kind: PerKind,
     /// Records handed back to the queue to be sent again.
     pub records_retried: AtomicU64,
     /// Seconds from sending a request to Braze's answer (or the transport error).
@@ -135,8 +149,8 @@ impl Delivery {
             records_delivered: c.records_delivered.load(Ordering::Relaxed),
             records_dead: c.records_dead.load(Ordering::Relaxed),
             records_retried: c.records_retried.load(Ordering::Relaxed),
-            delivered_by_kind: by_kind(&c.delivered_by_kind),
-            dead_by_kind: by_kind(&c.dead_by_kind),
+            delivered_by_kind: c.delivered_by_kind.by_name(),
+            dead_by_kind: c.dead_by_kind.by_name(),
             rate_limit_wait_seconds: self.gate.paced().as_secs_f64(),
             in_flight: self.limiter.in_flight(),
             concurrency_limit: self.limiter.limit(),
@@ -193,7 +207,7 @@ impl Delivery {
                 self.queue.lease_lanes(&self.limits, backfill_slot)
             };
             let holds_slot = backfill_slot
-                && matches!(&leased, Ok(items) if !items.is_empty() && items.iter().all(|l| l.lane != LANE_EVENTS));
+                && matches!(&leased, Ok(items) if !items.is_empty() && items.iter().all(|l| l.lane != Lane::Events));
             if backfill_slot && !holds_slot {
                 self.backfill_in_flight.fetch_sub(1, Ordering::AcqRel);
             }
@@ -296,15 +310,15 @@ impl Delivery {
     fn record(&self, results: &[(Leased, Outcome)]) {
         let c = &self.counters;
         for (item, o) in results {
-            let kind = item.stored.record.kind_index();
+            let kind = item.stored.record.kind();
             match o {
                 Outcome::Delivered => {
                     c.records_delivered.fetch_add(1, Ordering::Relaxed);
-                    c.delivered_by_kind[kind].fetch_add(1, Ordering::Relaxed);
+                    c.delivered_by_kind.add(kind, 1);
                 }
                 Outcome::Dead(_) => {
                     c.records_dead.fetch_add(1, Ordering::Relaxed);
-                    c.dead_by_kind[kind].fetch_add(1, Ordering::Relaxed);
+                    c.dead_by_kind.add(kind, 1);
                 }
                 Outcome::Retry => {
                     c.records_retried.fetch_add(1, Ordering::Relaxed);
@@ -446,14 +460,6 @@ impl Delivery {
         }
         (done, signal)
     }
-}
-
-fn by_kind(counters: &[AtomicU64; 4]) -> std::collections::BTreeMap<&'static str, u64> {
-    crate::record::Record::KINDS
-        .iter()
-        .zip(counters)
-        .map(|(k, c)| (*k, c.load(Ordering::Relaxed)))
-        .collect()
 }
 
 /// Positions (in the leased batch) of the records behind the objects Braze named in `errors`,

@@ -22,7 +22,6 @@ use super::{
     format_time, MAX_EXTERNAL_ID_BYTES, MAX_NAME_CHARS, MAX_PROPERTIES_BYTES,
     MAX_RECORDS_PER_REQUEST,
 };
-use crate::braze::wire;
 use crate::config::PreferId;
 use crate::record::{Event, UserId};
 
@@ -100,8 +99,8 @@ fn event(f: Fields, prefer: PreferId) -> Option<Event> {
     }
     let time = time(f.time?)?;
     let members = match f.properties {
-        None => wire::event_members(&name, &time, None),
-        Some(p) => wire::event_members_of(&name, &time, &p.0, MAX_PROPERTIES_BYTES)?,
+        None => crate::record::event_members(&name, &time, None),
+        Some(p) => crate::record::event_members_of(&name, &time, &p.0, MAX_PROPERTIES_BYTES)?,
     };
     Some(Event {
         user: user(f.external_id, f.braze_id, prefer)?,

@@ -81,7 +81,7 @@ fn view(id: u64, stored: &Stored, attempts: u32) -> RecordView {
     };
     RecordView {
         id,
-        kind: stored.record.kind().to_string(),
+        kind: stored.record.kind().name().to_string(),
         user: stored.record.user().to_string(),
         what,
         accepted_at_ms: stored.accepted_at_ms,

@@ -100,7 +100,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::record::{Record, UserId};
+use crate::record::{Kind, PerKind, Record, UserId};
 use commit::Committer;
 use eventlog::EventLog;
 use format::{
@@ -217,11 +217,36 @@ pub struct BatchLimits {
     pub max_bytes: usize,
 }
 
+/// The queue's two lanes. Events are real time: they live in the event log and every one is
+/// delivered. Attribute updates (memberships included) are state: they live in sled, and a
+/// newer value of a user's attribute replaces a pending one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lane {
+    Events,
+    Attributes,
+}
+
+impl Lane {
+    /// The first byte of the lane's keys in sled (`format.rs`).
+    fn key_prefix(self) -> u8 {
+        match self {
+            Lane::Events => LANE_EVENTS,
+            Lane::Attributes => LANE_ATTRIBUTES,
+        }
+    }
+}
+
+impl AsRef<Record> for Leased {
+    fn as_ref(&self) -> &Record {
+        &self.stored.record
+    }
+}
+
 /// A record handed to a worker. It stays in the queue until `complete` says otherwise.
 #[derive(Debug, Clone)]
 pub struct Leased {
     pub seq: u64,
-    pub lane: u8,
+    pub lane: Lane,
     /// The sequence number in the key of the value that holds it: its own, or its event
     /// chunk's first.
     key_seq: u64,
@@ -250,7 +275,7 @@ pub enum Outcome {
 pub struct Stats {
     pub pending: u64,
     pub pending_events: u64,
-    pub pending_memberships: u64,
+    pub pending_attributes: u64,
     pub in_flight: u64,
     pub dead: u64,
     pub oldest_pending_age_ms: Option<u64>,
@@ -298,9 +323,8 @@ struct Counters {
     coalesced: AtomicU64,
     /// Attribute updates not queued: Braze already had that value.
     unchanged: AtomicU64,
-    /// Per kind, in `Record::KINDS` order.
-    accepted_by_kind: [AtomicU64; 4],
-    unchanged_by_kind: [AtomicU64; 4],
+    accepted_by_kind: PerKind,
+    unchanged_by_kind: PerKind,
     compactions: AtomicU64,
     disk_bytes: AtomicU64,
     /// Size right after the last rebuild; the next one waits until the file has grown well
@@ -940,17 +964,17 @@ impl Queue {
         if !skip_unchanged {
             staging.skip_unchanged_for = None;
         }
-        let mut by_kind = [0u64; 4];
+        let mut by_kind = [0u64; Kind::ALL.len()];
         for record in records {
-            by_kind[record.kind_index()] += 1;
+            by_kind[record.kind() as usize] += 1;
             staging.add(record, encode(record, accepted_at))?;
         }
         let wrote = staging.apply()?;
         self.counters
             .accepted
             .fetch_add(records.len() as u64, Ordering::Relaxed);
-        for (counter, n) in self.counters.accepted_by_kind.iter().zip(by_kind) {
-            counter.fetch_add(n, Ordering::Relaxed);
+        for (kind, n) in Kind::ALL.into_iter().zip(by_kind) {
+            self.counters.accepted_by_kind.add(kind, n);
         }
         Ok(wrote)
     }
@@ -1007,7 +1031,7 @@ impl Queue {
                 Ok(payload) => payload,
                 Err((why, bytes)) => {
                     undecodable.push(Undecodable {
-                        lane: LANE_EVENTS,
+                        lane: Lane::Events,
                         key_seq: first,
                         entry: None,
                         value: bytes,
@@ -1020,7 +1044,7 @@ impl Queue {
                 Ok(entries) => entries,
                 Err(e) => {
                     undecodable.push(Undecodable {
-                        lane: LANE_EVENTS,
+                        lane: Lane::Events,
                         key_seq: first,
                         entry: None,
                         value: payload.to_vec(),
@@ -1041,7 +1065,7 @@ impl Queue {
                     Ok(stored) => stored,
                     Err(e) => {
                         undecodable.push(Undecodable {
-                            lane: LANE_EVENTS,
+                            lane: Lane::Events,
                             key_seq: first,
                             entry: Some(seq),
                             value: envelope.to_vec(),
@@ -1082,7 +1106,7 @@ impl Queue {
                 leases.seqs.insert(seq);
                 out.push(Leased {
                     seq,
-                    lane: LANE_EVENTS,
+                    lane: Lane::Events,
                     key_seq: first,
                     attempts: leases.attempts.get(&seq).copied().unwrap_or(0),
                     stored,
@@ -1121,7 +1145,7 @@ impl Queue {
                 let passed = floor.take();
                 let Some(attribute) = stored.record.attribute_name() else {
                     undecodable.push(Undecodable {
-                        lane: LANE_ATTRIBUTES,
+                        lane: Lane::Attributes,
                         key_seq: seq,
                         entry: None,
                         value: value.to_vec(),
@@ -1211,7 +1235,7 @@ impl Queue {
             };
             if out
                 .iter()
-                .any(|l| l.lane == LANE_ATTRIBUTES && l.seq == seq)
+                .any(|l| l.lane == Lane::Attributes && l.seq == seq)
             {
                 continue; // carried already, for an earlier event of this user
             }
@@ -1272,10 +1296,10 @@ impl Queue {
                 continue;
             }
             let moved = match (item.lane, item.entry) {
-                (LANE_EVENTS, Some(seq)) => log.mark_gone(item.key_seq, &[seq]).len() as i64,
-                (LANE_EVENTS, None) => log.drop_chunk(item.key_seq) as i64,
+                (Lane::Events, Some(seq)) => log.mark_gone(item.key_seq, &[seq]).len() as i64,
+                (Lane::Events, None) => log.drop_chunk(item.key_seq) as i64,
                 (_, _) => {
-                    let key = record_key(item.lane, item.key_seq);
+                    let key = record_key(item.lane.key_prefix(), item.key_seq);
                     if store.tree.get(key)?.is_none() {
                         continue;
                     }
@@ -1284,7 +1308,7 @@ impl Queue {
                     0
                 }
             };
-            if item.lane == LANE_EVENTS {
+            if item.lane == Lane::Events {
                 if moved == 0 {
                     continue;
                 }
@@ -1349,7 +1373,7 @@ impl Queue {
                 leases.attributes.remove(lk);
             }
             if outcome == Outcome::Retry {
-                if item.lane == LANE_ATTRIBUTES {
+                if item.lane == Lane::Attributes {
                     leases.attributes_from = leases.attributes_from.min(item.seq);
                 }
                 *leases.attempts.entry(item.seq).or_default() += 1;
@@ -1375,7 +1399,7 @@ impl Queue {
         // staging can hold for a while, and write progress only when it is free.
         let events_only = results
             .iter()
-            .all(|(item, o)| item.lane == LANE_EVENTS && !matches!(o, Outcome::Dead(_)));
+            .all(|(item, o)| item.lane == Lane::Events && !matches!(o, Outcome::Dead(_)));
         let next_seq = if events_only {
             match self.writer.try_lock() {
                 Ok(guard) => Some(guard),
@@ -1396,7 +1420,7 @@ impl Queue {
         let mut users_done = Vec::new();
         let mut log = self.log.lock().expect("event log lock poisoned");
         for (item, outcome) in results {
-            if item.lane == LANE_EVENTS {
+            if item.lane == Lane::Events {
                 if let Some(chunk) = log.chunk_mut(item.key_seq) {
                     chunk.leased = chunk.leased.saturating_sub(1);
                 }
@@ -1408,7 +1432,7 @@ impl Queue {
             if *outcome == Outcome::Retry {
                 continue;
             }
-            let key = record_key(item.lane, item.seq);
+            let key = record_key(item.lane.key_prefix(), item.seq);
             tree_ops = true;
             // A membership update may have been superseded (removed) while in flight.
             if store.tree.contains_key(key)? {
@@ -1434,7 +1458,7 @@ impl Queue {
         }
         change.events -= removed.len() as i64;
         for (item, outcome) in results {
-            if let (LANE_EVENTS, Outcome::Dead(reason)) = (item.lane, outcome) {
+            if let (Lane::Events, Outcome::Dead(reason)) = (item.lane, outcome) {
                 if removed.contains(&item.seq) {
                     batch.insert(&format::dead_key(item.seq), dead_entry(item, reason));
                     change.dead += 1;
@@ -1540,7 +1564,7 @@ impl Queue {
         Ok(Stats {
             pending: events + attributes,
             pending_events: events,
-            pending_memberships: attributes,
+            pending_attributes: attributes,
             in_flight: self.leases.lock().expect("lease lock").seqs.len() as u64,
             dead: c.dead.load(Ordering::Relaxed),
             oldest_pending_age_ms: oldest.map(|t| now_ms().saturating_sub(t)),
@@ -1551,8 +1575,8 @@ impl Queue {
             accepted_total: c.accepted.load(Ordering::Relaxed),
             coalesced_total: c.coalesced.load(Ordering::Relaxed),
             skipped_unchanged_total: c.unchanged.load(Ordering::Relaxed),
-            accepted_by_kind: by_kind(&c.accepted_by_kind),
-            skipped_unchanged_by_kind: by_kind(&c.unchanged_by_kind),
+            accepted_by_kind: by_name(&c.accepted_by_kind),
+            skipped_unchanged_by_kind: by_name(&c.unchanged_by_kind),
             compactions_total: c.compactions.load(Ordering::Relaxed),
             lost_total: self.ledger.lost(),
         })
@@ -1868,8 +1892,7 @@ impl<'a> Staging<'a> {
                     Some(_) => self.attributes += 1,
                     None if unchanged => {
                         self.unchanged += 1;
-                        self.counters.unchanged_by_kind[record.kind_index()]
-                            .fetch_add(1, Ordering::Relaxed);
+                        self.counters.unchanged_by_kind.add(record.kind(), 1);
                         return Ok(false);
                     }
                     None => self.attributes += 1,
@@ -1967,7 +1990,7 @@ impl<'a> Staging<'a> {
 
 /// A stored value that could not be read back, and where it is.
 struct Undecodable {
-    lane: u8,
+    lane: Lane,
     /// The sequence number in its key.
     key_seq: u64,
     /// One event inside an event chunk; `None` for the whole value.
@@ -1991,7 +2014,7 @@ fn candidate(
         Ok(stored) => Ok(Some((seq, value, stored))),
         Err(e) => {
             undecodable.push(Undecodable {
-                lane: LANE_ATTRIBUTES,
+                lane: Lane::Attributes,
                 key_seq: seq,
                 entry: None,
                 value: value.to_vec(),
@@ -2105,7 +2128,7 @@ fn lease_attribute(
     leases.attributes.insert(latest.clone());
     out.push(Leased {
         seq,
-        lane: LANE_ATTRIBUTES,
+        lane: Lane::Attributes,
         key_seq: seq,
         attempts: leases.attempts.get(&seq).copied().unwrap_or(0),
         stored,
@@ -2217,11 +2240,11 @@ fn set_aside_damage(
     Ok(())
 }
 
-fn by_kind(counters: &[AtomicU64; 4]) -> std::collections::BTreeMap<String, u64> {
-    Record::KINDS
-        .iter()
-        .zip(counters)
-        .map(|(k, c)| (k.to_string(), c.load(Ordering::Relaxed)))
+fn by_name(counters: &PerKind) -> std::collections::BTreeMap<String, u64> {
+    counters
+        .by_name()
+        .into_iter()
+        .map(|(k, n)| (k.to_string(), n))
         .collect()
 }
 

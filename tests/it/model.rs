@@ -652,7 +652,7 @@ fn check(q: &Queue, m: &mut Model) -> Result<(), TestCaseError> {
         peek.len() as u64,
         "stats.pending vs what peek lists"
     );
-    prop_assert_eq!(s.pending, s.pending_events + s.pending_memberships);
+    prop_assert_eq!(s.pending, s.pending_events + s.pending_attributes);
     let events = m
         .recs
         .iter()
