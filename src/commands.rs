@@ -50,12 +50,11 @@ pub async fn run(
     let running = daemon::start(&config, listener).await?;
     // Only now is the database open and the listener bound: systemd may send traffic.
     service::ready();
-    let (stop_supervisor, stop_rx) = tokio::sync::watch::channel(false);
     let supervisor = service::supervise(
         &running,
         service::Watchdog::from_env(),
         config.braze.request_timeout,
-        stop_rx,
+        running.stopping(),
     );
     let mut current = config;
     let gave_up = loop {
@@ -76,10 +75,9 @@ pub async fn run(
         }
     };
     service::stopping();
-    let _ = stop_supervisor.send(true);
-    let _ = supervisor.await;
     signals.handle().close();
     let stopped = running.shutdown().await;
+    let _ = supervisor.await;
     match gave_up {
         None => stopped,
         Some(why) => Err(anyhow::anyhow!(

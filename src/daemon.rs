@@ -8,13 +8,11 @@
 //! queue. The whole stop is bounded by `delivery.shutdown_timeout` plus the final sync.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::braze::BrazeClient;
@@ -23,6 +21,7 @@ use crate::delivery::gate::Gate;
 use crate::delivery::{Delivery, DeliveryCounters};
 use crate::http::{self, AppState};
 use crate::queue::{BatchLimits, Queue, QueueError, QueueSettings, PID_FILE};
+use crate::shutdown::Shutdown;
 
 /// The async runtime the binary runs on: one worker thread, unless `TOKIO_WORKER_THREADS`
 /// (read by tokio) asks for more.
@@ -134,10 +133,9 @@ pub struct Running {
     pub delivery: Arc<Delivery>,
     /// What the HTTP handlers share; a reload swaps the token in it.
     pub state: Arc<AppState>,
-    stop_ingest: watch::Sender<bool>,
+    shutdown: Shutdown,
     server: JoinHandle<std::io::Result<()>>,
     admin_server: Option<JoinHandle<std::io::Result<()>>>,
-    stop_workers: watch::Sender<bool>,
     workers: Vec<JoinHandle<()>>,
     /// Where the event workers run (`events_runtime`); shut down once they are joined.
     events_runtime: EventsRuntime,
@@ -198,17 +196,25 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
         ),
         backfill_in_flight: Default::default(),
     });
-    let (stop_workers, stop_rx) = watch::channel(false);
+    let shutdown = Shutdown::default();
     let events_runtime = events_runtime().context("cannot start the event workers' thread")?;
-    let workers = delivery.spawn_workers(config.delivery.workers, stop_rx, events_runtime.handle());
+    let workers = delivery.spawn_workers(
+        config.delivery.workers,
+        shutdown.delivery().clone(),
+        events_runtime.handle(),
+    );
 
     let maintenance = {
         let queue = Arc::clone(&queue);
         let delivery = Arc::clone(&delivery);
         let slot = config.delivery.workers;
+        let stop = shutdown.upkeep().clone();
         tokio::spawn(async move {
             for tick in 1u64.. {
-                tokio::time::sleep(SEGMENTS_EVERY).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(SEGMENTS_EVERY) => {}
+                    _ = stop.cancelled() => break,
+                }
                 let q = Arc::clone(&queue);
                 let _busy = delivery.activity.busy(slot);
                 let full =
@@ -240,7 +246,7 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
         queue: Arc::clone(&queue),
         delivery: Arc::clone(&delivery),
         token: std::sync::RwLock::new(config.ingest.token.clone()),
-        stopping: Default::default(),
+        shutdown: shutdown.clone(),
         prefer: config.identity,
         upload_idle_timeout: config.ingest.upload_idle_timeout,
         upload_timeout: config.ingest.upload_timeout,
@@ -263,16 +269,19 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
         hosts: config.ingest.allowed_hosts.clone(),
     };
     let app = http::router(Arc::clone(&state), guard);
-    let (stop_ingest, stop_ingest_rx) = watch::channel(false);
     let admin_server = match bind_admin_socket(&config.data_dir) {
         Ok(listener) => {
             let app = http::admin_router(Arc::clone(&state));
-            let mut stop = stop_ingest_rx.clone();
+            let stop = shutdown.ingest().clone();
             let header_timeout = config.ingest.header_timeout;
             Some(tokio::spawn(async move {
-                http::serve(listener, app, header_timeout, ADMIN_CONNECTIONS, async {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
+                http::serve(
+                    listener,
+                    app,
+                    header_timeout,
+                    ADMIN_CONNECTIONS,
+                    stop.cancelled_owned(),
+                )
                 .await
             }))
         }
@@ -292,11 +301,15 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
             "ingest.max_connections lowered to fit the open-file limit (raise LimitNOFILE= to serve more)"
         );
     }
+    let stop = shutdown.ingest().clone();
     let server = tokio::spawn(async move {
-        let mut stop = stop_ingest_rx;
-        http::serve(listener, app, header_timeout, max_connections, async {
-            let _ = stop.wait_for(|s| *s).await;
-        })
+        http::serve(
+            listener,
+            app,
+            header_timeout,
+            max_connections,
+            stop.cancelled_owned(),
+        )
         .await
     });
     tracing::info!(%addr, workers = config.delivery.workers, pending = queue.pending(),
@@ -306,10 +319,9 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
         queue,
         delivery,
         state,
-        stop_ingest,
+        shutdown,
         server,
         admin_server,
-        stop_workers,
         workers,
         events_runtime,
         maintenance,
@@ -319,11 +331,17 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
 }
 
 impl Running {
-    /// Stops in pipeline order within the configured deadline; see the module doc.
+    /// Cancelled once stopping begins (`Running::shutdown`): for tasks beside the daemon,
+    /// such as the service supervisor, that must end with it.
+    pub fn stopping(&self) -> tokio_util::sync::CancellationToken {
+        self.shutdown.ingest().clone()
+    }
+
+    /// Stops in pipeline order within the configured deadline (`shutdown.rs`); see the module
+    /// doc. Every task that holds the queue is joined before its final sync.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
-        self.state.stopping.store(true, Ordering::Relaxed);
-        let _ = self.stop_ingest.send(true);
+        self.shutdown.ingest().cancel();
         if let Some(admin) = self.admin_server.take() {
             if tokio::time::timeout_at(deadline, admin).await.is_err() {
                 tracing::warn!("admin requests still open at the deadline; abandoning them");
@@ -337,21 +355,28 @@ impl Running {
             Err(_) => {
                 tracing::warn!("ingest requests still open at the deadline; abandoning them");
                 self.server.abort();
+                let _ = (&mut self.server).await;
             }
         }
-        let _ = self.stop_workers.send(true);
+        self.shutdown.delivery().cancel();
         for w in &mut self.workers {
             if tokio::time::timeout_at(deadline, &mut *w).await.is_err() {
                 tracing::warn!(
                     "a Braze request was still in flight at the deadline; its records stay queued"
                 );
+                // Dropped where it waits: its leases were never completed, so its records
+                // are still queued and go again after the restart.
                 w.abort();
+                let _ = w.await;
             }
         }
         drop(self.events_runtime);
-        // Wait for it to be gone: it holds the queue, and so sled's lock on the directory.
-        self.maintenance.abort();
-        let _ = (&mut self.maintenance).await;
+        // Not abandoned: a step of upkeep holds the queue on a blocking thread, so it is
+        // waited for (its steps are bounded) before the final sync.
+        self.shutdown.upkeep().cancel();
+        if let Err(e) = (&mut self.maintenance).await {
+            tracing::error!(error = %e, "queue maintenance task failed");
+        }
         self.queue.sync().await.context("final queue sync failed")?;
         let _ = std::fs::remove_file(&self.pid_file);
         tracing::info!(

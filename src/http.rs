@@ -3,7 +3,6 @@
 //! Ingest answers 2xx only after `Queue::enqueue` has made the records durable. Every error
 //! becomes an HTTP answer in one place, `ApiError::into_response`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -36,7 +35,8 @@ pub struct AppState {
     /// carry no customer data and probes rarely carry credentials.
     pub token: std::sync::RwLock<Option<Secret>>,
     /// Set when shutdown begins: new requests get 503 so clients retry against the next start.
-    pub stopping: AtomicBool,
+    /// Read by every handler: once stopping has begun, new work gets 503.
+    pub shutdown: crate::shutdown::Shutdown,
     /// Which id a `/v1` record carrying both is sent with (`identity.prefer`).
     pub prefer: PreferId,
     /// How long a snapshot upload may send nothing before it is abandoned and its split
@@ -291,7 +291,7 @@ where
     F: Fn(&[u8]) -> Result<Vec<Record>, BadInput> + Send + 'static,
 {
     authorize(state, headers)?;
-    if state.stopping.load(Ordering::Relaxed) {
+    if state.shutdown.stopping() {
         return Err(ApiError::Stopping);
     }
     // `_held` keeps the body's share of the memory budget until the records are queued.
@@ -408,7 +408,7 @@ async fn users_track(
             Vec::new(),
         );
     }
-    if state.stopping.load(Ordering::Relaxed) {
+    if state.shutdown.stopping() {
         return ApiError::Stopping.into_response();
     }
     let (body, _held) = match read_body(&state, &headers, body).await {
@@ -563,7 +563,7 @@ async fn put_snapshot(
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
-    if state.stopping.load(Ordering::Relaxed) {
+    if state.shutdown.stopping() {
         return Err(ApiError::Stopping);
     }
     for (field, value) in [("audience_id", &audience), ("split_id", &split)] {
@@ -724,7 +724,7 @@ async fn healthz() -> Response {
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    if state.stopping.load(Ordering::Relaxed) {
+    if state.shutdown.stopping() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"ready": false, "reason": "stopping"})),

@@ -33,6 +33,7 @@
 //! - [`http_guard`]: what a browser may not do: cross-origin posts, foreign `Host`s.
 //! - [`request_body`]: reading bodies within bounds of size, pace and shared memory.
 //! - [`daemon`]: start and stop in pipeline order.
+//! - [`shutdown`]: the one shutdown signal every task waits on, stage by stage.
 //! - [`service`]: life under systemd: notify, watchdog, reload on SIGHUP.
 //! - [`logging`]: text or JSON log lines, the level changeable while running.
 //! - [`import`]: CSV and NDJSON exports into the queue, checked whole before anything is
@@ -65,3 +66,4 @@ pub mod record;
 pub mod relay;
 pub mod request_body;
 pub mod service;
+pub mod shutdown;

@@ -8,9 +8,9 @@
 
 use std::path::Path;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 use sd_notify::NotifyState;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::level_filters::LevelFilter;
 
@@ -61,7 +61,7 @@ pub fn supervise(
     running: &Running,
     watchdog: Option<Watchdog>,
     request_timeout: Duration,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) -> JoinHandle<()> {
     if let Some(w) = watchdog {
         if request_timeout >= w.stall_limit {
@@ -126,7 +126,7 @@ pub fn supervise(
             last_status = status;
             tokio::select! {
                 _ = tokio::time::sleep(tick) => {}
-                _ = stop.changed() => return,
+                _ = stop.cancelled() => return,
             }
         }
     })

@@ -22,6 +22,7 @@
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 
 use tokio::sync::Notify;
 
@@ -122,12 +123,12 @@ impl Limiter {
     }
 
     /// A slot, once fewer than the limit are in flight; `None` if `stop` fires first.
-    pub async fn acquire(&self, stop: &mut tokio::sync::watch::Receiver<bool>) -> Option<Slot<'_>> {
+    pub async fn acquire(&self, stop: &CancellationToken) -> Option<Slot<'_>> {
         loop {
             let freed = self.freed.notified();
             {
                 let mut s = self.lock();
-                if *stop.borrow() {
+                if stop.is_cancelled() {
                     return None;
                 }
                 if (s.in_flight as f64) < s.limit.floor() {
@@ -143,7 +144,7 @@ impl Limiter {
             }
             tokio::select! {
                 _ = freed => {}
-                _ = stop.changed() => {}
+                _ = stop.cancelled() => {}
             }
         }
     }
@@ -219,18 +220,16 @@ impl Drop for Slot<'_> {
 mod tests {
     use super::*;
 
-    fn stop() -> tokio::sync::watch::Receiver<bool> {
-        let (tx, rx) = tokio::sync::watch::channel(false);
-        std::mem::forget(tx);
-        rx
+    fn stop() -> CancellationToken {
+        CancellationToken::new()
     }
 
     /// Fills every slot and answers them all with `signal`: one round trip.
     async fn round(l: &Limiter, signal: Signal) {
-        let mut stop = stop();
+        let stop = stop();
         let mut slots = Vec::new();
         for _ in 0..l.limit() {
-            slots.push(l.acquire(&mut stop).await.unwrap());
+            slots.push(l.acquire(&stop).await.unwrap());
         }
         for s in slots {
             s.finish(signal);
@@ -275,9 +274,9 @@ mod tests {
     #[tokio::test]
     async fn an_unused_limit_does_not_grow() {
         let l = Limiter::new(256);
-        let mut stop = stop();
+        let stop = stop();
         for _ in 0..100 {
-            let slot = l.acquire(&mut stop).await.unwrap();
+            let slot = l.acquire(&stop).await.unwrap();
             slot.finish(Signal::Answered(Duration::from_millis(5)));
         }
         assert_eq!(l.limit(), START as usize);
@@ -286,10 +285,10 @@ mod tests {
     #[tokio::test]
     async fn reserved_slots_never_wait_and_never_raise_the_limit() {
         let l = Limiter::new(256);
-        let mut stop = stop();
+        let stop = stop();
         let mut full = Vec::new();
         for _ in 0..l.limit() {
-            full.push(l.acquire(&mut stop).await.unwrap());
+            full.push(l.acquire(&stop).await.unwrap());
         }
         // The limit is full, yet reserved slots are handed out, and counted in flight.
         let reserved: Vec<_> = (0..4).map(|_| l.reserved()).collect();
@@ -299,7 +298,7 @@ mod tests {
         }
         assert_eq!(l.limit(), START as usize, "reserved answers do not grow it");
         // Nor do they take a place under the limit: one more regular slot is still refused.
-        let more = tokio::time::timeout(Duration::from_millis(20), l.acquire(&mut stop)).await;
+        let more = tokio::time::timeout(Duration::from_millis(20), l.acquire(&stop)).await;
         assert!(more.is_err(), "the limit is still full");
         // But Braze pushing back on one lowers it.
         std::thread::sleep(Duration::from_millis(120));

@@ -8,6 +8,7 @@
 
 use std::sync::Mutex;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 use backoff::backoff::Backoff;
 use backoff::ExponentialBackoff;
@@ -131,7 +132,7 @@ impl Gate {
     }
 
     /// Waits until a request may be sent. Returns `None` if `stop` fires first.
-    pub async fn acquire(&self, stop: &mut tokio::sync::watch::Receiver<bool>) -> Option<Permit> {
+    pub async fn acquire(&self, stop: &CancellationToken) -> Option<Permit> {
         self.acquire_in_turn(stop, false).await
     }
 
@@ -141,20 +142,13 @@ impl Gate {
     /// number of requests sent in any window is unchanged; only their order is. Only one turn
     /// is owed at a time; until it is given back, this queues as `acquire` does. Backoff,
     /// `Retry-After` and probing bind it as any other.
-    pub async fn acquire_first(
-        &self,
-        stop: &mut tokio::sync::watch::Receiver<bool>,
-    ) -> Option<Permit> {
+    pub async fn acquire_first(&self, stop: &CancellationToken) -> Option<Permit> {
         self.acquire_in_turn(stop, true).await
     }
 
-    async fn acquire_in_turn(
-        &self,
-        stop: &mut tokio::sync::watch::Receiver<bool>,
-        first: bool,
-    ) -> Option<Permit> {
+    async fn acquire_in_turn(&self, stop: &CancellationToken, first: bool) -> Option<Permit> {
         loop {
-            if *stop.borrow() {
+            if stop.is_cancelled() {
                 return None;
             }
             // Decide under the lock, wait outside it: a std guard must not live across an await.
@@ -221,7 +215,7 @@ impl Gate {
             }
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = stop.changed() => {}
+                _ = stop.cancelled() => {}
             }
         }
     }
@@ -322,18 +316,15 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    fn stop() -> (
-        tokio::sync::watch::Sender<bool>,
-        tokio::sync::watch::Receiver<bool>,
-    ) {
-        tokio::sync::watch::channel(false)
+    fn stop() -> CancellationToken {
+        CancellationToken::new()
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_retry_after_holds_back_every_worker_at_least_that_long() {
         let gate = Gate::new(Duration::from_millis(10), Duration::from_secs(60), None);
-        let (_tx, mut rx) = stop();
-        let p = gate.acquire(&mut rx).await.unwrap();
+        let rx = stop();
+        let p = gate.acquire(&rx).await.unwrap();
         gate.failure(
             p,
             Failure::Transient {
@@ -342,7 +333,7 @@ mod tests {
             },
         );
         let start = Instant::now();
-        let p = gate.acquire(&mut rx).await.unwrap();
+        let p = gate.acquire(&rx).await.unwrap();
         assert!(start.elapsed() >= Duration::from_secs(5));
         gate.success(p, None, None);
         assert_eq!(gate.health(), Health::Delivering);
@@ -351,11 +342,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn backoff_grows_and_stays_under_the_ceiling_without_giving_up() {
         let gate = Gate::new(Duration::from_millis(100), Duration::from_secs(2), None);
-        let (_tx, mut rx) = stop();
+        let rx = stop();
         let mut waits = Vec::new();
         for _ in 0..40 {
             let start = Instant::now();
-            let p = gate.acquire(&mut rx).await.unwrap();
+            let p = gate.acquire(&rx).await.unwrap();
             waits.push(start.elapsed());
             gate.failure(
                 p,
@@ -381,10 +372,10 @@ mod tests {
             Duration::from_secs(1),
             Some(10.0),
         );
-        let (_tx, mut rx) = stop();
+        let rx = stop();
         let start = Instant::now();
         for _ in 0..11 {
-            let p = gate.acquire(&mut rx).await.unwrap();
+            let p = gate.acquire(&rx).await.unwrap();
             gate.success(p, None, None);
         }
         assert!(start.elapsed() >= Duration::from_secs(1));
@@ -403,8 +394,8 @@ mod tests {
             .map(|_| {
                 let gate = Arc::clone(&gate);
                 tokio::spawn(async move {
-                    let (_tx, mut rx) = stop();
-                    let p = gate.acquire(&mut rx).await.unwrap();
+                    let rx = stop();
+                    let p = gate.acquire(&rx).await.unwrap();
                     gate.success(p, None, None);
                     start.elapsed()
                 })
@@ -413,8 +404,8 @@ mod tests {
         tokio::task::yield_now().await;
         tokio::time::sleep(Duration::from_millis(150)).await;
         // An event at 150 ms goes at once, not at 500 ms behind them.
-        let (_tx, mut rx) = stop();
-        let p = gate.acquire_first(&mut rx).await.unwrap();
+        let rx = stop();
+        let p = gate.acquire_first(&rx).await.unwrap();
         assert_eq!(start.elapsed(), Duration::from_millis(150));
         gate.success(p, None, None);
         let mut turns = Vec::new();
@@ -425,7 +416,7 @@ mod tests {
         // The request whose turn was at 200 ms gave it to the event and went at the end, at
         // 500 ms: six requests in six turns of 100 ms.
         assert_eq!(turns, vec![0, 100, 300, 400, 500]);
-        let p = gate.acquire(&mut rx).await.unwrap();
+        let p = gate.acquire(&rx).await.unwrap();
         assert_eq!(start.elapsed(), Duration::from_millis(600));
         gate.success(p, None, None);
     }
@@ -437,14 +428,14 @@ mod tests {
             Duration::from_secs(60),
             Some(10.0),
         ));
-        let (_tx, mut rx) = stop();
-        let first = gate.acquire(&mut rx).await.unwrap();
+        let rx = stop();
+        let first = gate.acquire(&rx).await.unwrap();
         let start = Instant::now();
         // The second worker's slot is 100 ms away; it is sleeping towards it.
         let waiting = tokio::spawn({
             let gate = Arc::clone(&gate);
-            let mut rx = rx.clone();
-            async move { gate.acquire(&mut rx).await.is_some() }
+            let rx = rx.clone();
+            async move { gate.acquire(&rx).await.is_some() }
         });
         tokio::time::sleep(Duration::from_millis(10)).await;
         gate.failure(
@@ -465,11 +456,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn few_requests_left_in_the_window_are_spread_over_what_is_left_of_it() {
         let gate = Gate::new(Duration::from_millis(10), Duration::from_secs(60), None);
-        let (_tx, mut rx) = stop();
-        let p = gate.acquire(&mut rx).await.unwrap();
+        let rx = stop();
+        let p = gate.acquire(&rx).await.unwrap();
         gate.success(p, Some(1), Some(Duration::from_secs(10)));
         let start = Instant::now();
-        let p = gate.acquire(&mut rx).await.unwrap();
+        let p = gate.acquire(&rx).await.unwrap();
         assert!(
             start.elapsed() >= Duration::from_secs(5),
             "{:?}",
@@ -478,19 +469,19 @@ mod tests {
         // Plenty left: no pacing.
         gate.success(p, Some(5000), Some(Duration::from_secs(10)));
         let start = Instant::now();
-        let _p = gate.acquire(&mut rx).await.unwrap();
+        let _p = gate.acquire(&rx).await.unwrap();
         assert!(start.elapsed() < Duration::from_millis(1));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_misconfigured_key_pauses_until_a_probe_succeeds() {
         let gate = Gate::new(Duration::from_millis(10), Duration::from_secs(30), None);
-        let (_tx, mut rx) = stop();
-        let p = gate.acquire(&mut rx).await.unwrap();
+        let rx = stop();
+        let p = gate.acquire(&rx).await.unwrap();
         gate.failure(p, Failure::Misconfigured("401 Invalid API Key".into()));
         assert!(matches!(gate.health(), Health::Paused { .. }));
         let start = Instant::now();
-        let p = gate.acquire(&mut rx).await.unwrap();
+        let p = gate.acquire(&rx).await.unwrap();
         assert!(start.elapsed() >= Duration::from_secs(30));
         gate.success(p, None, None);
         assert_eq!(gate.health(), Health::Delivering);

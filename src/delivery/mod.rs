@@ -20,9 +20,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 use serde::Serialize;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::braze::client::{Connections, ObjectError};
@@ -163,7 +163,7 @@ impl Delivery {
     pub fn spawn_workers(
         self: &Arc<Self>,
         workers: usize,
-        stop: watch::Receiver<bool>,
+        stop: CancellationToken,
         events_runtime: &tokio::runtime::Handle,
     ) -> Vec<JoinHandle<()>> {
         let events = event_reserve(workers);
@@ -182,13 +182,13 @@ impl Delivery {
 
     /// A general worker: takes a slot under the adaptive limit and its turn at the gate,
     /// then leases events first and memberships after.
-    async fn worker(&self, id: usize, mut stop: watch::Receiver<bool>) {
+    async fn worker(&self, id: usize, stop: CancellationToken) {
         tracing::debug!(worker = id, "delivery worker started");
         loop {
-            let Some(slot) = self.limiter.acquire(&mut stop).await else {
+            let Some(slot) = self.limiter.acquire(&stop).await else {
                 break;
             };
-            let Some(permit) = self.gate.acquire(&mut stop).await else {
+            let Some(permit) = self.gate.acquire(&stop).await else {
                 break;
             };
             // At most three quarters of the limit (and at least one less) may carry
@@ -217,12 +217,12 @@ impl Delivery {
                     // Waiting for work is not a request in flight: the slot goes back first.
                     drop(slot);
                     self.gate.unused(permit);
-                    self.wait_for_work(other.err(), signal, &mut stop).await;
+                    self.wait_for_work(other.err(), signal, &stop).await;
                     continue;
                 }
             };
             let (results, answer) = self
-                .deliver(id, items, permit, &mut stop, Connections::Shared)
+                .deliver(id, items, permit, &stop, Connections::Shared)
                 .await;
             slot.finish(answer);
             if holds_slot {
@@ -237,9 +237,9 @@ impl Delivery {
     /// before them), then goes ahead of the gate's queue of paced requests and sends them in
     /// a reserved slot. However full the limit and the gate's queue are with a backfill, an
     /// event waits for one of these workers to come back from Braze, not for the backfill.
-    async fn event_worker(&self, id: usize, mut stop: watch::Receiver<bool>) {
+    async fn event_worker(&self, id: usize, stop: CancellationToken) {
         tracing::debug!(worker = id, "event worker started");
-        while !*stop.borrow() {
+        while !stop.is_cancelled() {
             let signal = self.queue.work_signal();
             let leased = {
                 let _busy = self.activity.busy(id);
@@ -248,20 +248,20 @@ impl Delivery {
             let items = match leased {
                 Ok(items) if !items.is_empty() => items,
                 other => {
-                    self.wait_for_work(other.err(), signal, &mut stop).await;
+                    self.wait_for_work(other.err(), signal, &stop).await;
                     continue;
                 }
             };
             // Leased first, so that a turn at the gate is taken only for a request that will
             // go. Backoff and `Retry-After` still hold it back, with its events leased.
-            let Some(permit) = self.gate.acquire_first(&mut stop).await else {
+            let Some(permit) = self.gate.acquire_first(&stop).await else {
                 let results = items.into_iter().map(|l| (l, Outcome::Retry)).collect();
                 self.complete(id, results);
                 break;
             };
             let slot = self.limiter.reserved();
             let (results, answer) = self
-                .deliver(id, items, permit, &mut stop, Connections::Events)
+                .deliver(id, items, permit, &stop, Connections::Events)
                 .await;
             slot.finish(answer);
             self.complete(id, results);
@@ -275,13 +275,13 @@ impl Delivery {
         &self,
         error: Option<QueueError>,
         signal: tokio::sync::futures::Notified<'_>,
-        stop: &mut watch::Receiver<bool>,
+        stop: &CancellationToken,
     ) {
         let pause = match error {
             None => {
                 tokio::select! {
                     _ = tokio::time::timeout(Duration::from_millis(250), signal) => {}
-                    _ = stop.changed() => {}
+                    _ = stop.cancelled() => {}
                 }
                 return;
             }
@@ -293,7 +293,7 @@ impl Delivery {
         };
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
-            _ = stop.changed() => {}
+            _ = stop.cancelled() => {}
         }
     }
 
@@ -334,7 +334,7 @@ impl Delivery {
         worker: usize,
         items: Vec<Leased>,
         permit: Permit,
-        stop: &mut watch::Receiver<bool>,
+        stop: &CancellationToken,
         connections: Connections,
     ) -> (Vec<(Leased, Outcome)>, Signal) {
         // What the first answer said of Braze's load; a push-back later overrides it.
