@@ -13,8 +13,9 @@ use crate::cli::{QueueCommand, Which};
 use crate::config::Config;
 use crate::daemon;
 use crate::delivery::with_objects;
-use crate::queue::{QueueError, Selection};
+use crate::queue::{Queue, Selection};
 use crate::service;
+use crate::target::{Daemon, Target};
 
 /// Exit codes, so scripts can tell a bad setup from a failure at run time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,12 +140,20 @@ impl QueueOp {
 /// Runs a queue command: through the running daemon if it holds the database, else on the
 /// database directly; if neither is possible, says why for both.
 pub async fn queue(config: Config, op: QueueOp, json: bool) -> anyhow::Result<()> {
-    let answer = match local(&config, &op).await {
-        Ok(v) => v,
-        Err(LocalError::Locked(local)) => remote(&config, &op).await.with_context(|| {
-            format!("{local}, and the running daemon's admin API did not answer")
+    if !config.data_dir.join("queue").exists() {
+        bail!(
+            "no queue in {} (data_dir): the daemon has never run with this configuration",
+            config.data_dir.display()
+        );
+    }
+    let answer = match Target::open(&config).await? {
+        Target::Database(queue) => local(&queue, &config, &op).await?,
+        Target::Daemon(daemon) => remote(&daemon, &op).await.with_context(|| {
+            format!(
+                "{}, and the running daemon's admin API did not answer",
+                daemon.locked
+            )
         })?,
-        Err(LocalError::Other(e)) => return Err(e),
     };
     let mut out = std::io::stdout().lock();
     if json {
@@ -159,90 +168,31 @@ pub async fn queue(config: Config, op: QueueOp, json: bool) -> anyhow::Result<()
     Ok(())
 }
 
-enum LocalError {
-    Locked(QueueError),
-    Other(anyhow::Error),
-}
-
-/// Opens the database directly (the daemon is not running) and runs the operation.
-async fn local(config: &Config, op: &QueueOp) -> Result<Value, LocalError> {
-    if !config.data_dir.join("queue").exists() {
-        return Err(LocalError::Other(anyhow::anyhow!(
-            "no queue in {} (data_dir): the daemon has never run with this configuration",
-            config.data_dir.display()
-        )));
-    }
-    let opened = daemon::open_queue_if_free(config).await;
-    let queue = match opened {
-        Ok(q) => q,
-        Err(e @ QueueError::Locked { .. }) => return Err(LocalError::Locked(e)),
-        Err(e) => return Err(LocalError::Other(e.into())),
-    };
+/// Runs the operation on the database, opened by this process (the daemon is stopped).
+async fn local(queue: &Queue, config: &Config, op: &QueueOp) -> anyhow::Result<Value> {
     let policy = &config.update_existing_only;
-    let run = async {
-        Ok::<Value, QueueError>(match op {
-            QueueOp::Stats => json!({ "queue": queue.stats()? }),
-            QueueOp::Peek(limit) => json!({ "records": with_objects(queue.peek(*limit)?, policy) }),
-            QueueOp::Dead(limit) => json!({ "records": with_objects(queue.dead(*limit)?, policy) }),
-            QueueOp::RetryDead(sel) => json!({ "report": queue.retry_dead(sel).await? }),
-            QueueOp::PurgeDead(sel) => json!({ "report": queue.purge_dead(sel).await? }),
-        })
+    let mut answer = match op {
+        QueueOp::Stats => json!({ "queue": queue.stats()? }),
+        QueueOp::Peek(limit) => json!({ "records": with_objects(queue.peek(*limit)?, policy) }),
+        QueueOp::Dead(limit) => json!({ "records": with_objects(queue.dead(*limit)?, policy) }),
+        QueueOp::RetryDead(sel) => json!({ "report": queue.retry_dead(sel).await? }),
+        QueueOp::PurgeDead(sel) => json!({ "report": queue.purge_dead(sel).await? }),
     };
-    let mut answer = run.await.map_err(|e| LocalError::Other(e.into()))?;
     answer["source"] = "database".into();
     Ok(answer)
 }
 
-/// The running daemon's base URL for this configuration: its listen address, through
-/// loopback when it listens on every address.
-pub fn daemon_base(config: &Config) -> String {
-    let mut addr = config.ingest.listen;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
-    format!("http://{addr}")
-}
-
-/// An HTTP client for talking to the daemon itself: never through a proxy (`HTTP_PROXY` in
-/// the environment would otherwise carry the ingest token off the machine).
-pub fn daemon_client(timeout: Duration) -> reqwest::Result<reqwest::Client> {
-    reqwest::Client::builder()
-        .timeout(timeout)
-        .no_proxy()
-        .build()
-}
-
-/// Asks the running daemon over its admin API: through the admin socket in `data_dir` (the
-/// file's permissions are the credential), or, where there is none, over `ingest.listen` with
-/// the ingest token.
-async fn remote(config: &Config, op: &QueueOp) -> anyhow::Result<Value> {
-    let socket = config.data_dir.join(daemon::ADMIN_SOCKET);
-    let (base, client) = if socket.exists() {
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .unix_socket(socket.as_path())
-            .build()?;
-        ("http://localhost/v1/admin/queue".to_string(), client)
-    } else {
-        let base = format!("{}/v1/admin/queue", daemon_base(config));
-        (base, daemon_client(Duration::from_secs(30))?)
-    };
+/// Asks the running daemon over its admin API.
+async fn remote(daemon: &Daemon, op: &QueueOp) -> anyhow::Result<Value> {
+    let admin = daemon.admin(Duration::from_secs(30))?;
     let request = match op {
-        QueueOp::Stats => client.get(format!("{base}/stats")),
-        QueueOp::Peek(limit) => client.get(format!("{base}/peek?limit={limit}")),
-        QueueOp::Dead(limit) => client.get(format!("{base}/dead?limit={limit}")),
-        QueueOp::RetryDead(sel) => client.post(format!("{base}/retry-dead")).json(sel),
-        QueueOp::PurgeDead(sel) => client.post(format!("{base}/purge-dead")).json(sel),
+        QueueOp::Stats => admin.get("/stats"),
+        QueueOp::Peek(limit) => admin.get(&format!("/peek?limit={limit}")),
+        QueueOp::Dead(limit) => admin.get(&format!("/dead?limit={limit}")),
+        QueueOp::RetryDead(sel) => admin.post("/retry-dead").json(sel),
+        QueueOp::PurgeDead(sel) => admin.post("/purge-dead").json(sel),
     };
-    let request = match &config.ingest.token {
-        Some(t) if !socket.exists() => request.bearer_auth(t.expose()),
-        _ => request,
-    };
-    let place = if socket.exists() {
-        socket.display().to_string()
-    } else {
-        base.clone()
-    };
+    let place = &admin.place;
     let response = request
         .send()
         .await

@@ -30,8 +30,9 @@ use serde_json::{Map, Value};
 
 use crate::config::{Config, PreferId};
 use crate::ingest::{self, BadInput};
-use crate::queue::{Queue, QueueError};
+use crate::queue::Queue;
 use crate::record::{Membership, Record};
+use crate::target::{Daemon, Target};
 
 /// Records per durable chunk (one request to the daemon, or one commit).
 const CHUNK: usize = 5_000;
@@ -469,31 +470,23 @@ fn date_cell(cell: &str) -> Option<String> {
 /// Where the chunks go: the running daemon, or the database itself.
 enum Sink {
     Daemon {
+        daemon: Daemon,
         client: reqwest::Client,
         url: String,
-        token: Option<String>,
     },
     Local(std::sync::Arc<Queue>),
 }
 
 impl Sink {
     async fn open(config: &Config, kind: Kind) -> anyhow::Result<Sink> {
-        match crate::daemon::open_queue_if_free(config).await {
-            Ok(queue) => Ok(Sink::Local(queue)),
-            Err(QueueError::Locked { .. }) => {
-                let mut addr = config.ingest.listen;
-                if addr.ip().is_unspecified() {
-                    addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-                }
-                Ok(Sink::Daemon {
-                    client: crate::commands::daemon_client(Duration::from_secs(120))?,
-                    url: format!("http://{addr}/v1/{}", kind.noun()),
-                    token: config.ingest.token.as_ref().map(|t| t.expose().to_string()),
-                })
-            }
-            Err(e) => Err(e)
-                .with_context(|| format!("cannot open the queue in {}", config.data_dir.display())),
-        }
+        Ok(match Target::open(config).await? {
+            Target::Database(queue) => Sink::Local(queue),
+            Target::Daemon(daemon) => Sink::Daemon {
+                client: daemon.client(Some(Duration::from_secs(120)))?,
+                url: daemon.url(&format!("/v1/{}", kind.noun())),
+                daemon,
+            },
+        })
     }
 
     fn describe(&self) -> &'static str {
@@ -511,17 +504,18 @@ impl Sink {
         }
         match self {
             Sink::Local(queue) => queue.enqueue(chunk).await?,
-            Sink::Daemon { client, url, token } => {
+            Sink::Daemon {
+                daemon,
+                client,
+                url,
+            } => {
                 let mut body = Vec::with_capacity(n * 128);
                 for r in &chunk {
                     serde_json::to_writer(&mut body, &to_json(r))?;
                     body.push(b'\n');
                 }
                 loop {
-                    let mut request = client.post(url.as_str()).body(body.clone());
-                    if let Some(t) = token {
-                        request = request.bearer_auth(t);
-                    }
+                    let request = daemon.authorized(client.post(url.as_str()).body(body.clone()));
                     let response = request
                         .send()
                         .await
@@ -640,8 +634,9 @@ pub async fn snapshot(
     let started = Instant::now();
     let source = open(file)?;
     let name = file.display().to_string();
-    let (report, via) = match crate::daemon::open_queue_if_free(config).await {
-        Ok(queue) => {
+    let target = Target::open(config).await?;
+    let report = match &target {
+        Target::Database(queue) => {
             let mut upload = queue.begin_snapshot(audience, split)?;
             let mut reader = crate::members::MemberReader::new(None, config.identity);
             let mut add = |user| upload.add(&user).map_err(anyhow::Error::from);
@@ -661,22 +656,19 @@ pub async fn snapshot(
                 .finish(&mut add)
                 .with_context(|| format!("{name}: nothing was changed"))?;
             let report = upload.finish(allow_empty).await?;
-            (serde_json::to_value(report)?, "database (daemon stopped)")
+            serde_json::to_value(report)?
         }
-        Err(QueueError::Locked { .. }) => {
-            let mut addr = config.ingest.listen;
-            if addr.ip().is_unspecified() {
-                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-            }
-            let url = format!(
-                "http://{addr}/v1/audiences/{audience}/splits/{split}/members?allow_empty={allow_empty}"
+        Target::Daemon(daemon) => {
+            let url = daemon.url(&format!(
+                "/v1/audiences/{audience}/splits/{split}/members?allow_empty={allow_empty}"
+            ));
+            // No timeout: an upload takes as long as the file is big.
+            let request = daemon.authorized(
+                daemon
+                    .client(None)?
+                    .put(&url)
+                    .body(reqwest::Body::from(tokio::fs::File::from_std(source))),
             );
-            let mut request = reqwest::Client::new()
-                .put(&url)
-                .body(reqwest::Body::from(tokio::fs::File::from_std(source)));
-            if let Some(t) = &config.ingest.token {
-                request = request.bearer_auth(t.expose());
-            }
             let response = request.send().await.with_context(|| format!("PUT {url}"))?;
             let status = response.status();
             let body: Value = response.json().await.unwrap_or(Value::Null);
@@ -686,10 +678,10 @@ pub async fn snapshot(
                     body["error"].as_str().unwrap_or("")
                 );
             }
-            (body, "running daemon")
+            body
         }
-        Err(e) => return Err(e).context("cannot open the queue"),
     };
+    let via = target.describe();
     println!(
         "snapshot of audience {audience} split {split}: {} entered, {} exited, {} unchanged ({} members) in {:.1} s, through the {via}",
         report["entered"], report["exited"], report["unchanged"], report["members"],

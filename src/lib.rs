@@ -39,6 +39,8 @@
 //! - [`import`]: CSV and NDJSON exports into the queue, checked whole before anything is
 //!   queued.
 //! - [`cli`], [`commands`]: the command line.
+//! - [`target`]: where a command's work goes: the queue opened directly, or the running
+//!   daemon that holds it.
 //! - [`check`]: the `check` command, proving endpoint, key and both permissions without
 //!   changing any user's data.
 //! - `demo`: the newcomer's command, the whole pipeline against the `fake-braze` crate (a
@@ -67,3 +69,4 @@ pub mod relay;
 pub mod request_body;
 pub mod service;
 pub mod shutdown;
+pub mod target;

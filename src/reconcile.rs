@@ -24,8 +24,9 @@ use serde_json::{json, Value};
 
 use crate::braze::client::{BrazeClient, ExportOutcome};
 use crate::config::Config;
-use crate::queue::{QueueError, SnapshotMembers};
+use crate::queue::SnapshotMembers;
 use crate::record::{Membership, Record, UserId};
+use crate::target::{Daemon, Target};
 
 /// Braze's limit of `external_ids` per `/users/export/ids` call.
 const IDS_PER_CALL: usize = 50;
@@ -230,39 +231,31 @@ async fn queue_repairs(
             })
         })
         .collect();
-    match crate::daemon::open_queue_if_free(config).await {
-        Ok(queue) => {
+    match Target::open(config).await? {
+        Target::Database(queue) => {
             for chunk in records.chunks(10_000) {
                 queue.enqueue_with(chunk.to_vec(), false).await?;
             }
             Ok(())
         }
-        Err(QueueError::Locked { .. }) => through_daemon(config, ids, audience, split).await,
-        Err(e) => Err(e.into()),
+        Target::Daemon(daemon) => through_daemon(&daemon, ids, audience, split).await,
     }
 }
 
 async fn through_daemon(
-    config: &Config,
+    daemon: &Daemon,
     ids: &[String],
     audience: &str,
     split: &str,
 ) -> anyhow::Result<()> {
-    let url = format!(
-        "{}/v1/memberships?resend=true",
-        crate::commands::daemon_base(config)
-    );
-    let client = crate::commands::daemon_client(Duration::from_secs(60))?;
+    let url = daemon.url("/v1/memberships?resend=true");
+    let client = daemon.client(Some(Duration::from_secs(60)))?;
     for chunk in ids.chunks(10_000) {
         let body: Vec<Value> = chunk
             .iter()
             .map(|id| json!({"audience_id": audience, "split_id": split, "external_id": id, "member": true}))
             .collect();
-        let request = client.post(&url).json(&body);
-        let request = match &config.ingest.token {
-            Some(t) => request.bearer_auth(t.expose()),
-            None => request,
-        };
+        let request = daemon.authorized(client.post(&url).json(&body));
         let response = request.send().await.with_context(|| {
             format!("the database is locked by the running daemon, and {url} is unreachable")
         })?;
