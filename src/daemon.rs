@@ -246,6 +246,8 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
         queue: Arc::clone(&queue),
         delivery: Arc::clone(&delivery),
         token: std::sync::RwLock::new(config.ingest.token.clone()),
+        snapshots: crate::snapshot::Snapshots::open(&config.data_dir, Arc::clone(&queue))
+            .context("cannot open the snapshots")?,
         shutdown: shutdown.clone(),
         prefer: config.identity,
         upload_idle_timeout: config.ingest.upload_idle_timeout,

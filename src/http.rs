@@ -23,6 +23,7 @@ use crate::queue::{Queue, QueueError, Selection};
 use crate::record::Record;
 use crate::relay;
 use crate::request_body::{self, BodyError};
+use crate::snapshot::SnapshotError;
 
 /// Bodies bigger than this are parsed on the blocking pool so that a 16 MB upload does not
 /// stall the threads serving everyone else.
@@ -31,11 +32,12 @@ const PARSE_INLINE_MAX: usize = request_body::SMALL;
 pub struct AppState {
     pub queue: Arc<Queue>,
     pub delivery: Arc<Delivery>,
+    pub snapshots: Arc<crate::snapshot::Snapshots>,
     /// Required on every ingest and admin call when set. Health and metrics stay open: they
     /// carry no customer data and probes rarely carry credentials.
     pub token: std::sync::RwLock<Option<Secret>>,
-    /// Set when shutdown begins: new requests get 503 so clients retry against the next start.
-    /// Read by every handler: once stopping has begun, new work gets 503.
+    /// Read by every handler: once stopping has begun, new requests get 503 so that clients
+    /// retry against the next start.
     pub shutdown: crate::shutdown::Shutdown,
     /// Which id a `/v1` record carrying both is sent with (`identity.prefer`).
     pub prefer: PreferId,
@@ -166,6 +168,7 @@ pub enum ApiError {
     Unauthorized,
     BadInput(BadInput),
     Queue(QueueError),
+    Snapshot(SnapshotError),
     Stopping,
     /// The body could not be read whole: too large, too slow, too many at once, or cut short.
     Body(BodyError),
@@ -215,14 +218,22 @@ impl IntoResponse for ApiError {
                 retry("30", json!({"error": e.to_string()}))
             }
             ApiError::Queue(e @ QueueError::Busy) => retry("1", json!({"error": e.to_string()})),
-            ApiError::Queue(QueueError::Conflict(why)) => {
+            ApiError::Snapshot(SnapshotError::Conflict(why)) => {
                 (StatusCode::CONFLICT, Json(json!({ "error": why }))).into_response()
             }
-            ApiError::Queue(QueueError::Refused(why)) => (
+            ApiError::Snapshot(SnapshotError::Refused(why)) => (
                 StatusCode::BAD_REQUEST,
                 Json(json!({ "error": why, "queued": 0 })),
             )
                 .into_response(),
+            ApiError::Snapshot(SnapshotError::Queue(e)) => ApiError::Queue(e).into_response(),
+            ApiError::Snapshot(e) => {
+                tracing::error!(error = %e, "a snapshot upload failed; the previous snapshot stays");
+                retry(
+                    "5",
+                    json!({"error": format!("the snapshot could not be stored: {e}")}),
+                )
+            }
             ApiError::Queue(e) => {
                 tracing::error!(error = %e, "ingest could not queue a request; it was refused");
                 retry(
@@ -588,9 +599,9 @@ async fn put_snapshot(
         None
     };
     let mut upload = state
-        .queue
-        .begin_snapshot(&audience, &split)
-        .map_err(ApiError::Queue)?;
+        .snapshots
+        .begin(&audience, &split)
+        .map_err(ApiError::Snapshot)?;
     if options.full {
         upload = upload.full();
     }
@@ -602,7 +613,7 @@ async fn put_snapshot(
     let runtime = tokio::runtime::Handle::current();
     let work = tokio::task::spawn_blocking(move || {
         let mut reader = members::MemberReader::new(format, prefer);
-        let mut add = |user| upload.add(&user).map_err(ApiError::Queue);
+        let mut add = |user| upload.add(&user).map_err(ApiError::Snapshot);
         loop {
             match received.blocking_recv() {
                 Some(Some(piece)) => reader.feed(&piece, &mut add)?,
@@ -614,7 +625,7 @@ async fn put_snapshot(
         reader.finish(&mut add)?;
         runtime
             .block_on(upload.finish(allow_empty))
-            .map_err(ApiError::Queue)
+            .map_err(ApiError::Snapshot)
     });
     let mut stream = body.into_data_stream();
     // A client that stops sending, or trickles, would hold the split's upload lock (every

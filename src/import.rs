@@ -637,7 +637,9 @@ pub async fn snapshot(
     let target = Target::open(config).await?;
     let report = match &target {
         Target::Database(queue) => {
-            let mut upload = queue.begin_snapshot(audience, split)?;
+            let snapshots =
+                crate::snapshot::Snapshots::open(&config.data_dir, std::sync::Arc::clone(queue))?;
+            let mut upload = snapshots.begin(audience, split)?;
             let mut reader = crate::members::MemberReader::new(None, config.identity);
             let mut add = |user| upload.add(&user).map_err(anyhow::Error::from);
             let mut input = BufReader::with_capacity(1 << 20, source);

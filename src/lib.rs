@@ -19,6 +19,8 @@
 //! - [`ingest`]: parsing and validating request bodies, all or nothing, with the place of
 //!   every error.
 //! - [`members`]: a snapshot's member list, read line by line as it streams in.
+//! - [`snapshot`]: a split's whole membership in sorted files, diffed against the previous
+//!   upload so that only entries and exits are queued.
 //! - [`queue`]: the only owner of sled: durable enqueue (group commit), leases, dead
 //!   letters, bounds, and giving disk space back. Its doc is the on-disk format.
 //! - [`braze`]: the `/users/track` wire format and HTTP client; every answer becomes a named
@@ -69,4 +71,5 @@ pub mod relay;
 pub mod request_body;
 pub mod service;
 pub mod shutdown;
+pub mod snapshot;
 pub mod target;

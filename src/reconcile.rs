@@ -24,8 +24,8 @@ use serde_json::{json, Value};
 
 use crate::braze::client::{BrazeClient, ExportOutcome};
 use crate::config::Config;
-use crate::queue::SnapshotMembers;
 use crate::record::{Membership, Record, UserId};
+use crate::snapshot::SnapshotMembers;
 use crate::target::{Daemon, Target};
 
 /// Braze's limit of `external_ids` per `/users/export/ids` call.

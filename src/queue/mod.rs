@@ -68,7 +68,7 @@
 //!
 //! **Giving disk back.** sled never shrinks its files. Long-lived per-attribute state lives in
 //! its own database under `DATA_DIR/state/` (`state.rs`), audience snapshots in sorted files
-//! under `DATA_DIR/snapshots/` (`snapshot.rs`); the queue holds only what churns. Once a backlog has
+//! under `DATA_DIR/snapshots/` (`crate::snapshot`); the queue holds only what churns. Once a backlog has
 //! drained and the generation is large, `maintain` copies the few live keys into the next
 //! generation, syncs it, switches `CURRENT` and deletes the old directory. Ingest answers
 //! 503 with `Retry-After` for that moment (`QueueError::Busy`).
@@ -79,9 +79,7 @@
 //! so an old `true` never overwrites a newer `false`.
 
 mod admin;
-mod snapshot;
 pub use admin::{PurgeReport, RecordView, RetryReport, Selection};
-pub use snapshot::{SnapshotMembers, SnapshotReport, SnapshotUpload};
 mod commit;
 mod eventlog;
 pub mod format;
@@ -89,6 +87,12 @@ mod ledger;
 mod pending_users;
 mod state;
 mod store;
+
+/// Making files durable (sync a directory, create one durably, replace a file atomically):
+/// shared with the snapshots, which keep their files beside the queue.
+pub mod durable {
+    pub use super::store::{create_dir_durable, sync_dir, write_atomically};
+}
 
 pub use store::dir_bytes;
 
@@ -145,12 +149,6 @@ pub enum QueueError {
     /// Making writes durable failed: the disk is full or failing. Nothing was acknowledged.
     #[error("could not make the queue durable: {0}")]
     Sync(String),
-    /// Another operation holds what this one needs (a snapshot of the same split).
-    #[error("{0}")]
-    Conflict(String),
-    /// The request is well-formed but refused as it stands (an empty snapshot).
-    #[error("{0}")]
-    Refused(String),
     #[error("the queue is closed")]
     Closed,
     #[error("queue database is corrupt: {0}")]
@@ -382,9 +380,7 @@ pub struct Queue {
     leases: Mutex<Leases>,
     /// Per-attribute facts that outlive the queue; see `state.rs`.
     state: state::State,
-    /// Splits with a snapshot upload in progress.
-    uploads: snapshot::Uploads,
-    /// `DATA_DIR/snapshots`: each split's current member set; see `snapshot.rs`.
+    /// `DATA_DIR/snapshots` (`crate::snapshot`), counted in the disk bound.
     snapshot_dir: PathBuf,
     /// `DATA_DIR/state`: `state.rs`'s database, counted in the disk bound.
     state_dir: PathBuf,
@@ -637,10 +633,8 @@ impl Queue {
             );
         }
         let state = state::State::open(&data_dir.join(state::DIR), state_cache)?;
-        // Only after our generation is open (and locked) is it safe to remove the others,
-        // and what interrupted snapshot uploads left.
+        // Only after our generation is open (and locked) is it safe to remove the others.
         store::remove_other_generations(&dir, generation)?;
-        snapshot::clean_snapshot_dirs(&data_dir.join("snapshots"))?;
 
         let counters = Counters::default();
         let (_, attributes, dead) = match st
@@ -782,7 +776,6 @@ impl Queue {
             writer: Mutex::new(next_seq),
             leases: Mutex::new(Leases::default()),
             state,
-            uploads: Default::default(),
             snapshot_dir: data_dir.join("snapshots"),
             state_dir: data_dir.join("state"),
             committer,
@@ -928,7 +921,14 @@ impl Queue {
         Ok(())
     }
 
-    fn check_bounds(&self, incoming: u64) -> Result<(), QueueError> {
+    /// The disk bound (`queue.max_disk_bytes`).
+    pub fn max_disk_bytes(&self) -> u64 {
+        self.settings.max_disk_bytes
+    }
+
+    /// Whether `incoming` more records fit the queue's bounds (records, disk, free-disk
+    /// reserve); `Full` with the bound that does not hold if not.
+    pub fn check_bounds(&self, incoming: u64) -> Result<(), QueueError> {
         let pending = self.pending();
         if pending + incoming > self.settings.max_records {
             return Err(QueueError::Full(format!(
@@ -1754,9 +1754,17 @@ struct Staging<'a> {
 /// Records a large request stages under the writer lock at a time (`stage_blocking`).
 const STAGE_AT_ONCE: usize = 500;
 
-/// Records staged by `stage_blocking`, not yet durable: hand to `commit_staged`.
+/// Records staged by `stage_blocking`, not yet durable: hand to `commit_staged`. Several
+/// stagings combine (`and`) into one commit.
 #[must_use = "staged records are not durable until commit_staged"]
+#[derive(Default)]
 pub struct Staged(Wrote);
+
+impl Staged {
+    pub fn and(self, other: Staged) -> Staged {
+        Staged(self.0.and(other.0))
+    }
+}
 
 /// Which stores a staging wrote to, so that its commit syncs those and only those.
 #[derive(Debug, Clone, Copy, Default)]

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use aiq_braze_sync::queue::{BatchLimits, Outcome, Queue, QueueError, QueueSettings};
 use aiq_braze_sync::record::{Event, Record, UserId};
+use aiq_braze_sync::snapshot::{SnapshotError, Snapshots};
 
 use crate::common::member;
 
@@ -289,10 +290,14 @@ async fn an_update_braze_already_has_is_not_queued_again() {
 #[tokio::test]
 async fn a_snapshot_larger_than_memory_is_merged_from_sorted_runs() {
     let dir = tempfile::tempdir().unwrap();
-    let q = std::sync::Arc::new(Queue::open(dir.path(), settings(1_000_000)).unwrap());
+    let q = Queue::open(dir.path(), settings(1_000_000)).unwrap();
     // 5,000 users in a scrambled order, each twice, sorted in runs of about 100 ids.
     let users: Vec<u64> = (0..5000u64).map(|i| (i * 7919) % 5000).collect();
-    let mut upload = q.begin_snapshot("a", "1").unwrap().with_run_bytes(4096);
+    let mut upload = Snapshots::open(dir.path(), q.clone())
+        .unwrap()
+        .begin("a", "1")
+        .unwrap()
+        .with_run_bytes(4096);
     for u in users.iter().chain(users.iter()) {
         upload.add(&UserId::External(format!("u{u}"))).unwrap();
     }
@@ -309,7 +314,11 @@ async fn a_snapshot_larger_than_memory_is_merged_from_sorted_runs() {
     assert_eq!(q.pending(), 5000);
 
     // Half leave, 100 enter.
-    let mut upload = q.begin_snapshot("a", "1").unwrap().with_run_bytes(4096);
+    let mut upload = Snapshots::open(dir.path(), q.clone())
+        .unwrap()
+        .begin("a", "1")
+        .unwrap()
+        .with_run_bytes(4096);
     for u in (2500..5100u64).rev() {
         upload.add(&UserId::External(format!("u{u}"))).unwrap();
     }
@@ -723,18 +732,22 @@ async fn snapshot_spills_keep_the_reserve_and_the_bound_and_leave_nothing_behind
         names.sort();
         names
     };
-    let add_many = |upload: &mut aiq_braze_sync::queue::SnapshotUpload, n: u32| {
+    let add_many = |upload: &mut aiq_braze_sync::snapshot::SnapshotUpload, n: u32| {
         (0..n).try_for_each(|i| upload.add(&UserId::External(format!("user-{i}"))))
     };
 
     // The free-disk reserve is more than the disk has: the first spill is refused as full.
     let mut no_room = settings(1000);
     no_room.min_free_bytes = u64::MAX / 2;
-    let q = std::sync::Arc::new(Queue::open(dir.path(), no_room).unwrap());
-    let mut upload = q.begin_snapshot("a", "1").unwrap().with_run_bytes(4096);
+    let q = Queue::open(dir.path(), no_room).unwrap();
+    let mut upload = Snapshots::open(dir.path(), q.clone())
+        .unwrap()
+        .begin("a", "1")
+        .unwrap()
+        .with_run_bytes(4096);
     assert!(matches!(
         add_many(&mut upload, 2000),
-        Err(QueueError::Full(_))
+        Err(SnapshotError::Queue(QueueError::Full(_)))
     ));
     drop(upload);
     assert_eq!(files(&split_dir), Vec::<String>::new());
@@ -743,21 +756,27 @@ async fn snapshot_spills_keep_the_reserve_and_the_bound_and_leave_nothing_behind
     // A snapshot bigger than the queue's disk bound is refused, and leaves nothing.
     let mut small = settings(1000);
     small.max_disk_bytes = 2 << 20;
-    let q = std::sync::Arc::new(Queue::open(dir.path(), small).unwrap());
-    let mut upload = q.begin_snapshot("a", "1").unwrap().with_run_bytes(64 << 10);
+    let q = Queue::open(dir.path(), small).unwrap();
+    let mut upload = Snapshots::open(dir.path(), q.clone())
+        .unwrap()
+        .begin("a", "1")
+        .unwrap()
+        .with_run_bytes(64 << 10);
     let refused = add_many(&mut upload, 100_000);
     assert!(
-        matches!(refused, Err(QueueError::Refused(ref why)) if why.contains("max_disk_bytes")),
+        matches!(refused, Err(SnapshotError::Refused(ref why)) if why.contains("max_disk_bytes")),
         "{refused:?}"
     );
     drop(upload);
     assert_eq!(files(&split_dir), Vec::<String>::new());
     drop(q);
 
-    // A crash mid-upload leaves runs; the next open removes them.
+    // A crash mid-upload leaves runs; the next start (which opens the snapshots once it
+    // holds the queue) removes them.
     std::fs::write(split_dir.join("run-0000.tmp"), b"left by a crash").unwrap();
     std::fs::write(split_dir.join("gen-000001.members"), b"unfinished").unwrap();
-    let _q = Queue::open(dir.path(), settings(1000)).unwrap();
+    let q = Queue::open(dir.path(), settings(1000)).unwrap();
+    let _snapshots = Snapshots::open(dir.path(), q).unwrap();
     assert_eq!(files(&split_dir), Vec::<String>::new());
 }
 

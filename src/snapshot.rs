@@ -30,9 +30,28 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
-use super::store::{create_dir_durable, sync_dir, write_atomically};
-use super::{Queue, QueueError};
+use crate::queue::durable::{create_dir_durable, sync_dir, write_atomically};
+use crate::queue::{Queue, QueueError, Staged};
 use crate::record::{Membership, Record, UserId};
+
+/// Why a snapshot upload (or reading a snapshot) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// Another upload of the same split is running.
+    #[error("{0}")]
+    Conflict(String),
+    /// Well-formed but refused as it stands: empty without `allow_empty`, or too big.
+    #[error("{0}")]
+    Refused(String),
+    /// A snapshot file does not read as one.
+    #[error("snapshot files damaged: {0}")]
+    Corrupt(String),
+    #[error("snapshot files: {0}")]
+    Io(#[from] io::Error),
+    /// Queueing the differences failed (the queue's bounds, its disk).
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+}
 
 const MAGIC: &[u8; 8] = b"AIQSNAP1";
 const CURRENT: &str = "CURRENT";
@@ -56,9 +75,66 @@ pub struct SnapshotReport {
     pub resent: u64,
 }
 
-/// Splits with an upload in progress.
-#[derive(Default)]
-pub struct Uploads(Mutex<HashSet<PathBuf>>);
+/// The snapshots of every split under `DATA_DIR/snapshots/`, and which are being uploaded.
+pub struct Snapshots {
+    dir: PathBuf,
+    queue: Arc<Queue>,
+    /// Splits with an upload in progress.
+    uploads: Mutex<HashSet<PathBuf>>,
+}
+
+impl Snapshots {
+    /// Cleans every split's directory of what interrupted uploads left (`clean_split_dir`),
+    /// so their spill files do not hold disk until that split's next upload. Differences go
+    /// to `queue`.
+    pub fn open(data_dir: &Path, queue: Arc<Queue>) -> Result<Arc<Snapshots>, SnapshotError> {
+        let dir = data_dir.join("snapshots");
+        clean_snapshot_dirs(&dir)?;
+        Ok(Arc::new(Snapshots {
+            dir,
+            queue,
+            uploads: Mutex::default(),
+        }))
+    }
+
+    /// Starts an upload of a split's whole membership. Fails with `Conflict` while another
+    /// upload of the same split runs.
+    pub fn begin(
+        self: &Arc<Self>,
+        audience: &str,
+        split: &str,
+    ) -> Result<SnapshotUpload, SnapshotError> {
+        // Audience and split ids are letters, digits, '-' and '_' (checked at ingest), so
+        // they are safe in a file name and '.' cannot be part of either.
+        let dir = self.dir.join(format!("{audience}.{split}"));
+        if !self
+            .uploads
+            .lock()
+            .expect("snapshot upload lock poisoned")
+            .insert(dir.clone())
+        {
+            return Err(SnapshotError::Conflict(format!(
+                "a snapshot of audience {audience} split {split} is already being uploaded"
+            )));
+        }
+        let mut upload = SnapshotUpload {
+            snapshots: Arc::clone(self),
+            audience: audience.to_string(),
+            split: split.to_string(),
+            dir,
+            current: None,
+            buffer: Vec::new(),
+            buffered_bytes: 0,
+            run_bytes: RUN_BYTES,
+            full: false,
+            spilled_bytes: 0,
+            unfinished: None,
+            runs: Vec::new(),
+        };
+        upload.prepare()?;
+        Ok(upload)
+    }
+}
 
 /// A member's bytes in a member file: a kind byte, then the id. Snapshots address users by
 /// `external_id` or `braze_id` (`members.rs`); the other forms are encoded so the mapping
@@ -112,7 +188,7 @@ fn user_from(bytes: &[u8]) -> Option<UserId> {
 
 /// Reads a member file (or a run) in order.
 /// The generation and file `CURRENT` names in a split's directory, if it has one.
-fn current_file(dir: &Path) -> Result<Option<(u64, PathBuf)>, QueueError> {
+fn current_file(dir: &Path) -> Result<Option<(u64, PathBuf)>, SnapshotError> {
     match fs::read_to_string(dir.join(CURRENT)) {
         Ok(name) => {
             let name = name.trim().to_string();
@@ -121,7 +197,10 @@ fn current_file(dir: &Path) -> Result<Option<(u64, PathBuf)>, QueueError> {
                 .and_then(|n| n.strip_suffix(".members"))
                 .and_then(|n| n.parse().ok())
                 .ok_or_else(|| {
-                    QueueError::Corrupt(format!("{} names {name:?}", dir.join(CURRENT).display()))
+                    SnapshotError::Corrupt(format!(
+                        "{} names {name:?}",
+                        dir.join(CURRENT).display()
+                    ))
                 })?;
             Ok(Some((generation, dir.join(name))))
         }
@@ -145,7 +224,7 @@ impl SnapshotMembers {
         data_dir: &Path,
         audience: &str,
         split: &str,
-    ) -> Result<Option<SnapshotMembers>, QueueError> {
+    ) -> Result<Option<SnapshotMembers>, SnapshotError> {
         let dir = data_dir
             .join("snapshots")
             .join(format!("{audience}.{split}"));
@@ -225,7 +304,7 @@ fn write_member(w: &mut impl Write, m: &[u8]) -> io::Result<()> {
 
 /// An upload in progress. Dropping it without `finish` abandons it: `CURRENT` does not move.
 pub struct SnapshotUpload {
-    queue: Arc<Queue>,
+    snapshots: Arc<Snapshots>,
     audience: String,
     split: String,
     dir: PathBuf,
@@ -253,59 +332,17 @@ impl Drop for SnapshotUpload {
         if let Some(path) = self.unfinished.take() {
             let _ = fs::remove_file(path);
         }
-        self.queue
+        self.snapshots
             .uploads
-            .0
             .lock()
             .expect("snapshot upload lock poisoned")
             .remove(&self.dir);
     }
 }
 
-impl Queue {
-    /// Starts an upload of a split's whole membership. Fails with `Conflict` while another
-    /// upload of the same split runs.
-    pub fn begin_snapshot(
-        self: &Arc<Self>,
-        audience: &str,
-        split: &str,
-    ) -> Result<SnapshotUpload, QueueError> {
-        // Audience and split ids are letters, digits, '-' and '_' (checked at ingest), so
-        // they are safe in a file name and '.' cannot be part of either.
-        let dir = self.snapshot_dir.join(format!("{audience}.{split}"));
-        if !self
-            .uploads
-            .0
-            .lock()
-            .expect("snapshot upload lock poisoned")
-            .insert(dir.clone())
-        {
-            return Err(QueueError::Conflict(format!(
-                "a snapshot of audience {audience} split {split} is already being uploaded"
-            )));
-        }
-        let mut upload = SnapshotUpload {
-            queue: Arc::clone(self),
-            audience: audience.to_string(),
-            split: split.to_string(),
-            dir,
-            current: None,
-            buffer: Vec::new(),
-            buffered_bytes: 0,
-            run_bytes: RUN_BYTES,
-            full: false,
-            spilled_bytes: 0,
-            unfinished: None,
-            runs: Vec::new(),
-        };
-        upload.prepare()?;
-        Ok(upload)
-    }
-}
-
 impl SnapshotUpload {
     /// Reads `CURRENT` and removes what earlier uploads left behind.
-    fn prepare(&mut self) -> Result<(), QueueError> {
+    fn prepare(&mut self) -> Result<(), SnapshotError> {
         // `snapshots/` and the split's directory are synced into their parents: `CURRENT`
         // and the member file are only durable with them.
         create_dir_durable(&self.dir)?;
@@ -318,7 +355,7 @@ impl SnapshotUpload {
 /// Removes from a split's directory every file but `CURRENT` and the generation it names:
 /// what uploads that never finished left (runs, an unfinished generation). Returns the
 /// current generation.
-fn clean_split_dir(dir: &Path) -> Result<Option<(u64, PathBuf)>, QueueError> {
+fn clean_split_dir(dir: &Path) -> Result<Option<(u64, PathBuf)>, SnapshotError> {
     let current = current_file(dir)?;
     for entry in fs::read_dir(dir)? {
         let path = entry?.path();
@@ -333,7 +370,7 @@ fn clean_split_dir(dir: &Path) -> Result<Option<(u64, PathBuf)>, QueueError> {
 
 /// At open: cleans every split's directory (`clean_split_dir`), so spill files of an upload
 /// a crash interrupted do not hold disk until that split's next upload.
-pub fn clean_snapshot_dirs(snapshot_dir: &Path) -> Result<(), QueueError> {
+fn clean_snapshot_dirs(snapshot_dir: &Path) -> Result<(), SnapshotError> {
     let entries = match fs::read_dir(snapshot_dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -365,7 +402,7 @@ impl SnapshotUpload {
     }
 
     /// Adds a member (duplicates count once).
-    pub fn add(&mut self, user: &UserId) -> Result<(), QueueError> {
+    pub fn add(&mut self, user: &UserId) -> Result<(), SnapshotError> {
         let m = user_bytes(user);
         self.buffered_bytes += m.len() + 24;
         self.buffer.push(m);
@@ -378,14 +415,15 @@ impl SnapshotUpload {
     /// Sorts what is buffered into a run file, within the queue's bounds: the free-disk
     /// reserve (a full disk would stop the queue) and `queue.max_disk_bytes` for what the
     /// upload has spilled (a snapshot bigger than that is refused).
-    fn spill(&mut self) -> Result<(), QueueError> {
-        self.queue.check_bounds(0)?;
+    fn spill(&mut self) -> Result<(), SnapshotError> {
+        let queue = &self.snapshots.queue;
+        queue.check_bounds(0)?;
         self.spilled_bytes += self.buffered_bytes as u64;
-        if self.spilled_bytes > self.queue.settings.max_disk_bytes {
-            return Err(QueueError::Refused(format!(
+        if self.spilled_bytes > queue.max_disk_bytes() {
+            return Err(SnapshotError::Refused(format!(
                 "the snapshot is over {} bytes (queue.max_disk_bytes) once sorted; split the \
                  audience or raise the bound",
-                self.queue.settings.max_disk_bytes
+                queue.max_disk_bytes()
             )));
         }
         self.buffer.sort_unstable();
@@ -401,7 +439,7 @@ impl SnapshotUpload {
     /// Merges the runs into the next generation while diffing it against the current one,
     /// queues `true` for users who entered and `false` for those who left (durably), then
     /// makes the new generation current.
-    pub async fn finish(mut self, allow_empty: bool) -> Result<SnapshotReport, QueueError> {
+    pub async fn finish(mut self, allow_empty: bool) -> Result<SnapshotReport, SnapshotError> {
         self.spill()?;
         let generation = self.current.as_ref().map_or(1, |(g, _)| g + 1);
         let name = format!("gen-{generation:06}.members");
@@ -454,7 +492,7 @@ impl SnapshotUpload {
         let mut last = None;
         let (mut a, mut b) = (next_old(&mut old)?, next_new(&mut heap, &mut last)?);
         if b.is_none() && !allow_empty {
-            return Err(QueueError::Refused(
+            return Err(SnapshotError::Refused(
                 "the snapshot is empty; an empty export is more often a broken export than an \
                  emptied audience. To really empty the split, send it again with ?allow_empty=true"
                     .into(),
@@ -462,7 +500,8 @@ impl SnapshotUpload {
         }
         let mut chunk = Vec::with_capacity(STAGE);
         let mut staged = 0;
-        let mut wrote = super::Wrote::default();
+        let queue = Arc::clone(&self.snapshots.queue);
+        let mut staged_all = Staged::default();
         loop {
             let (user, member, resent) = match (&a, &b) {
                 (None, None) => break,
@@ -513,19 +552,19 @@ impl SnapshotUpload {
                 time: None,
             }));
             if chunk.len() >= STAGE {
-                wrote = wrote.and(self.queue.stage(&chunk, !self.full)?);
+                staged_all = staged_all.and(queue.stage_blocking(&chunk, !self.full)?);
                 staged += chunk.len();
                 chunk.clear();
                 if staged >= CHUNK {
-                    self.queue.commit(std::mem::take(&mut wrote)).await?;
+                    queue.commit_staged(std::mem::take(&mut staged_all)).await?;
                     staged = 0;
                 }
             }
         }
         if !chunk.is_empty() {
-            wrote = wrote.and(self.queue.stage(&chunk, !self.full)?);
+            staged_all = staged_all.and(queue.stage_blocking(&chunk, !self.full)?);
         }
-        self.queue.commit(wrote).await?;
+        queue.commit_staged(staged_all).await?;
 
         // Only now, with every difference durable, does this snapshot become the reference.
         // The new file's data and entry are durable before `CURRENT` names it.
