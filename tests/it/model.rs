@@ -334,8 +334,9 @@ fn reopen(q: Arc<Queue>, dir: &Path) -> Result<Arc<Queue>, TestCaseError> {
     prop_assert_eq!(Arc::strong_count(&q), 1, "someone else holds the queue");
     drop(q);
     // sled 0.34's `Db::drop` returns before its I/O threads let go of the directory lock
-    // (spacejam/sled#1289), so an immediate reopen in the same process is now and then
-    // refused. A real restart is a new process. Bounded: a lock that is never released fails.
+    // (https://github.com/spacejam/sled/issues/1289), so an immediate reopen in the same
+    // process is now and then refused. A real restart is a
+    // new process. Bounded: a lock that is never released fails.
     let started = Instant::now();
     loop {
         match Queue::open(dir, settings()) {
