@@ -3,9 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::format::{
-    dead_key, decode, decode_dead, event_entries, latest_key, seq_of, Stored, DEAD, EVENT_CHUNK_V1,
-};
+use super::format::{dead_key, decode, decode_dead, latest_key, seq_of, Stored, DEAD};
+use super::migrate::dead_chunk;
 use super::{lane_records, log_records, now_ms, Queue, QueueError, Staging, LANE_ATTRIBUTES};
 use crate::record::Record;
 
@@ -110,19 +109,6 @@ fn undecodable_view(id: u64, why: String) -> RecordView {
         object: None,
         record: None,
     }
-}
-
-/// The events of a dead letter that holds a whole, sound event chunk, each with its envelope.
-fn dead_chunk(value: &[u8]) -> Option<Vec<(Record, Vec<u8>)>> {
-    let dead = decode_dead(value).ok()?;
-    if dead.stored.first() != Some(&EVENT_CHUNK_V1) {
-        return None;
-    }
-    event_entries(0, &dead.stored)
-        .ok()?
-        .into_iter()
-        .map(|(_, envelope)| Some((decode(envelope).ok()?.record, envelope.to_vec())))
-        .collect()
 }
 
 /// A pending record: its seq and its stored bytes, or why they cannot be read.
