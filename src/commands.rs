@@ -13,7 +13,7 @@ use crate::cli::{QueueCommand, Which};
 use crate::config::Config;
 use crate::daemon;
 use crate::delivery::with_objects;
-use crate::queue::{Queue, Selection};
+use crate::queue::{Backend, Selection};
 use crate::service;
 use crate::target::{Daemon, Target};
 
@@ -147,7 +147,7 @@ pub async fn queue(config: Config, op: QueueOp, json: bool) -> anyhow::Result<()
         );
     }
     let answer = match Target::open(&config).await? {
-        Target::Database(queue) => local(&queue, &config, &op).await?,
+        Target::Database(queue) => local(queue.as_ref(), &config, &op).await?,
         Target::Daemon(daemon) => remote(&daemon, &op).await.with_context(|| {
             format!(
                 "{}, and the running daemon's admin API did not answer",
@@ -169,7 +169,7 @@ pub async fn queue(config: Config, op: QueueOp, json: bool) -> anyhow::Result<()
 }
 
 /// Runs the operation on the database, opened by this process (the daemon is stopped).
-async fn local(queue: &Queue, config: &Config, op: &QueueOp) -> anyhow::Result<Value> {
+async fn local(queue: &dyn Backend, config: &Config, op: &QueueOp) -> anyhow::Result<Value> {
     let policy = &config.update_existing_only;
     let mut answer = match op {
         QueueOp::Stats => json!({ "queue": queue.stats()? }),

@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::delivery::gate::Gate;
 use crate::delivery::{Delivery, DeliveryCounters};
 use crate::http::{self, AppState};
-use crate::queue::{BatchLimits, Queue, QueueError, QueueSettings, PID_FILE};
+use crate::queue::{Backend, BatchLimits, Queue, QueueError, QueueSettings, PID_FILE};
 use crate::shutdown::Shutdown;
 
 /// The async runtime the binary runs on: one worker thread, unless `TOKIO_WORKER_THREADS`
@@ -175,7 +175,7 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
     let client =
         BrazeClient::new(&config.braze).context("cannot build the HTTP client for Braze")?;
     let delivery = Arc::new(Delivery {
-        queue: Arc::clone(&queue),
+        queue: Arc::clone(&queue) as Arc<dyn Backend>,
         client,
         gate: Gate::new(
             config.delivery.backoff_initial,
@@ -243,11 +243,14 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
     };
 
     let state = Arc::new(AppState {
-        queue: Arc::clone(&queue),
+        queue: Arc::clone(&queue) as Arc<dyn Backend>,
         delivery: Arc::clone(&delivery),
         token: std::sync::RwLock::new(config.ingest.token.clone()),
-        snapshots: crate::snapshot::Snapshots::open(&config.data_dir, Arc::clone(&queue))
-            .context("cannot open the snapshots")?,
+        snapshots: crate::snapshot::Snapshots::open(
+            &config.data_dir,
+            Arc::clone(&queue) as Arc<dyn Backend>,
+        )
+        .context("cannot open the snapshots")?,
         shutdown: shutdown.clone(),
         prefer: config.identity,
         upload_idle_timeout: config.ingest.upload_idle_timeout,

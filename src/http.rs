@@ -19,7 +19,7 @@ use crate::delivery::gate::Health;
 use crate::delivery::Delivery;
 use crate::ingest::{self, BadInput};
 use crate::members;
-use crate::queue::{Queue, QueueError, Selection};
+use crate::queue::{Backend, QueueError, Selection};
 use crate::record::Record;
 use crate::relay;
 use crate::request_body::{self, BodyError};
@@ -30,7 +30,7 @@ use crate::snapshot::SnapshotError;
 const PARSE_INLINE_MAX: usize = request_body::SMALL;
 
 pub struct AppState {
-    pub queue: Arc<Queue>,
+    pub queue: Arc<dyn Backend>,
     pub delivery: Arc<Delivery>,
     pub snapshots: Arc<crate::snapshot::Snapshots>,
     /// Required on every ingest and admin call when set. Health and metrics stay open: they

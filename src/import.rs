@@ -30,7 +30,7 @@ use serde_json::{Map, Value};
 
 use crate::config::{Config, PreferId};
 use crate::ingest::{self, BadInput};
-use crate::queue::Queue;
+use crate::queue::Backend;
 use crate::record::{Membership, Record};
 use crate::target::{Daemon, Target};
 
@@ -474,7 +474,7 @@ enum Sink {
         client: reqwest::Client,
         url: String,
     },
-    Local(std::sync::Arc<Queue>),
+    Local(std::sync::Arc<dyn Backend>),
 }
 
 impl Sink {

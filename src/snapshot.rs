@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 
 use crate::queue::durable::{create_dir_durable, sync_dir, write_atomically};
-use crate::queue::{Queue, QueueError, Staged};
+use crate::queue::{Backend, QueueError, Staged};
 use crate::record::{Membership, Record, UserId};
 
 /// Why a snapshot upload (or reading a snapshot) failed.
@@ -78,7 +78,7 @@ pub struct SnapshotReport {
 /// The snapshots of every split under `DATA_DIR/snapshots/`, and which are being uploaded.
 pub struct Snapshots {
     dir: PathBuf,
-    queue: Arc<Queue>,
+    queue: Arc<dyn Backend>,
     /// Splits with an upload in progress.
     uploads: Mutex<HashSet<PathBuf>>,
 }
@@ -87,7 +87,7 @@ impl Snapshots {
     /// Cleans every split's directory of what interrupted uploads left (`clean_split_dir`),
     /// so their spill files do not hold disk until that split's next upload. Differences go
     /// to `queue`.
-    pub fn open(data_dir: &Path, queue: Arc<Queue>) -> Result<Arc<Snapshots>, SnapshotError> {
+    pub fn open(data_dir: &Path, queue: Arc<dyn Backend>) -> Result<Arc<Snapshots>, SnapshotError> {
         let dir = data_dir.join("snapshots");
         clean_snapshot_dirs(&dir)?;
         Ok(Arc::new(Snapshots {

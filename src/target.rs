@@ -16,11 +16,11 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::config::{Config, Secret};
-use crate::queue::{Queue, QueueError};
+use crate::queue::{Backend, QueueError};
 
 pub enum Target {
     /// The daemon is stopped: the queue, opened by this process.
-    Database(Arc<Queue>),
+    Database(Arc<dyn Backend>),
     /// The daemon runs and holds the queue: its HTTP API.
     Daemon(Daemon),
 }

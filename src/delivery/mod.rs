@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 use crate::braze::client::{Connections, ObjectError};
 use crate::braze::{wire, BrazeClient, TrackOutcome};
 use crate::config::UpdateExistingOnly;
-use crate::queue::{BatchLimits, Lane, Leased, Outcome, Queue, QueueError};
+use crate::queue::{Backend, BatchLimits, Lane, Leased, Outcome, QueueError};
 use crate::record::PerKind;
 use concurrency::Signal;
 use gate::{Failure, Gate, Permit};
@@ -119,7 +119,7 @@ pub struct DeliveryStats {
 }
 
 pub struct Delivery {
-    pub queue: Arc<Queue>,
+    pub queue: Arc<dyn Backend>,
     pub client: BrazeClient,
     pub gate: Gate,
     pub limits: BatchLimits,
@@ -204,7 +204,7 @@ impl Delivery {
             let signal = self.queue.work_signal();
             let leased = {
                 let _busy = self.activity.busy(id);
-                self.queue.lease_lanes(&self.limits, backfill_slot)
+                self.queue.lease(&self.limits, backfill_slot)
             };
             let holds_slot = backfill_slot
                 && matches!(&leased, Ok(items) if !items.is_empty() && items.iter().all(|l| l.lane != Lane::Events));
@@ -243,7 +243,7 @@ impl Delivery {
             let signal = self.queue.work_signal();
             let leased = {
                 let _busy = self.activity.busy(id);
-                self.queue.lease_lanes(&self.limits, false)
+                self.queue.lease(&self.limits, false)
             };
             let items = match leased {
                 Ok(items) if !items.is_empty() => items,

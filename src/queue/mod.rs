@@ -78,6 +78,7 @@
 //! | file | holds |
 //! |---|---|
 //! | `mod.rs` | this design, the public types, the `Queue` and its read-only views (`stats`, `pending`) |
+//! | `backend.rs` | the seam: the `Backend` trait and its implementation by `Queue` |
 //! | `open.rs` | opening (generation, event log, ledger checks, state) and closing |
 //! | `enqueue.rs` | durable enqueue: staging under the writer lock, then the group commit |
 //! | `lease.rs` | leasing a request's worth, and setting aside values that do not decode |
@@ -111,12 +112,9 @@
 //!
 //! # The seam
 //!
-//! What is above the queue (ingest, delivery, snapshots, the commands) uses only the `pub`
-//! items here: `enqueue`/`enqueue_with` (or `stage_blocking` + `commit_staged`) durably,
-//! `check_bounds`; `lease_lanes` by lane and `complete` with an `Outcome` per record;
-//! `work_signal`; `peek`, `dead`, `retry_dead`, `purge_dead`; `stats` and `pending`; `sync`,
-//! `maintain`, `delete_drained_segments`, `probe_storage`. None of them names sled, a key or a
-//! lane byte. A second backend is judged against what these promise (README, architecture).
+//! What is above the queue (ingest, delivery, snapshots, the commands) uses it through the
+//! `Backend` trait (`backend.rs`), which `Queue` implements; none of it names sled, a key or
+//! a lane byte. Opening, syncing and upkeep are the daemon's, with the `Queue` it opened.
 //!
 //! **Operators** list pending and dead records, retry or purge dead ones (`admin.rs`). A
 //! retried update goes to the back of its lane with a new sequence number, unless a newer
@@ -124,6 +122,7 @@
 //! so an old `true` never overwrites a newer `false`.
 
 mod admin;
+mod backend;
 mod complete;
 mod enqueue;
 mod lease;
@@ -132,6 +131,7 @@ mod open;
 mod upkeep;
 
 pub use admin::{PurgeReport, RecordView, RetryReport, Selection};
+pub use backend::{Backend, BoxFuture};
 pub use enqueue::Staged;
 use enqueue::*;
 use migrate::*;
