@@ -1,10 +1,14 @@
 //! aiq-braze-sync: a durable buffer between ActionIQ and Braze's `/users/track`.
 //!
-//! # Data flow
+//! # A record's path
 //!
 //! ```text
-//! HTTP ingest ──parse──▶ queue (sled, fdatasync'd) ──lease──▶ delivery workers ──▶ Braze
-//!   http.rs    ingest/     queue/                             delivery/            braze/
+//! POST /v1/events ─▶ http.rs (router, token, `post_events`) ─▶ request_body.rs (size, pace,
+//!   memory) ─▶ ingest/ (parse and check, all or nothing; `fast.rs` for plain events)
+//!   ─▶ record.rs (`Record`) ─▶ queue::Backend::enqueue (durable, then 202)
+//! delivery/ (a worker: `concurrency.rs` slot, `gate.rs` turn) ─▶ queue::Backend::lease
+//!   ─▶ braze/wire.rs (`build`: the /users/track body) ─▶ braze/client.rs (`track`: the
+//!   answer as a `TrackOutcome`) ─▶ queue::Backend::complete (delivered, dead, or retry)
 //! ```
 //!
 //! A record is answered 2xx only once it is on disk. It leaves the queue only when Braze has
@@ -22,7 +26,8 @@
 //! - [`snapshot`]: a split's whole membership in sorted files, diffed against the previous
 //!   upload so that only entries and exits are queued.
 //! - [`queue`]: the only owner of sled: durable enqueue (group commit), leases, dead
-//!   letters, bounds, and giving disk space back. Its doc is the on-disk format.
+//!   letters, bounds, and giving disk space back, behind the `queue::Backend` seam. Its doc
+//!   is the on-disk format, the lock order and a glossary.
 //! - [`braze`]: the `/users/track` wire format and HTTP client; every answer becomes a named
 //!   outcome.
 //! - [`delivery`]: the workers and the shared retry policy (backoff, `Retry-After`, rate
@@ -43,6 +48,8 @@
 //! - [`cli`], [`commands`]: the command line.
 //! - [`target`]: where a command's work goes: the queue opened directly, or the running
 //!   daemon that holds it.
+//! - [`reconcile`]: the `reconcile` command: what Braze holds for a split's members against
+//!   what the daemon says they are, and with `--repair` the right value queued again.
 //! - [`check`]: the `check` command, proving endpoint, key and both permissions without
 //!   changing any user's data.
 //! - `demo`: the newcomer's command, the whole pipeline against the `fake-braze` crate (a
