@@ -261,15 +261,7 @@ async fn unchanged_attribute_values_are_skipped_and_counted() {
         fake.attributes()[1],
         json!({"external_id": "s", "_update_existing_only": false, "n": 2})
     );
-    let metrics = env
-        .client
-        .get(format!("{}/metrics", env.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = env.metrics().await;
     assert!(
         metrics.contains("aiq_records_skipped_unchanged_total{kind=\"attribute\"} 3"),
         "{metrics}"

@@ -91,6 +91,18 @@ impl Env {
         r.json().await.unwrap()
     }
 
+    /// `/metrics` as text.
+    pub async fn metrics(&self) -> String {
+        let r = self
+            .client
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap()
+    }
+
     pub async fn shutdown(&mut self) {
         if let Some(d) = self.daemon.take() {
             d.shutdown().await.expect("clean shutdown");
@@ -225,4 +237,13 @@ pub async fn start_in_process(config: &Config) -> Running {
     daemon::start(config, listener)
         .await
         .expect("daemon starts")
+}
+
+/// The value of an unlabelled metric in `/metrics` text; panics naming it if it is absent.
+pub fn metric(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
 }
