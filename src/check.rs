@@ -4,16 +4,18 @@
 //! Two probes, both for one fresh synthetic `external_id` (`aiq-braze-sync-check-<hex>`):
 //!
 //! 1. `/users/track` with one update-only attributes object. Braze creates no profile for an
-//!    unknown `external_id` in update-only mode, and no profile has this id, so nothing is
-//!    written; the answer still proves the endpoint is reachable, the key is known and holds
-//!    `users.track` ([`BrazeClient::probe_track`]).
+//!    unknown `external_id` in update-only mode
+//!    (<https://www.braze.com/docs/api/objects_filters/user_attributes_object>), and no
+//!    profile has this id, so nothing is written; the answer still proves the endpoint is
+//!    reachable, the key is known and holds `users.track` ([`BrazeClient::probe_track`]).
 //! 2. `/users/export/ids` for that id, asking only for `external_id`: proves
 //!    `users.export.ids` and reads nothing of anyone's.
 //!
 //! One line per step goes to stdout (`ok   ...`, `FAIL ...: what Braze said — what to fix`,
 //! `skip ...`), never the key. The [`CheckOutcome`] becomes the exit code; when both
 //! permissions are missing both are reported. A failure that makes the next probe pointless
-//! (unreachable, key rejected, endpoint wrong) stops there.
+//! (unreachable, key rejected, endpoint wrong) stops there. `check` never queues anything and
+//! never writes to a real user's profile.
 
 use std::fmt;
 use std::io::Write;
@@ -219,8 +221,9 @@ fn say_failure(
         }
         ProbeOutcome::PermissionMissing { message } => {
             // Braze says "Access Denied" for a missing permission and "Forbidden" when the
-            // account's plan excludes the endpoint or the account is inactive (Braze's API
-            // errors page); the permission is the likely fix either way, so it comes first.
+            // account's plan excludes the endpoint or the account is inactive
+            // (https://www.braze.com/docs/api/errors); the permission is the likely fix
+            // either way, so it comes first.
             let account = if message.to_ascii_lowercase().contains("forbidden") {
                 "; \"Forbidden\" can also mean the account's plan excludes this endpoint or the \
                  account is inactive: ask your Braze administrator"

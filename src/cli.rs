@@ -1,4 +1,5 @@
-//! The command line as clap parses it. Decisions live in `Config`; this only names things.
+//! The command line as clap parses it. It owns the names of commands and flags; the
+//! configuration's decisions live in `Config`, never here.
 
 use std::path::PathBuf;
 

@@ -1,4 +1,5 @@
-//! What each command does. Errors carry context here (anyhow); `main` prints them once.
+//! What each command does. Errors carry context here (anyhow) and are never printed here:
+//! `main` prints them once.
 
 use std::io::Write;
 use std::time::Duration;

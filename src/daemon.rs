@@ -1,11 +1,12 @@
-//! The daemon's lifecycle: open the queue, start delivery and ingest, and stop them in
-//! pipeline order.
+//! The daemon's lifecycle: open the queue, start delivery, upkeep and ingest, and stop them
+//! in pipeline order.
 //!
 //! `start` takes an already-bound listener (tests bind port 0). `Running::shutdown` stops
 //! ingest first (in-flight requests finish and get their answer, new ones get 503), then the
 //! workers between batches (a batch still in flight after the deadline is abandoned: its
-//! records were never removed, so they are sent again after the restart), then syncs the
-//! queue. The whole stop is bounded by `delivery.shutdown_timeout` plus the final sync.
+//! records were never removed, so they are sent again after the restart), then upkeep, then
+//! syncs the queue. The whole stop is bounded by `delivery.shutdown_timeout_ms` plus the
+//! final sync. It never syncs the queue for the last time while a task that holds it runs.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,13 +27,12 @@ use crate::shutdown::Shutdown;
 /// The async runtime the binary runs on: one worker thread, unless `TOKIO_WORKER_THREADS`
 /// (read by tokio) asks for more.
 ///
-/// One is enough because Braze's burst limit, 3,000 requests per 3 s (Braze's API rate limits
-/// page),
-/// is about 75,000 events a second, and one core drives twice that end to end; the work that can
-/// fill a core has threads of its own (bodies over 64 KiB are parsed on the blocking pool,
-/// syncs run on the commit thread, sled flushes on its own). A second worker bought no
-/// throughput on two cores and cost 8% more CPU per record in hand-offs between the two
-/// (BENCHMARKS.md, end to end).
+/// Braze's `/users/track` limit, 3,000 requests per 3 s of 75 objects each
+/// (<https://www.braze.com/docs/api/api_limits>), bounds delivery to a rate one thread can
+/// drive (BENCHMARKS.md, "End to end beside syslog-ng (the peers bench)"), and the work that
+/// can fill a core has threads of its own: bodies over 64 KiB are parsed on the blocking
+/// pool, syncs run on the commit threads, sled flushes on its own, event workers have their
+/// own runtime. More worker threads add hand-offs of every record between them.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
@@ -42,10 +42,10 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 /// The event workers' runtime: one thread of their own. On the main runtime's one thread
-/// they queued behind every task a backfill keeps ready (leases, request bodies, answers),
-/// and under a backfill that keeps the thread busy that wait was hundreds of milliseconds for
-/// the few events caught in it (BENCHMARKS.md, "At Braze's pace"). Here they wait only for
-/// each other and the queue's locks.
+/// they would queue behind every task a backfill keeps ready (leases, request bodies,
+/// answers), for as long as the backfill keeps that thread busy (BENCHMARKS.md, "At Braze's
+/// pace: requests in flight that adapt"). Here they wait only for each other and the queue's
+/// locks.
 fn events_runtime() -> std::io::Result<EventsRuntime> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -94,7 +94,8 @@ pub fn start_on_own_runtime(
 /// How often the queue's disk size is measured and a rebuild considered.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(1);
 /// Drained event log segments are deleted this often (each time after a sled sync, and only
-/// when there are some): at full churn a second of them was about 40 MB of disk.
+/// when there are some): more often than `MAINTENANCE_EVERY`, so that under full churn
+/// drained segments do not pile up on disk between rounds of upkeep.
 const SEGMENTS_EVERY: Duration = Duration::from_millis(200);
 
 pub fn queue_settings(config: &Config) -> QueueSettings {

@@ -1,8 +1,10 @@
-//! `demo`: the whole pipeline on one machine, in under a minute, with nothing to set up.
+//! `demo`: the whole pipeline on one machine, with nothing to set up.
 //!
 //! A fake Braze on loopback, the real daemon (real sled queue in a temporary directory, real
 //! HTTP), the sample ActionIQ exports from `data/`, a Braze outage in the middle so the
-//! retries show, progress while the queue drains, and a summary of what "Braze" holds.
+//! retries show, progress while the queue drains, and a summary of what "Braze" holds. The
+//! demo never reaches a real Braze, and never touches a configured `data_dir`: its queue is
+//! removed when it ends.
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};

@@ -1,7 +1,8 @@
 //! The HTTP face of the daemon: ingest, health, metrics and the admin API.
 //!
-//! Ingest answers 2xx only after `Queue::enqueue` has made the records durable. Every error
-//! becomes an HTTP answer in one place, `ApiError::into_response`.
+//! Ingest answers 2xx only after the queue (`queue::Backend`) has made the records durable.
+//! Every error becomes an HTTP answer in one place, `ApiError::into_response`. The admin API
+//! is never served over TCP without the token.
 
 use std::sync::Arc;
 
@@ -56,9 +57,10 @@ pub struct AppState {
 }
 
 /// Lookups forwarded a minute, at most: Braze's own limit for `/users/export/ids` on newer
-/// workspaces, so a client of the daemon cannot spend more of the key's budget than that.
+/// workspaces, so a client of the daemon cannot spend more of the key's budget than that
+/// (<https://www.braze.com/docs/api/endpoints/export/user_data/post_users_identifier>).
 const EXPORT_PER_MINUTE: u64 = 250;
-/// Braze's limit of ids per lookup.
+/// Braze's limit of ids per lookup (same page as `EXPORT_PER_MINUTE`).
 const EXPORT_MAX_IDS: usize = 50;
 
 pub fn router(state: Arc<AppState>, guard: crate::http_guard::Guard) -> Router {
@@ -565,7 +567,7 @@ struct SnapshotOptions {
 }
 
 /// `PUT /v1/audiences/{audience_id}/splits/{split_id}/members`: the whole membership of a
-/// split; queues only who entered and who left (see `queue::snapshot`).
+/// split; queues only who entered and who left (see `crate::snapshot`).
 async fn put_snapshot(
     State(state): State<Arc<AppState>>,
     Path((audience, split)): Path<(String, String)>,
@@ -778,8 +780,8 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 const FILES_KEPT_BACK: usize = 128;
 
 /// How many connections `serve` takes at once: `wanted` (`ingest.max_connections`), but
-/// never so many that the rest of the daemon could run out of file descriptors: the
-/// open-file limit less `FILES_KEPT_BACK` and `braze_connections`, and at most half of it.
+/// kept below the open-file limit so that the rest of the daemon has descriptors left: the
+/// limit less `FILES_KEPT_BACK` and `braze_connections`, or half the limit if that is more.
 pub fn connection_cap(wanted: usize, braze_connections: usize) -> usize {
     let files = rustix::process::getrlimit(rustix::process::Resource::Nofile)
         .current

@@ -14,6 +14,9 @@
 //!   or `multipart/form-data`. A body with any type other than JSON, NDJSON (or CSV for a
 //!   snapshot) is refused with 415; a request without a type is taken (no browser form sends
 //!   one without it).
+//!
+//! The guard owns these three refusals only: it never reads a body and never checks the token
+//! (`http.rs` does both, after it).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

@@ -6,6 +6,7 @@
 //! `--skip-bad`, its good rows) is queued in the second pass, in chunks that are each durable
 //! before the next is read. A file from stdin is spooled to a temporary file first. The queue
 //! is reached through the running daemon when it holds the database, directly otherwise.
+//! Import never queues a row before the whole file has been checked.
 //!
 //! CSV: a header row names the columns as in the JSON (`audience_id`, `split_id`,
 //! `external_id`, `braze_id`, `member`, `time`; `name`, `time`, `properties` for events).
@@ -17,8 +18,9 @@
 //! A cell is text, so a column's type goes in its header as `name:type`: `string` (the
 //! default), `number`, `boolean` (true/false, 1/0, yes/no), `date` (ISO 8601 date or time,
 //! sent as UTC RFC 3339) or `array` (items separated by `;`). An empty cell leaves the
-//! attribute alone, or with `--empty-cells unset` sets it to null (Braze removes it). A row
-//! whose cells are all empty is nothing to do, not an error.
+//! attribute alone, or with `--empty-cells unset` sets it to null (Braze removes it:
+//! <https://www.braze.com/docs/api/objects_filters/user_attributes_object>). A row whose
+//! cells are all empty is nothing to do, not an error.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, IsTerminal, Read, Seek, Write};

@@ -1,7 +1,8 @@
 //! Logs through `tracing`, to stderr: readable text by default, JSON lines for log shippers
 //! (`--log-format json`). Under systemd (journald sets `JOURNAL_STREAM`) text lines carry no
 //! timestamp of their own, since the journal stamps every line already. The level can change
-//! while running (a reload).
+//! while running (a reload). This module owns how lines look and which level passes, never
+//! what is logged: that is each module's.
 
 use tracing::level_filters::LevelFilter;
 use tracing_subscriber::layer::SubscriberExt;

@@ -1,4 +1,5 @@
-//! The binary: parse, set up logging, dispatch, print an error once.
+//! The binary: parse, set up logging, dispatch, print an error once. It never decides anything
+//! about records or Braze: every command's work is in the library.
 
 use std::process::ExitCode;
 
@@ -13,15 +14,15 @@ use aiq_braze_sync::demo;
 use aiq_braze_sync::import;
 use tracing::level_filters::LevelFilter;
 
-/// glibc's malloc was a third of ingest's CPU under profile (sled allocates and frees a node
-/// copy per insert); mimalloc handles that churn far better.
+/// sled allocates and frees a node copy per insert; mimalloc serves that churn with far less
+/// CPU than glibc's malloc (BENCHMARKS.md, "Durable ingest over HTTP (`benches/ingest.rs`)").
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     // mimalloc asks for transparent huge pages on its arenas, and each page it gives back and
-    // takes again then costs a 2 MiB zeroing fault. Without them the end-to-end bench ran at
-    // 23 MB peak RSS instead of 111 MB, and 10% less CPU (BENCHMARKS.md). Best effort: a
+    // takes again then costs a 2 MiB zeroing fault; without huge pages it holds and zeroes
+    // less (BENCHMARKS.md, "End to end beside syslog-ng (the peers bench)"). Best effort: a
     // kernel without the prctl just keeps its default.
     let _ = rustix::thread::disable_transparent_huge_pages(true);
     // The queue holds personal data and the process holds the API key: what it creates is
@@ -30,7 +31,8 @@ fn main() -> ExitCode {
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let _ = rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable);
     // The open-file soft limit up to the hard one, as most servers do: the soft default
-    // (1,024) is a guard for select()-era programs, and connections are capped at half of it.
+    // (1,024) is a guard for select()-era programs, and the connection cap is derived from
+    // it (`http::connection_cap`).
     let files = rustix::process::getrlimit(rustix::process::Resource::Nofile);
     if files.current < files.maximum {
         let raised = rustix::process::Rlimit {

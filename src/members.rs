@@ -1,6 +1,7 @@
 //! Reading a snapshot's member list (NDJSON of `{"external_id"|"braze_id"}`, or CSV with a
 //! header naming those columns) line by line, as it streams in: tens of millions of ids never
-//! sit in memory, only the line being read.
+//! sit in memory, only the record being read (at most `MAX_LINE_BYTES`). It only reads:
+//! sorting, diffing and queueing are `snapshot.rs`'s.
 
 use serde_json::{Map, Value};
 

@@ -5,7 +5,8 @@
 //! delivery what Braze took, refused or rate-limited) as plain atomics that `queue stats`
 //! reads too. A scrape copies them into a fresh registry, so there is one source for each
 //! number and nothing to keep in step. The request-latency histogram is the one live
-//! `prometheus-client` metric; the registry gets a handle to it.
+//! `prometheus-client` metric; the registry gets a handle to it. This module never keeps a
+//! count of its own.
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;

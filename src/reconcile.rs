@@ -3,17 +3,19 @@
 //!
 //! The members are those of the split's last complete snapshot (`PUT …/members` or
 //! `import snapshot`), read from its file. Braze is asked through `/users/export/ids`, at most
-//! 50 `external_id`s a call (Braze's limit), one call at a time, waiting out a 429 or a
-//! spent `X-RateLimit-Remaining` until the window resets (the endpoint has a limit of its own,
-//! 250 calls a minute on newer workspaces). Each member should hold `AIQ_<audience>_<split>:
-//! true`; one differs when Braze has no profile for it, the attribute is missing, or it holds
-//! another value. Members known by `braze_id` alone cannot be looked up in bulk and are
-//! counted as not checked. Who left the split is not checked: the snapshot no longer names
-//! them.
+//! 50 `external_id`s a call, one call at a time, waiting out a 429 or a spent
+//! `X-RateLimit-Remaining` until the window resets (the endpoint has a limit of its own, 250
+//! calls a minute on newer workspaces; both limits:
+//! <https://www.braze.com/docs/api/endpoints/export/user_data/post_users_identifier>).
+//! Each member should hold `AIQ_<audience>_<split>: true`; one differs when Braze has no
+//! profile for it, the attribute is missing, or it holds another value. Members known by
+//! `braze_id` alone cannot be looked up in bulk and are counted as not checked. Who left the
+//! split is not checked: the snapshot no longer names them.
 //!
 //! A repair queues `true` for each differing member past the skip of unchanged values
 //! (`delivery.skip_unchanged_for_s`): through the running daemon (`POST
 //! /v1/memberships?resend=true`), or straight into the database when the daemon is stopped.
+//! Without `--repair` it only reads: it never queues anything.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -28,7 +30,7 @@ use crate::record::{Membership, Record, UserId};
 use crate::snapshot::SnapshotMembers;
 use crate::target::{Daemon, Target};
 
-/// Braze's limit of `external_ids` per `/users/export/ids` call.
+/// Braze's limit of `external_ids` per `/users/export/ids` call (see the module doc).
 const IDS_PER_CALL: usize = 50;
 /// How long a lookup may keep failing with 429s and 5xx before reconcile gives up.
 const GIVE_UP_AFTER: Duration = Duration::from_secs(600);
@@ -44,7 +46,7 @@ pub struct Options {
 #[derive(Debug, Clone, Serialize)]
 pub struct Drift {
     pub external_id: String,
-    /// "no profile", "attribute missing", or "holds <value>".
+    /// `"no profile"`, `"attribute missing"`, or `"holds <value>"`.
     pub found: String,
 }
 

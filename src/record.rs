@@ -1,16 +1,20 @@
 //! The records the daemon carries, as the rest of the program sees them.
 //!
-//! These are in-memory types; the bytes on disk are `queue::format`, which converts to and from
-//! them. Keeping the two apart lets these grow without breaking databases already in the field.
+//! These are in-memory types. The bytes on disk are `queue::format`'s, which converts to and
+//! from them, and the request to Braze is `braze::wire`'s: never this module's. Keeping the
+//! in-memory and on-disk types apart lets these grow without breaking databases already in
+//! the field.
 
 use std::fmt;
 
-/// The identifier a Braze object is addressed by. Braze takes exactly one per object, so a
-/// record carries one. `/v1` records use the first two; the `/users/track` relay passes on
-/// whichever form the client used.
+/// The identifier a Braze object is addressed by. Braze takes exactly one per object
+/// (<https://www.braze.com/docs/api/objects_filters/user_attributes_object>), so a record
+/// carries one. `/v1` records use the first two; the `/users/track` relay passes on whichever
+/// form the client used.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum UserId {
-    /// The customer's own id; Braze creates a profile for an unknown one.
+    /// The customer's own id; Braze creates a profile for an unknown one (unless the object is
+    /// update-only: <https://www.braze.com/docs/api/objects_filters/user_attributes_object>).
     External(String),
     /// Braze's internal id; it can only address a profile that exists.
     Braze(String),
@@ -78,23 +82,27 @@ pub struct Membership {
 }
 
 impl Membership {
-    /// The Braze custom attribute this membership sets, as the integration page names it.
+    /// The Braze custom attribute this membership sets, as Braze's ActionIQ integration page
+    /// names it
+    /// (<https://www.braze.com/docs/partners/data_and_analytics/customer_data_platform/actioniq>).
     pub fn attribute(&self) -> String {
         format!("AIQ_{}_{}", self.audience_id, self.split_id)
     }
 }
 
-/// A customer event: a log entry, delivered once per acceptance (Braze never deduplicates).
+/// A customer event: a log entry, delivered once per acceptance (Braze does not deduplicate
+/// events: <https://www.braze.com/docs/api/endpoints/user_data/post_user_track>).
 ///
 /// Its name, time and properties are kept as the JSON members Braze's `events` object takes,
 /// built once at ingest: an event is stored, leased and sent many times more often than it
-/// is looked at, and keeping the fields apart cost a decode and a re-encode of each on the
-/// way out (BENCHMARKS.md, end to end). [`Event::fields`] reads them back for people.
+/// is looked at, and keeping the fields apart would cost a decode and a re-encode of each on
+/// the way out (BENCHMARKS.md, "End to end beside syslog-ng (the peers bench)").
+/// [`Event::fields`] reads them back for people.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
     pub user: UserId,
-    /// `"name":…,"time":…` then `,"properties":{…}` when there are any: checked at ingest,
-    /// written by `braze::wire`, sent as they are.
+    /// `"name":…,"time":…` then `,"properties":{…}` when there are any: checked and written
+    /// at ingest (`event_members`), sent by `braze::wire` as they are.
     pub members: String,
 }
 
@@ -102,7 +110,8 @@ pub struct Event {
 #[derive(Debug, Clone, PartialEq, serde::Deserialize)]
 pub struct EventFields {
     pub name: String,
-    /// RFC 3339, UTC, millisecond precision: the form Braze documents.
+    /// RFC 3339, UTC, millisecond precision: the form Braze documents
+    /// (<https://www.braze.com/docs/api/objects_filters/event_object>).
     pub time: String,
     #[serde(default)]
     pub properties: Option<serde_json::Map<String, serde_json::Value>>,
@@ -139,8 +148,9 @@ pub struct AttributeUpdate {
 
 /// Fields of Braze's user attributes object that hold a list of settings applied one item at a
 /// time, not one value: `subscription_groups` sets the state of each group it names and
-/// leaves the others; `push_tokens` adds the tokens it lists. Two pending updates of one of
-/// them both have to reach Braze.
+/// leaves the others; `push_tokens` adds the tokens it lists
+/// (<https://www.braze.com/docs/api/objects_filters/user_attributes_object>). Two pending
+/// updates of one of them both have to reach Braze.
 pub const PER_ITEM_FIELDS: &[&str] = &["subscription_groups", "push_tokens"];
 
 impl AttributeUpdate {

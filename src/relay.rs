@@ -2,16 +2,18 @@
 //! turned into records.
 //!
 //! A Braze client pointed at the daemon must not notice the difference, so the answers are
-//! Braze's: objects Braze would refuse on their own come back in `errors` with the
-//! `input_array` and `index` they had in the body, while the others are queued; a body that
-//! is not a `/users/track` body at all is refused whole.
+//! Braze's (<https://www.braze.com/docs/api/endpoints/user_data/post_user_track>): objects
+//! Braze would refuse on their own come back in `errors` with the `input_array` and `index`
+//! they had in the body, while the others are queued; a body that is not a `/users/track`
+//! body at all is refused whole.
 //!
 //! What is queued is what the client sent. `events` and `purchases` objects are kept as their
 //! exact JSON text. An `attributes` object is split into one update per attribute, each value
 //! kept as its exact JSON text with the object-level fields (`_update_existing_only`,
 //! `_merge_objects`, `push_token_import`) beside it; delivery puts one user's updates back
 //! into one object. Splitting is what lets the queue keep the last accepted value of each
-//! attribute per user, whatever objects the values arrived in.
+//! attribute per user, whatever objects the values arrived in. The relay never talks to
+//! Braze, and never queues anything itself: `http.rs` queues the records it returns.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -257,9 +259,11 @@ fn check_email(email: &str) -> Result<(), String> {
     }
 }
 
-/// The object's one identifier, as Braze resolves it: exactly one primary identifier
-/// (`external_id`, `user_alias`, `braze_id`); without one, `email`, then `phone`. Also says
-/// which secondary field was used as the identifier, since it is then not an attribute.
+/// The object's one identifier, as Braze resolves it
+/// (<https://www.braze.com/docs/api/objects_filters/user_attributes_object>): exactly one primary
+/// identifier (`external_id`, `user_alias`, `braze_id`); without one, `email`, then `phone`.
+/// Also says which secondary field was used as the identifier, since it is then not an
+/// attribute.
 fn identify(m: &Members<'_>) -> Result<(UserId, Option<&'static str>), String> {
     let mut primary = Vec::new();
     if let Some(id) = string(m, "external_id")? {
@@ -321,8 +325,9 @@ fn identify(m: &Members<'_>) -> Result<(UserId, Option<&'static str>), String> {
     }
 }
 
-/// Whether a value holds a string longer than Braze keeps (255 characters), itself or as an
-/// item of an array.
+/// Whether a value holds a string longer than Braze keeps (255 characters:
+/// <https://www.braze.com/docs/user_guide/data/activation/custom_data/custom_attributes>),
+/// itself or as an item of an array.
 fn holds_long_string(value: &Value) -> bool {
     let long = |s: &str| s.chars().count() > MAX_NAME_CHARS;
     match value {
@@ -409,7 +414,7 @@ fn attributes_object(raw: &RawValue) -> Result<Vec<Record>, String> {
 }
 
 /// Whether Braze takes this as an event or purchase time: ISO 8601, or its own
-/// `yyyy-MM-dd'T'HH:mm:ss:SSSZ`.
+/// `yyyy-MM-dd'T'HH:mm:ss:SSSZ` (<https://www.braze.com/docs/api/objects_filters/event_object>).
 pub fn is_braze_time(t: &str) -> bool {
     let colon_millis = time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second]:[subsecond digits:3][offset_hour sign:mandatory][optional [:]][offset_minute]"

@@ -14,8 +14,10 @@
 //!   Small bodies, which is what events are, never wait on the budget: the connection cap
 //!   bounds them.
 //! - **copied into one buffer**: hyper hands a body over in the pieces the network gave it,
-//!   and a piece keeps its whole read buffer alive; a body sent a byte a packet kept
-//!   hundreds of times its size this way.
+//!   and a piece keeps its whole read buffer alive, so a body sent a few bytes a packet would
+//!   hold a read buffer for every few bytes.
+//!
+//! This module only reads bytes; it never parses a body.
 
 use std::sync::Arc;
 use std::time::Duration;

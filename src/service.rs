@@ -5,6 +5,8 @@
 //! `WATCHDOG=1` goes out only while no worker is stuck inside a step that has its own bound
 //! (`delivery::activity`), so a wedged worker stops the pings and systemd restarts the
 //! service, queue intact. Outside systemd (no `NOTIFY_SOCKET`) every message is a no-op.
+//! This module never stops or restarts anything itself: systemd does, and a reload never
+//! logs a secret.
 
 use std::path::Path;
 use std::time::Duration;

@@ -1,9 +1,10 @@
 //! Audience snapshots: the whole membership of a split, diffed against the previous one so
 //! that only entries and exits are queued.
 //!
-//! **Why files and not sled.** sled 0.34.7 holds about 3 KB of memory per small key it is
-//! given in bulk (1 M member ids took 3 GB of RSS, 10 M were killed by the OOM killer), so a
-//! member set lives in a sorted file instead: bounded memory, one sequential pass to diff.
+//! **Why files and not sled.** The memory sled 0.34.7 holds for small keys given to it in bulk
+//! grows with their number (BENCHMARKS.md, "Snapshot uploads and sled's memory with small
+//! values"), so a member set lives in a sorted file instead: bounded memory, one sequential
+//! pass to diff.
 //!
 //! **On-disk format** (`DATA_DIR/snapshots/<audience>.<split>/`; changing it breaks
 //! existing data: add a new file version instead):
@@ -19,7 +20,9 @@
 //! reference, and the next upload first removes every file that `CURRENT` does not name.
 //! Differences queued by an upload that did not finish are queued again by the next one;
 //! memberships are state, so that costs nothing (they coalesce or are skipped as unchanged).
-//! One upload per split at a time: a second one is refused while the first runs.
+//! One upload per split at a time: a second one is refused while the first runs. This module
+//! owns the snapshot files and never touches the queue's own: differences go through
+//! `queue::Backend`.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashSet};
@@ -58,8 +61,9 @@ const CURRENT: &str = "CURRENT";
 /// Bytes of member ids sorted in memory at a time; the rest waits in sorted run files.
 const RUN_BYTES: usize = 32 << 20;
 /// Updates staged at a time. Staging holds the queue's writer lock, which ingest takes on the
-/// runtime's thread: a stage is kept small enough that an event posted meanwhile waits for
-/// it a millisecond or so, not for the staging of a whole snapshot.
+/// runtime's thread: a stage is kept small so that an event posted meanwhile waits for one
+/// short stage, not for the staging of a whole snapshot (BENCHMARKS.md, "Events during a
+/// snapshot upload").
 const STAGE: usize = 100;
 /// Updates made durable per commit.
 const CHUNK: usize = 5_000;
@@ -186,7 +190,6 @@ fn user_from(bytes: &[u8]) -> Option<UserId> {
     }
 }
 
-/// Reads a member file (or a run) in order.
 /// The generation and file `CURRENT` names in a split's directory, if it has one.
 fn current_file(dir: &Path) -> Result<Option<(u64, PathBuf)>, SnapshotError> {
     match fs::read_to_string(dir.join(CURRENT)) {
@@ -258,6 +261,7 @@ impl Iterator for SnapshotMembers {
     }
 }
 
+/// Reads a member file (or a run) in order.
 struct Members(BufReader<File>);
 
 impl Members {

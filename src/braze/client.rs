@@ -4,6 +4,8 @@
 //! own types and never sees a `reqwest::Response`. The `check` command's two probes
 //! ([`BrazeClient::probe_track`], [`BrazeClient::probe_export_ids`]) answer with a
 //! [`ProbeOutcome`] instead: they ask whether the setup works, not what to do with a batch.
+//! The client never retries or waits on its own: what to do after an answer is delivery's
+//! (`gate.rs`) or the command's.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -39,7 +41,8 @@ pub enum TrackOutcome {
     },
     /// 400: Braze refused the whole request because of something in it; nothing was applied.
     /// `errors` names objects at fault when Braze says (every object invalid: "Valid data must
-    /// be provided"); otherwise the batch is split to find the record at fault.
+    /// be provided", <https://www.braze.com/docs/api/endpoints/user_data/post_user_track>);
+    /// otherwise the batch is split to find the record at fault.
     Refused {
         status: u16,
         message: String,
@@ -158,8 +161,9 @@ pub struct BrazeClient {
     /// put events' answers back behind a backfill's work.
     events_http: reqwest::Client,
     track_url: String,
-    /// `track_url` parsed once: parsing it for every request was 1.4% of the daemon's CPU.
-    /// `None` only if it does not parse, and then each request reports why.
+    /// `track_url` parsed once, not for every request (BENCHMARKS.md, "End to end beside
+    /// syslog-ng (the peers bench)"). `None` only if it does not parse, and then each request
+    /// reports why.
     track_target: Option<reqwest::Url>,
     export_ids_url: String,
     /// Replaced by a reload; read for each request.
@@ -262,10 +266,12 @@ impl BrazeClient {
     ///
     /// It sends one attributes object for `external_id` (a fresh [`probe_external_id`]) with
     /// `"_update_existing_only": true` and one custom attribute, `aiq_braze_sync_check`. In
-    /// update-only mode Braze creates no profile for an unknown `external_id` (Braze's user
-    /// attributes object page, `_update_existing_only`), and no profile has this random id, so the object updates nobody and creates
-    /// nobody. Braze still checks the key and its `users.track` permission first, which is all
-    /// the answer has to tell. The attribute is a custom one with a self-describing name so
+    /// update-only mode Braze creates no profile for an unknown `external_id`
+    /// (`_update_existing_only`,
+    /// <https://www.braze.com/docs/api/objects_filters/user_attributes_object>), and no
+    /// profile has this random id, so the object updates nobody and creates nobody.
+    /// Braze still checks the key and its `users.track` permission first, which is all the
+    /// answer has to tell. The attribute is a custom one with a self-describing name so
     /// that, were Braze ever to apply it, whoever finds it knows what wrote it.
     pub async fn probe_track(&self, external_id: &str) -> ProbeOutcome {
         let body = serde_json::json!({
@@ -280,7 +286,8 @@ impl BrazeClient {
 
     /// Proves the key may call `/users/export/ids`: asks for the `external_id` of the
     /// synthetic user, which reads nothing of anyone's. `fields_to_export` is mandatory for
-    /// accounts onboarded since August 2024 (Braze's `/users/export/ids` page).
+    /// accounts onboarded since August 2024
+    /// (<https://www.braze.com/docs/api/endpoints/export/user_data/post_users_identifier>).
     pub async fn probe_export_ids(&self, external_id: &str) -> ProbeOutcome {
         let body = serde_json::json!({
             "external_ids": [external_id],
@@ -289,8 +296,9 @@ impl BrazeClient {
         self.probe(&self.export_ids_url, &body).await
     }
 
-    /// Looks up at most 50 `external_ids` (Braze's limit per call) with their custom
-    /// attributes, for `reconcile`.
+    /// Looks up at most 50 `external_ids` (Braze's limit per call,
+    /// <https://www.braze.com/docs/api/endpoints/export/user_data/post_users_identifier>)
+    /// with their custom attributes, for `reconcile`.
     pub async fn export_ids(&self, external_ids: &[String]) -> ExportOutcome {
         let body = serde_json::json!({
             "external_ids": external_ids,
@@ -581,7 +589,8 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 /// How long Braze asked us to wait: `X-Ratelimit-Retry-After` (seconds), `Retry-After`
-/// (seconds or an HTTP date), or failing those the rate window's reset.
+/// (seconds or an HTTP date), or failing those, when `X-RateLimit-Remaining` is 0, the rate
+/// window's reset.
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let seconds = |v: &str| v.parse::<f64>().ok().filter(|s| *s >= 0.0);
     if let Some(s) = header(headers, "x-ratelimit-retry-after").and_then(seconds) {
@@ -603,8 +612,9 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     })
 }
 
-/// Reads `X-RateLimit-Limit`, `-Remaining` and `-Reset`. Reset is epoch seconds on most
-/// accounts and seconds remaining on MAU-priced ones; a value below a billion is the latter.
+/// Reads `X-RateLimit-Limit`, `-Remaining` and `-Reset`
+/// (<https://www.braze.com/docs/api/api_limits>). Reset is epoch seconds on most accounts and
+/// seconds remaining on MAU-priced ones; a value below a billion is the latter.
 pub fn rate_info(headers: &HeaderMap) -> RateInfo {
     let limit = header(headers, "x-ratelimit-limit").and_then(|v| v.parse().ok());
     let remaining = header(headers, "x-ratelimit-remaining").and_then(|v| v.parse().ok());

@@ -3,12 +3,16 @@
 //! Events become `events` objects, relayed purchases `purchases` objects, both as they were
 //! accepted. Attribute updates (memberships included) become `attributes` objects, one per
 //! user and set of object-level fields: several updates of one user in a batch travel as one
-//! object, which is one object against Braze's 75. Each object remembers which records it
-//! came from, so Braze's per-object `errors` (index into the array as sent) map back to
-//! records.
+//! object, which is one object against Braze's 75
+//! (<https://www.braze.com/docs/api/endpoints/user_data/post_user_track>). Each object
+//! remembers which records it came from, so Braze's per-object `errors` (index into the array
+//! as sent) map back to records.
 //!
 //! `/v1` records get the configured `_update_existing_only` for their kind, always written
-//! out (Braze's defaults differ by identifier form); relayed objects carry their own fields.
+//! out (Braze's defaults differ by identifier form:
+//! <https://www.braze.com/docs/api/objects_filters/user_attributes_object>); relayed objects
+//! carry their own fields. This module only builds bytes: it never sends them, and never
+//! changes a value accepted at ingest or relayed.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -236,8 +240,8 @@ pub fn build<T: AsRef<Record>>(items: &[T], policy: &UpdateExistingOnly) -> Trac
 }
 
 /// Splits leased records into two halves by Braze object (a user's attribute updates stay
-/// together), for finding the record Braze refuses a whole request for. Returns `None` when the
-/// records form a single object and cannot be split further.
+/// together), for finding the record Braze refuses a whole request for. Gives the records
+/// back as `Err` when they form a single object and cannot be split further.
 pub fn split_in_half<T: AsRef<Record>>(
     items: Vec<T>,
     policy: &UpdateExistingOnly,

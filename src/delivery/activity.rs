@@ -6,7 +6,8 @@
 //! such a step and clears the mark when it leaves, so a worker stuck inside one (a hung disk,
 //! a runtime bug, a lost timeout) shows as busy for longer than any bound allows. The
 //! watchdog then stops pinging systemd, which restarts the service; the queue on disk keeps
-//! everything.
+//! everything. This module only keeps the marks: it never stops or restarts a worker itself
+//! (`service.rs` reads the marks).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};

@@ -1,24 +1,25 @@
 //! How many requests to Braze are in flight at once: a limit that adapts to Braze's answers.
 //!
 //! Each worker sends one request and waits for its answer, so throughput is the requests in
-//! flight divided by Braze's latency: a fixed few cannot follow a Braze that answers in
-//! 200 ms, and a fixed many overrun one that rate-limits. Workers take a `Slot` before they
-//! lease; the limit on slots moves with what Braze says:
+//! flight divided by Braze's latency: a fixed few cannot follow a Braze that answers slowly,
+//! and a fixed many overrun one that rate-limits. Workers take a `Slot` before they lease;
+//! the limit on slots moves with what Braze says:
 //! - **slow start**: while nothing has pushed back, each answer that comes back fast raises
-//!   the limit by two (it triples every round trip), from `START` up to `max`: at 200 ms a
-//!   round trip, the 200 in flight that 1,000 requests a second need are reached in under a
-//!   second;
+//!   the limit by two (it triples every round trip), from `START` up to `max`: reaching the
+//!   `/users/track` ceiling of 1,000 requests a second
+//!   (<https://www.braze.com/docs/api/api_limits>) at a latency of L seconds takes
+//!   1,000 × L in flight, which this reaches in a few round trips;
 //! - **additive increase** after the first push-back: by one per round trip (`1 / limit` an
 //!   answer);
 //! - **multiplicative decrease** on a 429, a 5xx, a timeout or a network error (halved), and
 //!   when latency rises past twice the best seen (by a tenth), at most once per round trip;
 //! - it only grows while it is used: an idle queue does not inflate it.
 //!
-//! The limit never drops under `FLOOR` (or the cap, if lower). Event workers take `reserved` slots beside it
-//! (`Delivery::event_worker`): they count as in flight and their answers can lower the limit,
-//! but they never wait for it, so an event is not held back by a limit a backfill has filled.
-//! The rate itself is the gate's business (`gate.rs`): this bounds what is in flight, the gate
-//! spaces what is sent.
+//! The limit never drops under `FLOOR` (or the cap, if lower). Event workers take `reserved`
+//! slots beside it (`Delivery::event_worker`): they count as in flight and their answers can
+//! lower the limit, but they never wait for it, so an event is not held back by a limit a
+//! backfill has filled. The rate itself is the gate's business (`gate.rs`): this bounds what
+//! is in flight, never when a request is sent; the gate spaces what is sent.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -191,7 +192,8 @@ impl Limiter {
         }
         // Wake as many waiters as there are free slots (a few at a time: each one that takes a
         // slot wakes more when it gives it back), not all of them: with hundreds of workers
-        // waiting, waking every one for each answer cost more CPU than the deliveries.
+        // waiting, waking every one for each answer is work for every waiter where only a
+        // few can go.
         let free = (s.limit.floor() as usize).saturating_sub(s.in_flight);
         drop(s);
         for _ in 0..free.min(8) {

@@ -4,7 +4,8 @@
 //! worker: a 429 or a 503 seen by one worker holds them all back. While Braze is failing only
 //! one worker at a time probes it, so an outage costs one request per backoff step instead of
 //! one per worker. Backoff is the `backoff` crate's exponential with jitter, with its 15-minute
-//! give-up turned off: transient failures are retried for as long as they last.
+//! give-up turned off: transient failures are retried for as long as they last. The gate owns
+//! only when a request may go; it never sees a record and never decides what becomes of one.
 
 use std::sync::Mutex;
 use std::time::Duration;

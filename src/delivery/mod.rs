@@ -7,10 +7,14 @@
 //! record at fault stands alone; it alone is dead-lettered.
 //!
 //! Two kinds of worker share that loop. General workers take a slot under the adaptive limit
-//! (`concurrency.rs`) and lease events first, then memberships. Event workers (`event_reserve`
-//! of them) lease events only, on a runtime thread and a connection pool of their own, in
-//! slots beside the limit, and go ahead of the gate's queue: however much of the daemon a
-//! backfill occupies, an event waits only for an event worker to come back from Braze.
+//! (`concurrency.rs`) and lease events first, then attribute updates. Event workers
+//! (`event_reserve` of them) lease events only, on a runtime thread and a connection pool of
+//! their own, in slots beside the limit, and go ahead of the gate's queue: however much of the
+//! daemon a backfill occupies, an event waits only for an event worker to come back from
+//! Braze.
+//!
+//! Delivery owns what becomes of each leased record; it never removes a record itself (the
+//! queue does, on `complete`) and never dead-letters one Braze did not refuse.
 
 pub mod activity;
 pub mod concurrency;
@@ -35,7 +39,7 @@ use gate::{Failure, Gate, Permit};
 
 /// How many of `delivery.workers` are event workers, sending events in reserved slots
 /// beside the adaptive limit (`Delivery::event_worker`): a quarter, at most 8 and at least 1,
-/// leaving at least one general worker (which alone delivers memberships).
+/// leaving at least one general worker (which alone delivers attribute updates).
 /// With eight cycling, events arriving steadily wait for the next one about an eighth of
 /// Braze's latency; more would only take a larger share of Braze's rate from the backfill.
 pub fn event_reserve(workers: usize) -> usize {
@@ -88,7 +92,7 @@ impl Default for DeliveryCounters {
             delivered_by_kind: Default::default(),
             dead_by_kind: Default::default(),
             records_retried: Default::default(),
-            // 5 ms to about 40 s: a healthy Braze answers in tens of milliseconds; the top
+            // 5 ms to about 40 s, doubling: the low buckets resolve fast answers; the top
             // buckets catch requests that end at the timeout.
             latency: prometheus_client::metrics::histogram::Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.005, 2.0, 14),
@@ -129,8 +133,9 @@ pub struct Delivery {
     /// Requests in flight at once, adapting to Braze's answers (`concurrency.rs`), up to
     /// `delivery.workers`.
     pub limiter: concurrency::Limiter,
-    /// Workers sending a membership-only batch right now: at most the limit less one, so a
-    /// slot is always left for events.
+    /// General workers sending a batch of attribute updates alone right now: at most the limit
+    /// less a quarter of it (and less one, unless the limit is one), so general workers keep
+    /// carrying events however big the backfill.
     pub backfill_in_flight: AtomicUsize,
     /// Which workers are inside a bounded step, and since when (the watchdog's evidence).
     pub activity: activity::Activity,
@@ -181,7 +186,7 @@ impl Delivery {
     }
 
     /// A general worker: takes a slot under the adaptive limit and its turn at the gate,
-    /// then leases events first and memberships after.
+    /// then leases events first and attribute updates after.
     async fn worker(&self, id: usize, stop: CancellationToken) {
         tracing::debug!(worker = id, "delivery worker started");
         loop {
@@ -192,7 +197,8 @@ impl Delivery {
                 break;
             };
             // At most three quarters of the limit (and at least one less) may carry
-            // memberships alone, so general workers carry events too however big the backfill.
+            // attribute updates alone, so general workers carry events too however big the
+            // backfill.
             let limit = self.limiter.limit();
             let backfill_slots = limit.saturating_sub((limit / 4).max(1)).max(1);
             let backfill_slot = self
@@ -462,8 +468,6 @@ impl Delivery {
     }
 }
 
-/// Positions (in the leased batch) of the records behind the objects Braze named in `errors`,
-/// with its reason for each.
 /// What Braze's per-object errors say of a request's records.
 #[derive(Default)]
 struct Refusals {
@@ -480,6 +484,8 @@ impl Refusals {
     }
 }
 
+/// Positions (in the leased batch) of the records behind the objects Braze named in `errors`,
+/// with its reason for each.
 fn refused_records(body: &wire::TrackBody, errors: &[ObjectError]) -> Refusals {
     let mut refused = Refusals::default();
     for e in errors {

@@ -1,14 +1,15 @@
 //! The fast path for `/v1/events`: the fields of each event borrowed straight from the body.
 //!
-//! Building a `serde_json::Value` tree for every record, then serialising its `properties`
-//! back to text, was the largest share of the daemon's CPU in the end-to-end benchmark
-//! (BENCHMARKS.md). Here an event's fields are read as borrowed slices, each property's
-//! value kept as the text the client sent, and the event's members written once from them.
-//! Only a body whose every record passes every check is taken from here, and the result is
-//! the same event as the full path would make (the properties may keep the client's key
-//! order and the spacing inside values; the JSON is the same).
-//! Anything else returns `None` and goes through the full path, which finds the first
-//! problem and says where it is: this path never reports an error of its own.
+//! The full path builds a `serde_json::Value` tree for every record, then serialises its
+//! `properties` back to text; this path does neither (BENCHMARKS.md, "End to end beside
+//! syslog-ng (the peers bench)"). Here an event's fields are read as borrowed slices, each
+//! property's value kept as the text the client sent, and the event's members written once
+//! from them. Only a body whose every record passes every check is taken from here, and the
+//! result is the same event as the full path would make (the properties may keep the
+//! client's key order and the spacing inside values; the JSON is the same). Anything else
+//! returns `None` and goes through the full path, which finds the first problem and says
+//! where it is: this path never accepts what the full path refuses, and never reports an
+//! error of its own.
 
 use std::borrow::Cow;
 
@@ -43,9 +44,8 @@ struct Fields<'a> {
 /// Every event of a JSON array or NDJSON body, or `None` if the full path must look at it.
 pub fn events(body: &[u8], prefer: PreferId) -> Option<Vec<Event>> {
     let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
-    // Checked whole, once: parsed from bytes, serde_json checks every string it borrows on
-    // its own, which was a tenth of this path's time. A body that is not UTF-8 is the full
-    // path's to refuse.
+    // Checked whole, once: parsed from bytes, serde_json would check every string it borrows
+    // on its own. A body that is not UTF-8 is the full path's to refuse.
     let body = std::str::from_utf8(body).ok()?;
     let first = body.bytes().position(|b| !b.is_ascii_whitespace())?;
     let out: Vec<Event> = if body.as_bytes()[first] == b'[' {

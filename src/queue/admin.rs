@@ -1,5 +1,6 @@
 //! What operators do with the queue: look at pending and dead records, retry or purge dead
-//! ones. Listing reads lazily and stops at the limit; it never loads the whole queue.
+//! ones. Listing reads lazily and stops at the limit; it never loads the whole queue, and a
+//! retry never puts back a plain value older than one accepted since for the same attribute.
 
 use serde::{Deserialize, Serialize};
 
@@ -13,10 +14,12 @@ use crate::record::Record;
 pub struct RecordView {
     /// The record's sequence number: its id for `retry-dead` and `purge-dead`.
     pub id: u64,
-    /// "membership", "event", or "undecodable" for bytes that no longer read back.
+    /// The record's kind (`Kind::name`: "membership", "attribute", "event", "purchase"), or
+    /// "undecodable" for bytes that no longer read back.
     pub kind: String,
     pub user: String,
-    /// `AIQ_1042_1 = true` for a membership, the event's name and time for an event.
+    /// `AIQ_1042_1 = true` for a membership, `name = value` for an attribute, the event's name
+    /// and time for an event, a relayed object's JSON.
     pub what: String,
     pub accepted_at_ms: u64,
     pub age_ms: u64,
@@ -32,7 +35,7 @@ pub struct RecordView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_at_ms: Option<u64>,
     /// The Braze object this record is sent as (an event with its properties), filled in by
-    /// the caller that knows the `_update_existing_only` policy (`wire::with_objects`).
+    /// the caller that knows the `_update_existing_only` policy (`delivery::with_objects`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub object: Option<serde_json::Value>,
     /// The record itself, for rendering `object`; not part of the listing.
@@ -230,8 +233,8 @@ impl Queue {
         };
         let mut staging = Staging::new(self, &store.tree, &mut next_seq);
         for (id, value) in entries {
-            // A whole event chunk in a dead letter: an older release that could not read
-            // chunks moved it aside. Its events are retried one by one.
+            // A whole event chunk in a dead letter (as releases that could not read chunks set
+            // them aside): its events are retried one by one.
             if let Some(events) = dead_chunk(&value) {
                 staging.remove_dead(id);
                 for (record, envelope) in events {

@@ -1,9 +1,9 @@
 //! The seam: the queue as ingest, delivery, snapshots and the commands use it.
 //!
-//! `Backend` is everything above the queue may ask of it; nothing in it names sled, a key
-//! or a lane byte. The sled queue (`Queue`) is its first implementation; a second (a queue
-//! shared by several daemons) is judged against the promises written on each method. Opening,
-//! syncing and upkeep are the daemon's business with the backend it built, not the seam's.
+//! `Backend` is everything above the queue may ask of it; it never names sled, a key or a
+//! lane byte. The sled queue (`Queue`) is its first implementation; a second (a queue shared
+//! by several daemons) is judged against the promises written on each method. Opening,
+//! syncing and upkeep are the daemon's business with the backend it built, never the seam's.
 
 use std::future::Future;
 use std::pin::Pin;

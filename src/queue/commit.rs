@@ -1,6 +1,7 @@
 //! Group commit: one thread makes everyone's writes durable with one sync. The queue runs
 //! two, one for the event log and one for sled, so a request waits only for the store it
-//! wrote to.
+//! wrote to. A committer owns only the syncing: it never writes a record itself, and never
+//! answers a waiter before the sync that covers the waiter's writes has succeeded.
 //!
 //! sled 0.34.7's `flush_async()` deadlocks with several concurrent callers and its `flush()`
 //! does not fsync, so durability is ours. A writer inserts into sled, then asks this thread for
@@ -13,7 +14,8 @@
 //! again. Between group commits, at most every `PROGRESS_SYNC_EVERY`, it runs the `progress`
 //! sync, after the waiters of the commit before were answered, so ingest never waits for it
 //! unless a request arrives while it runs. A cut then resends at most that interval's
-//! deliveries (plus what was in flight), instead of the 100 ms of sled's own flusher.
+//! deliveries (plus what was in flight), not the longer interval of sled's own flusher
+//! (`store.rs`).
 
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread;
@@ -58,7 +60,7 @@ impl Committer {
         let (tx, rx) = mpsc::channel::<Waiter>();
         let thread = thread::Builder::new().name(name.into()).spawn(move || {
             let mut progress_synced = Instant::now();
-            // Logged once per run of failures, not every 20 ms.
+            // Logged once per run of failures, not at every `PROGRESS_SYNC_EVERY`.
             let mut progress_failing = false;
             loop {
                 match rx.recv_timeout(PROGRESS_SYNC_EVERY) {

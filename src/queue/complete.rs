@@ -1,5 +1,6 @@
 //! Completing leases: what Braze took leaves the queue, what it refused goes to the dead
-//! letters with its reason, what is to be retried stays where it was.
+//! letters with its reason, what is to be retried stays where it was. A completion never
+//! moves a retried record from its place in acceptance order.
 
 use super::*;
 
@@ -103,7 +104,7 @@ impl Queue {
             }
             let key = record_key(item.lane.key_prefix(), item.seq);
             tree_ops = true;
-            // A membership update may have been superseded (removed) while in flight.
+            // An attribute update may have been superseded (removed) while in flight.
             if store.tree.contains_key(key)? {
                 batch.remove(&key);
                 let user = item.stored.record.user();
@@ -154,8 +155,8 @@ impl Queue {
             self.progress_unsynced.store(true, Ordering::Release);
         } else if let Some(gone) = gone {
             // One key, not a batch: sled 0.34 seals its log buffer for every multi-key batch
-            // (one write and one sync_file_range each), a quarter of the daemon's CPU when
-            // every delivered request was one.
+            // (one write and one sync_file_range each), which a single insert does not, and
+            // this runs for every delivered request of events.
             store.tree.insert(format::META_EVENTS_GONE, gone)?;
             self.progress_unsynced.store(true, Ordering::Release);
         }

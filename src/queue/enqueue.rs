@@ -1,6 +1,7 @@
 //! Durable enqueue: records are staged under the writer lock (a newer value of a pending
 //! attribute replaces it; a value Braze was lately sent is skipped) and made durable by the
-//! committers before the caller hears back.
+//! committers before the caller hears back. It never reports a request durable before the
+//! commit that covers all of its records, and never stages a request that is over the bounds.
 
 use super::*;
 
@@ -12,7 +13,7 @@ impl Queue {
 
     /// Since when, and why, writes to the disk have been failing (a full or failing disk);
     /// `None` once one succeeds again. `/readyz` reports it, and the daemon exits for a
-    /// restart when it lasts (`daemon::STORAGE_GIVE_UP`).
+    /// restart when it lasts (`commands::STORAGE_GIVE_UP`).
     pub fn storage_failure(&self) -> Option<(Instant, String)> {
         self.storage_failure
             .lock()
@@ -204,9 +205,9 @@ pub(super) struct Pending {
     pub(super) fields: Vec<u8>,
 }
 
-/// One atomic batch of new pending records. Memberships coalesce: a record replaces the
-/// pending update of the same user and attribute, whether that is in the tree or earlier in
-/// this same batch.
+/// One atomic batch of new pending records. Plain values coalesce: a plain value replaces the
+/// pending update of the same user and attribute (with the same object fields), whether that
+/// is in the tree or earlier in this same batch.
 pub(super) struct Staging<'a> {
     pub(super) tree: &'a sled::Tree,
     /// `Queue::pending_users`, counted up as records enter the attribute lane.
@@ -334,7 +335,8 @@ impl<'a> Staging<'a> {
 
     /// Adds a record (already encoded as `value`) under the next sequence number. Returns
     /// `false` when it changes nothing: no update of that attribute is pending or in flight,
-    /// and Braze was last sent this very value (Braze bills every attribute write).
+    /// and Braze was last sent this very value (every attribute write is a billed data point:
+    /// <https://www.braze.com/docs/user_guide/data_and_analytics/data_points/>).
     pub(super) fn add(&mut self, record: &Record, value: Vec<u8>) -> Result<bool, QueueError> {
         self.add_ranked(record, value, None)
     }
@@ -430,10 +432,11 @@ impl<'a> Staging<'a> {
     }
 
     /// Applies what is staged: events to the log, the rest to sled. Big requests go to sled
-    /// in sub-batches: sled 0.34.7 holds several KB of memory per small value given to it in
-    /// one huge batch. Nothing is acknowledged before the commit that follows, so a crash
-    /// between sub-batches only means the client's retry sends some records twice (at least
-    /// once), never a loss.
+    /// in sub-batches of `SUB_BATCH`: the memory sled 0.34.7 holds for small values given to
+    /// it in one batch grows with the batch (BENCHMARKS.md, "Snapshot uploads and sled's
+    /// memory with small values"). Nothing is acknowledged before the commit that follows, so
+    /// a crash between sub-batches only means the client's retry sends some records twice (at
+    /// least once), never a loss.
     pub(super) fn flush(&mut self) -> Result<(), QueueError> {
         self.close_chunk();
         if !self.frames.is_empty() {

@@ -1,10 +1,12 @@
 //! The events lane: an append-only log of segment files under `DATA_DIR/queue/events/`.
 //!
-//! Events are only ever appended and drained in order, so sled's page cache, node copies and
-//! log buffers were pure overhead for them (a third of the daemon's CPU end to end). Here a
-//! request's events are written once, as frames at the end of the active segment, and the
-//! group committer makes them durable with one `fdatasync`. A segment file is deleted once
-//! every event in it has left the queue.
+//! Events are only ever appended and drained in order, so they need none of sled's page
+//! cache, node copies or log buffers. Here a request's events are written once, as frames at
+//! the end of the active segment, and the group committer makes them durable with one
+//! `fdatasync`. A segment file is deleted once every event in it has left the queue. The log
+//! never rewrites an acknowledged frame: it only cuts off what was never acknowledged (a torn
+//! tail, a failed append) and seals damaged ranges (`Damage::seal`) once their bytes are in
+//! the dead letters.
 //!
 //! **Frame** (little-endian): `magic u32 | len u32 | count u32 | first_seq u64 | crc32 u32 |
 //! payload[len]`. The payload is an event chunk exactly as `format::event_entries` reads it
@@ -12,21 +14,21 @@
 //! `first_seq` and the payload. `count` lets the log be indexed at open from headers alone.
 //!
 //! **What has left the queue** is kept in the queue's sled tree, not here, as one value
-//! (`format::META_EVENTS_GONE`, rewritten by every completion and never synced: losing it in
-//! a crash only means sending some events again, at least once). It holds the *watermark*
-//! (every chunk whose first seq is below it is gone), the queue's next seq, and a *marker* for
-//! each chunk above the watermark that is partly or wholly gone. Markers are few: delivery
-//! takes chunks in order, so only chunks leased out of order by concurrent workers, and the
-//! one a batch ended in, sit above the watermark. One key, because sled's cost is per key
-//! written.
+//! (`format::META_EVENTS_GONE`, rewritten by completions and synced without anyone waiting
+//! for it: losing it in a crash only means sending some events again, at least once). It
+//! holds the *watermark* (every chunk whose first seq is below it is gone), the queue's next
+//! seq, and a *marker* for each chunk above the watermark that is partly or wholly gone.
+//! Markers are few: delivery takes chunks in order, so only chunks leased out of order by
+//! concurrent workers, and the one a batch ended in, sit above the watermark. One key,
+//! because sled's cost is per key written.
 //!
-//! **At open** the segments are indexed from their frame headers (a few hundred thousand
-//! `pread`s for a 10 million event backlog). The newest segment's tail is checked: a partial
-//! frame, or a last frame whose CRC fails, is a write a crash cut short, never acknowledged
-//! (acknowledgement waits for the sync), and is cut off. Where a header cannot be read but a
-//! sound frame follows, the bytes between are set aside for the dead letters. Appends always
-//! go to a new segment after a restart. A frame whose CRC fails elsewhere is found when it is
-//! leased and moved to the dead letters, like any record that no longer decodes.
+//! **At open** the segments are indexed from their frame headers (one `pread` per header).
+//! The newest segment's tail is checked: a partial frame, or a last frame whose CRC fails, is
+//! a write a crash cut short, never acknowledged (acknowledgement waits for the sync), and is
+//! cut off. Where a header cannot be read but a sound frame follows, the bytes between are
+//! set aside for the dead letters. Appends always go to a new segment after a restart. A
+//! frame whose CRC fails elsewhere is found when it is leased and moved to the dead letters,
+//! like any record that no longer decodes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
@@ -462,7 +464,8 @@ impl EventLog {
                 }
                 offset = end;
             }
-            // A damaged segment stays until `seal_damage` has made its damage readable.
+            // A segment with damage stays: its damaged bytes go to the dead letters, then
+            // `Damage::seal` makes the next open pass over them.
             if indexed == 0 && damage.len() == damaged {
                 fs::remove_file(&path)?;
                 log.dir_unsynced = true;
@@ -662,7 +665,8 @@ impl EventLog {
     }
 
     /// Marks seqs of a chunk gone. Returns those that were not gone before; the chunk leaves
-    /// the index once all are, and its segment is deleted once it holds none.
+    /// the index once all are, and its segment becomes deletable (`take_deletable`) once it
+    /// holds none.
     pub fn mark_gone(&mut self, first: u64, seqs: &[u64]) -> Vec<u64> {
         let Some(chunk) = self.chunks.get_mut(&first) else {
             return Vec::new();

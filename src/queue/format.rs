@@ -4,6 +4,9 @@
 //! position breaks every database in the field: bincode is not self-describing. To grow a
 //! record, add `StoredV2` with a new version byte, decode both, and convert V1 into the
 //! current in-memory type. Never reuse a version byte.
+//!
+//! This module owns the bytes of the queue tree's keys and of every record envelope; nothing
+//! else in the queue lays them out, and nothing here touches sled or a file.
 
 use serde::{Deserialize, Serialize};
 
@@ -21,7 +24,7 @@ pub const DEAD: u8 = 0x04;
 pub const USER_PENDING: u8 = 0x05;
 
 /// The meta key saying the `USER_PENDING` index is complete (built at open for a database
-/// from before it).
+/// that lacks it).
 pub const META_USER_INDEX: &[u8] = &[META, b'u'];
 
 /// The prefix of one user's `USER_PENDING` keys.
@@ -42,9 +45,10 @@ pub fn user_pending_key(user: &UserId, seq: u64) -> Vec<u8> {
 pub const META_NEXT_SEQ: &[u8] = &[META, b'n'];
 
 /// The meta key holding how many records each lane and the dead letters hold: events, then
-/// attribute updates, then dead, u64 big-endian each. Written in the same batch as every
-/// change to those counts, so after a crash it matches what sled recovered, and opening a
-/// queue of millions needs no scan.
+/// attribute updates, then dead, u64 big-endian each (the events count is not read at open:
+/// the event log counts its own). Written in the same batch as every change to those counts,
+/// so after a crash it matches what sled recovered, and opening a queue of millions needs no
+/// scan.
 pub const META_COUNTS: &[u8] = &[META, b'c'];
 
 /// The meta key holding what has left the event log: its watermark, the next seq and markers
@@ -70,8 +74,8 @@ pub fn decode_counts(v: &[u8]) -> Option<(u64, u64, u64)> {
 /// Version byte of `StoredV1`.
 const V1: u8 = 1;
 /// Version byte of `StoredV2`: every record kind and identifier form. Records V1 can carry
-/// are still written as V1, so a database stays readable by the release before V2 for as
-/// long as only those records are in it.
+/// are written as V1, so that a release that reads only V1 can still read a database that
+/// holds only such records.
 const V2: u8 = 2;
 /// Version byte of `DeadV1`.
 const DEAD_V1: u8 = 1;
@@ -83,10 +87,10 @@ pub const RETRIED_V1: u8 = 4;
 /// `[5][accepted_at_ms u64 BE][identifier][members]`, the identifier as its form byte (`e`,
 /// `b`, `m`, `p`, or `a` for an alias, as in `latest_key`) and then each of its strings as a
 /// u32 BE length and its bytes; the members run to the end. Framed by hand, not by bincode:
-/// what is left of an event is two strings, and serde's walk over them was most of what
-/// encoding and decoding events cost. Every event is written this way; the release before
-/// it reads one as an unknown version and moves it to the dead letters, whence `retry-dead`
-/// restores it once this release runs again.
+/// what is left of an event is two strings, which need no walk through serde to encode or
+/// decode. Every event is written this way. A release that predates this version reads one as
+/// an unknown version and moves it to the dead letters, from which `retry-dead` restores it
+/// once a release that knows `EVENT_V3` runs again.
 pub const EVENT_V3: u8 = 5;
 
 /// `envelope` marked as first accepted under `origin` (any earlier mark replaced).
@@ -107,8 +111,8 @@ pub fn with_origin(envelope: &[u8], origin: u64) -> Vec<u8> {
 /// rank (`Stored::rank`) among the attribute's pending updates; then the newest one's object
 /// fields (JSON object text or nothing, so never starting with 0xFF). Fresh updates always
 /// hold the highest rank themselves; only `retry-dead` staging an operation behind a newer
-/// update writes the marked form. A release before this one reads it as other object fields,
-/// so it does not coalesce a new update into that one: both are sent, in order.
+/// update writes the marked form. A release that predates the mark reads it as other object
+/// fields, so it never coalesces a new update into that one: both are sent, in order.
 pub fn latest_value(seq: u64, rank: u64, fields: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(17 + fields.len());
     v.extend_from_slice(&seq.to_be_bytes());
@@ -644,9 +648,9 @@ fn decode_event(body: &[u8]) -> Result<Stored, DecodeError> {
 /// Version byte of an event chunk: a lane-1 value holding several events. Events are a log
 /// that is only ever appended and drained, so a request's events share one value instead of
 /// one sled key each: sled 0.34 pays a tree node copy per insert and keeps a resident page
-/// entry per key, which made a key per event the ingest bottleneck and most of the memory of
-/// a large backlog. A lane-1 value with another version byte is one envelope stored under its
-/// own sequence number (written before chunks existed, or a chunk of one).
+/// entry per key, so a key per event would cost CPU at ingest and memory for every event of
+/// a backlog. A lane-1 value with another version byte is one envelope stored under its own
+/// sequence number (as databases from before chunks hold every event, or a chunk of one).
 pub const EVENT_CHUNK_V1: u8 = 3;
 
 /// The framing of an event chunk, after its version byte: a u32 count, then per event its

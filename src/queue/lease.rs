@@ -1,12 +1,14 @@
 //! Leasing: the oldest pending records that fit one Braze request, events first, never two
 //! updates of one attribute at once, and an event's user's earlier updates carried with it.
+//! A lease only marks records in memory: it never writes them, except to move a value that
+//! no longer decodes to the dead letters (`quarantine`).
 
 use super::*;
 
 impl Queue {
     /// Leases the oldest pending records that fit in one Braze request: events first (they are
-    /// real time), then membership updates, skipping any attribute whose earlier update is in
-    /// flight. Reads lazily from sled; never loads the whole queue.
+    /// real time), then attribute updates (memberships included), skipping any attribute whose
+    /// earlier update is in flight. Reads lazily from sled; never loads the whole queue.
     pub fn lease(&self, limits: &BatchLimits) -> Result<Vec<Leased>, QueueError> {
         self.lease_lanes(limits, true)
     }
@@ -99,7 +101,8 @@ impl Queue {
                         continue;
                     }
                 };
-                // Braze applies a request's attributes before its events, and clients rely on
+                // Braze applies a request's attributes before its events
+                // (https://www.braze.com/docs/api/api_limits), and clients rely on
                 // "set the attribute, then fire the trigger": an event goes only with, or
                 // after, every update of its user accepted before it. Those still pending are
                 // carried in this request; if one cannot be, the user's events wait.

@@ -17,6 +17,8 @@
 //! thread between commits, at most every `WRITE_EVERY`, and before any segment is deleted.
 //!
 //! The text ends with a CRC32 of what precedes it, so the ledger's own damage is found too.
+//! The ledger only records and compares; it never repairs a file or drops a record itself:
+//! what is done about damage is decided at open (`open.rs`, `run --accept-loss`).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -84,8 +86,8 @@ impl Entries {
     }
 }
 
-/// Reads `queue/LEDGER`: `None` for a queue that has none yet (new, or from a release
-/// before it), an error naming the file if it cannot be read back whole.
+/// Reads `queue/LEDGER`: `None` for a queue that has none yet (new, or written by a release
+/// that kept no ledger), an error naming the file if it cannot be read back whole.
 pub fn read(queue_dir: &Path) -> Result<Option<Entries>, QueueError> {
     let path = queue_dir.join(FILE);
     match fs::read_to_string(&path) {

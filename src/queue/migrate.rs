@@ -1,12 +1,14 @@
-//! Formats of earlier releases, read once at open and rewritten in the current one. Nothing
-//! else in the queue knows them.
+//! Data that databases from earlier releases hold in a form the queue no longer writes: events
+//! in sled (moved into the event log at open) and whole event chunks in the dead letters
+//! (split by `retry-dead`). It only reads these forms, never writes them. (The counts and the
+//! `05` index that older databases lack are built in `open.rs`.)
 
 use super::format::{decode_dead, event_entries, EVENT_CHUNK_V1};
 use super::*;
 
-/// Moves events that an older release kept in sled (lane `01`) into the event log: append,
-/// sync the log, then remove them from sled. A crash in between leaves them in both; the next
-/// open skips the chunks the log already holds.
+/// Moves events kept in sled (lane `01`, as databases from before the event log hold them)
+/// into the event log: append, sync the log, then remove them from sled. A crash in between
+/// leaves them in both; the next open skips the chunks the log already holds.
 pub(super) fn migrate_sled_events(st: &Store, log: &mut EventLog) -> Result<(), QueueError> {
     let mut moved = 0usize;
     loop {
@@ -42,8 +44,8 @@ pub(super) fn migrate_sled_events(st: &Store, log: &mut EventLog) -> Result<(), 
 }
 
 /// The events of a dead letter that holds a whole, sound event chunk, each with its
-/// envelope: an older release that could not read chunks moved them aside whole. `retry-dead`
-/// retries them one by one.
+/// envelope. Such dead letters exist in databases written by releases that could not read
+/// chunks and set them aside whole; `retry-dead` must still retry their events one by one.
 pub(super) fn dead_chunk(value: &[u8]) -> Option<Vec<(Record, Vec<u8>)>> {
     let dead = decode_dead(value).ok()?;
     if dead.stored.first() != Some(&EVENT_CHUNK_V1) {

@@ -1,5 +1,8 @@
 //! The durable queue: the only module that touches sled.
 //!
+//! It owns every byte under `DATA_DIR/queue/` and `DATA_DIR/state/`, and never acknowledges a
+//! record before it is durable.
+//!
 //! # Design
 //!
 //! **Durability.** `enqueue` appends a request's events to the event log (`eventlog.rs`) and
@@ -8,8 +11,9 @@
 //! `flush()` and our own `fdatasync`, each sync shared by every request waiting on that thread
 //! at that moment. Only then does ingest answer 2xx. The two threads are apart so that an
 //! event never waits for a sled sync a snapshot or backfill made long. Removals (a record
-//! Braze took) are not synced; if a crash loses one, the record is sent again (at least once). sled recovers a prefix of its log, so a lost removal
-//! can never outlive a later insert.
+//! Braze took) are not waited for; if a crash loses one, the record is sent again (at least
+//! once). sled recovers a prefix of its log, so a lost removal can never outlive a later
+//! insert.
 //!
 //! **What each guarantee relies on.** A file's data is durable after its fsync; its name is
 //! durable only after an fsync of its directory, and a directory's own name after an fsync
@@ -36,14 +40,14 @@
 //! | key | value |
 //! |---|---|
 //! | `00 'n'` | next sequence number, u64 big-endian (ids never repeat) |
-//! | `00 'c'` | records in the attribute lane and the dead letters (the first of 3 × u64 BE, once events, is unused), kept in step by every batch |
+//! | `00 'c'` | records in the attribute lane and the dead letters (3 × u64 BE; the first, events, is written but not read at open: the event log counts its own), kept in step by every batch |
 //! | `00 'w'` | what has left the event log: its watermark (every chunk whose first seq is below it has left), the next seq, and markers for chunks above the watermark partly or wholly gone (`eventlog::GoneState`) |
-//! | `01 seq` | events of a release before the event log, moved into it at open |
-//! | `02 seq` | a pending membership update (lane 2, backfills) |
+//! | `01 seq` | events kept in sled, as databases from before the event log hold them; moved into the log at open (`migrate.rs`) |
+//! | `02 seq` | a pending attribute update, memberships included (the attribute lane) |
 //! | `03 kind len id attribute` | the seq of the newest pending update of that user's attribute, then its object fields |
 //! | `04 seq` | a dead-lettered record with Braze's reason |
 //! | `05 kind len id seq` | one key per attribute-lane record, by user: an event's lease finds its user's earlier pending updates and carries them in the same request (Braze applies attributes first) |
-//! | `00 'u'` | the `05` index is complete (built once at open for a database from before it) |
+//! | `00 'u'` | the `05` index is complete (built once at open for a database that lacks it) |
 //! | `00 'p'` | when a storage probe last wrote (`probe_storage`) |
 //!
 //! `seq` is big-endian so iteration order is acceptance order. Values start with a format
@@ -69,9 +73,9 @@
 //! **Giving disk back.** sled never shrinks its files. Long-lived per-attribute state lives in
 //! its own database under `DATA_DIR/state/` (`state.rs`), audience snapshots in sorted files
 //! under `DATA_DIR/snapshots/` (`crate::snapshot`); the queue holds only what churns. Once
-//! a backlog has drained and the generation is large, `maintain` copies the few live keys into the next
-//! generation, syncs it, switches `CURRENT` and deletes the old directory. Ingest answers
-//! 503 with `Retry-After` for that moment (`QueueError::Busy`).
+//! a backlog has drained and the generation is large, `maintain` copies the few live keys into
+//! the next generation, syncs it, switches `CURRENT` and deletes the old directory. Ingest
+//! answers 503 with `Retry-After` for that moment (`QueueError::Busy`).
 //!
 //! # Files
 //!
@@ -85,7 +89,7 @@
 //! | `complete.rs` | completing leases: removal, dead letters, retries, the log's progress |
 //! | `admin.rs` | peek, dead letters, retry and purge for the operator |
 //! | `upkeep.rs` | sync, drained segments, rebuilding a drained generation |
-//! | `migrate.rs` | formats of earlier releases, rewritten at open; nothing else reads them |
+//! | `migrate.rs` | what earlier releases wrote in forms no longer written (events in sled, whole chunks in the dead letters): read, never written |
 //! | `format.rs` | the bytes of keys and values |
 //! | `eventlog.rs`, `store.rs`, `state.rs`, `ledger.rs`, `commit.rs`, `pending_users.rs` | the event log, a sled generation, the state database, the checksummed ledger, the commit threads, the counting filter of users with pending updates |
 //!
@@ -183,9 +187,9 @@ const CHUNK_BYTES: usize = 7 << 10;
 const COMPACT_MAX_LIVE: u64 = 10_000;
 
 /// A completion of events alone writes what has left the log at most this often; the daemon's
-/// upkeep and every other write to the tree carry it in between. Never synced anyway, so this
-/// only widens a crash's resend window by as much, and a write per delivered request was a
-/// twentieth of the daemon's CPU end to end.
+/// upkeep and every other write to the tree carry it in between. No one waits for it to be
+/// synced anyway, so this only widens a crash's resend window by as much, and it spares a
+/// sled write for every delivered request.
 const PROGRESS_EVERY: Duration = Duration::from_millis(20);
 
 /// The event log's directory under `DATA_DIR/queue/`, beside the sled generations.
@@ -362,9 +366,9 @@ struct Leases {
     attributes: HashSet<Vec<u8>>,
     attempts: FxHashMap<u64, u32>,
     /// Every attribute update below this seq is leased: a lease scans the lane from here, not
-    /// from its start. Walking sled past the batches other workers hold was two thirds of a
-    /// membership lease. Only a lease moves it up, over records it finds leased or takes
-    /// itself; an update handed back for a retry moves it down.
+    /// from its start, so it does not walk sled past the batches other workers hold. Only a
+    /// lease moves it up, over records it finds leased or takes itself; an update handed back
+    /// for a retry moves it down.
     attributes_from: u64,
 }
 
@@ -483,8 +487,8 @@ impl Queue {
 
     /// Completes once new work may be there (an enqueue or a released attribute) after this
     /// call. Take it *before* looking for work: one taken after an empty lease misses an
-    /// enqueue that fell between the two, and events then waited for the idle timeout (a
-    /// p99 of 175 ms while a backfill kept the lease busy).
+    /// enqueue that fell between the two, and the events of that enqueue then wait for the
+    /// worker's idle timeout.
     pub fn work_signal(&self) -> tokio::sync::futures::Notified<'_> {
         self.work.notified()
     }
@@ -535,7 +539,8 @@ impl Queue {
 }
 
 /// The lane-1 value for events stored under `first`: a bare envelope when it is the only one
-/// and has that very seq (as values were before chunks), else a chunk.
+/// and has that very seq (the form from before chunks, which `format::event_entries` still
+/// reads), else a chunk.
 fn event_value(first: u64, entries: &[(u64, &[u8])]) -> Vec<u8> {
     match entries {
         [(seq, envelope)] if *seq == first => envelope.to_vec(),
@@ -623,8 +628,8 @@ fn seq_of_value(v: &[u8]) -> Option<u64> {
 }
 
 /// The next sequence number: the stored high-water mark, or past the largest key if that is
-/// missing (a database written before the mark existed). Events of an older release still in
-/// sled count here; those already in the event log are the caller's.
+/// missing (a database written before the mark existed). Events still in sled (lane `01`,
+/// not yet moved to the log) count here; those already in the event log are the caller's.
 fn next_seq_of(tree: &sled::Tree) -> Result<u64, QueueError> {
     let mut next = match tree.get(META_NEXT_SEQ)? {
         Some(v) => seq_of_value(&v).unwrap_or(1),

@@ -1,5 +1,7 @@
 //! Opening and closing the queue: the generation, the event log, the ledger's checks, the
-//! state database, and what an unreadable generation leaves when damage is accepted.
+//! state database, and what an unreadable generation leaves when damage is accepted. It never
+//! opens on damaged files without `accept_loss`, and never deletes a damaged generation: it
+//! is set aside.
 
 use super::*;
 
@@ -99,8 +101,8 @@ impl Queue {
             .and_then(|v| format::decode_counts(&v))
         {
             Some(counts) => counts,
-            // A database from before the counts were kept: count once; the next batch
-            // writes them.
+            // A database without stored counts (written before they were kept): count once;
+            // the next batch writes them.
             None => {
                 let count = |lane: u8| lane_records(&st.tree, lane).count() as u64;
                 (0, count(LANE_ATTRIBUTES), count(DEAD))
@@ -249,7 +251,7 @@ impl Queue {
     }
 }
 
-/// Completes the `USER_PENDING` index of a database from before it (once, then marked), and
+/// Completes the `USER_PENDING` index of a database that lacks it (once, then marked), and
 /// counts every user in it.
 pub(super) fn index_pending_users(st: &Store) -> Result<pending_users::PendingUsers, QueueError> {
     if st.tree.get(format::META_USER_INDEX)?.is_none() {

@@ -6,6 +6,7 @@
 //! the tree. Records replaced by a newer value, set aside as undecodable, or staged in a batch
 //! that failed are never taken away: counts only ever err high, which costs an index read and
 //! never an event sent ahead of its user's earlier update. Rebuilt from the index at open.
+//! It owns counts only, never records: "none" is certain, "maybe" means read the index.
 
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU32, Ordering};

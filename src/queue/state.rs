@@ -1,4 +1,5 @@
-//! Long-lived per-user state, in its own sled database under `DATA_DIR/state/`.
+//! Long-lived per-attribute state, in its own sled database under `DATA_DIR/state/`. It holds
+//! facts about what left the queue, never a record.
 //!
 //! Kept apart from the queue so that the queue, which churns, can be rebuilt cheaply to give
 //! disk space back while the daemon runs. This grows with the number of users and attributes;
@@ -14,13 +15,16 @@
 //! - `[2][rank u64 BE][value]`: the same, and the last to leave was delivered with this value
 //!   (JSON text); an empty value means it was dead-lettered, so Braze's value is unknown;
 //! - `[3][rank u64 BE][at u64 BE][value]`: as `2`, and it left the queue at `at` (milliseconds
-//!   since the epoch). Written from now on; a `2` counts as sent at an unknown, long past time.
+//!   since the epoch). Only `3` is written; a `1` or `2` (from a database an earlier release
+//!   wrote) still reads, a `2` as sent at an unknown, long past time.
 //!
 //! Two uses: `retry-dead` drops a dead update ranked below it (it would overwrite a newer
 //! value), and ingest skips an update whose value is the one Braze was last sent, if that was
-//! recently enough (`QueueSettings::skip_unchanged_for`; Braze bills every attribute write). Written without a sync, after Braze answered and before the queue
-//! records the same completion: after a crash it may lag a little (an update is then sent
-//! once more), never claim a value Braze was not sent.
+//! recently enough (`QueueSettings::skip_unchanged_for`; every attribute write is a billed
+//! data point: <https://www.braze.com/docs/user_guide/data_and_analytics/data_points/>).
+//! Written without a sync, after Braze answered and before the queue records the same
+//! completion: after a crash it may lag a little (an update is then sent once more), never
+//! claim a value Braze was not sent.
 
 use std::path::Path;
 
@@ -199,11 +203,12 @@ impl State {
         Ok(self.settled(latest_key)?.map(|s| s.seq))
     }
 
-    /// Records that these updates left the queue: `(key, rank, retried, value Braze now
-    /// was sent)`, the value `None` when dead-lettered, at `now_ms`. Per attribute they settle in order (the
-    /// queue never has two of one attribute in flight), so the last write holds the value
-    /// Braze has. Its rank is the highest too, except for a retried update (`retried`), which
-    /// may leave after updates accepted later than it: its rank never lowers what is there.
+    /// Records that these updates left the queue: `(key, rank, retried, value Braze was
+    /// sent)`, the value `None` when dead-lettered, at `now_ms`. Per attribute they settle in
+    /// order (the queue never has two of one attribute in flight), so the last write holds the
+    /// value Braze has. Its rank is the highest too, except for a retried update (`retried`),
+    /// which may leave after updates accepted later than it: its rank never lowers what is
+    /// there.
     pub fn record_settled<'a>(
         &self,
         settled: impl IntoIterator<Item = (&'a [u8], u64, bool, Option<&'a [u8]>)>,

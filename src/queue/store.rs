@@ -4,7 +4,9 @@
 //! the next generation after a backlog drains. `queue/CURRENT` names the live generation; it is
 //! replaced atomically (write, fsync, rename, fsync the directory), so a crash mid-rebuild
 //! leaves either the old generation current or the new one complete and synced. Any other
-//! generation directory found at open is a leftover and is removed.
+//! generation directory found at open is a leftover and is removed; the one `CURRENT` names
+//! never is, and when that one holds no database while another does, the open stops rather
+//! than remove the other (`check_current`).
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -40,8 +42,9 @@ impl Store {
             .cache_capacity(cache_bytes)
             // The background flusher persists what no one waits for: delivery progress (a
             // crash sends again whatever it had not yet written) and deletes. Acknowledged
-            // inserts never rely on it. Each round ends with an fsync of sled's file, so
-            // every 100 ms bounds those resends to a tenth of a second of delivery.
+            // inserts never rely on it. Each round ends with an fsync of sled's file, so its
+            // interval bounds those resends; the committer's progress sync
+            // (`commit::PROGRESS_SYNC_EVERY`) usually makes them durable sooner.
             .flush_every_ms(Some(100));
         let db = open_sled_durably(&config, dir)?;
         let tree = db.open_tree("queue")?;

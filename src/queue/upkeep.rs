@@ -1,5 +1,6 @@
 //! Upkeep: syncing, deleting drained event log segments, and rebuilding a drained generation
-//! to give disk space back.
+//! to give disk space back. It never deletes a segment before the tree that says it drained is
+//! synced, and never removes the old generation before `CURRENT` names the new one.
 
 use super::*;
 
@@ -18,9 +19,9 @@ impl Queue {
         log.and(tree)
     }
 
-    /// Periodic upkeep: refreshes the disk size that the bound checks, and rebuilds the
-    /// database into a new generation once a backlog has drained and left a large file.
-    /// Blocking: run it off the async threads.
+    /// Periodic upkeep: deletes drained event log segments, refreshes the disk size that the
+    /// bound checks, and rebuilds the database into a new generation once a backlog has
+    /// drained and left a large file. Blocking: run it off the async threads.
     pub fn maintain(&self) -> Result<Option<Compaction>, QueueError> {
         self.delete_drained_segments()?;
         let log_bytes = self
