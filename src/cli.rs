@@ -32,8 +32,8 @@ pub enum Command {
     /// Run the daemon: ingest over HTTP, deliver to Braze. Stops cleanly on SIGTERM/SIGINT.
     Run {
         /// Start even if queue files are damaged (cut short, deleted, unreadable): what they
-        /// lost is logged, counted in aiq_queue_lost_total, and given up. Without it the daemon
-        /// refuses to start on damage and names the files. Use once, after deciding not to
+        /// lost is logged, counted in aiq_braze_sync_queue_lost_total, and given up. Without
+        /// it the daemon refuses to start on damage and names the files. Use once, after deciding not to
         /// restore a backup. Under systemd: `systemctl set-environment
         /// AIQ_SYNC_ACCEPT_LOSS=1`, restart, then `systemctl unset-environment
         /// AIQ_SYNC_ACCEPT_LOSS`.

@@ -13,11 +13,17 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::delivery::gate::Health;
 use crate::delivery::DeliveryStats;
 use crate::queue::Stats;
+
+/// Every metric of the daemon's own starts with this (`aiq_braze_sync_`); the process
+/// metrics carry the names every Prometheus client gives them (`process_…`).
+pub const PREFIX: &str = "aiq_braze_sync";
 
 /// The content type of what [`render`] returns.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -52,7 +58,15 @@ fn gauge(n: u64) -> Gauge {
 /// Renders every metric. `queue` is `None` when the queue could not be read (it is being
 /// rebuilt); its metrics are then left out of this scrape rather than reported as zero.
 pub fn render(queue: Option<&Stats>, delivery: &DeliveryStats, latency: &Histogram) -> String {
-    let mut r = Registry::with_prefix("aiq");
+    let mut root = Registry::default();
+    register_process(&mut root);
+    let r = root.sub_registry_with_prefix(PREFIX);
+    r.register("build_info", "1, with the running version as a label.", {
+        let f = Family::<Labels, Gauge>::default();
+        f.get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_string())])
+            .set(1);
+        f
+    });
     if let Some(q) = queue {
         r.register(
             "records_accepted",
@@ -105,7 +119,11 @@ pub fn render(queue: Option<&Stats>, delivery: &DeliveryStats, latency: &Histogr
             "queue_oldest_pending_age",
             "Age of the oldest pending record (0 when none is pending).",
             Unit::Seconds,
-            gauge(q.oldest_pending_age_ms.unwrap_or(0) / 1000),
+            {
+                let g = Gauge::<f64, AtomicU64>::default();
+                g.set(q.oldest_pending_age_ms.unwrap_or(0) as f64 / 1000.0);
+                g
+            },
         );
         r.register(
             "queue_compactions",
@@ -201,6 +219,69 @@ pub fn render(queue: Option<&Stats>, delivery: &DeliveryStats, latency: &Histogr
     );
     let mut out = String::new();
     // Writing into a String cannot fail.
-    encode(&mut out, &r).expect("encoding metrics into a String cannot fail");
+    encode(&mut out, &root).expect("encoding metrics into a String cannot fail");
     out
+}
+
+/// The process metrics Prometheus clients conventionally export, read from `/proc/self`:
+/// resident memory, open and allowed descriptors, CPU time and start time. One that cannot
+/// be read (not Linux, a restricted `/proc`) is left out.
+fn register_process(r: &mut Registry) {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok();
+    // The fields after the command name, which may hold spaces: `state` is field 3.
+    let fields: Vec<&str> = stat
+        .as_deref()
+        .and_then(|s| s.rsplit_once(')'))
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok());
+    let ticks = rustix::param::clock_ticks_per_second() as f64;
+    if let (Some(utime), Some(stime)) = (field(14), field(15)) {
+        let c = Counter::<f64, AtomicU64>::default();
+        c.inc_by((utime + stime) as f64 / ticks);
+        r.register_with_unit(
+            "process_cpu",
+            "User and system CPU time spent.",
+            Unit::Seconds,
+            c,
+        );
+    }
+    if let Some(rss_pages) = field(24) {
+        let page = rustix::param::page_size() as u64;
+        r.register_with_unit(
+            "process_resident_memory",
+            "Resident memory size.",
+            Unit::Bytes,
+            gauge(rss_pages * page),
+        );
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        r.register(
+            "process_open_fds",
+            "Open file descriptors.",
+            gauge(fds.count() as u64),
+        );
+    }
+    if let Some(max) = rustix::process::getrlimit(rustix::process::Resource::Nofile).current {
+        r.register("process_max_fds", "The open-file limit.", gauge(max));
+    }
+    if let (Some(start_ticks), Ok(boot)) = (field(22), boot_time()) {
+        let g = Gauge::<f64, AtomicU64>::default();
+        g.set(boot + start_ticks as f64 / ticks);
+        r.register_with_unit(
+            "process_start_time",
+            "Start time of the process since the Unix epoch.",
+            Unit::Seconds,
+            g,
+        );
+    }
+}
+
+/// The system's boot time, in seconds since the Unix epoch (`btime` in `/proc/stat`).
+fn boot_time() -> Result<f64, ()> {
+    std::fs::read_to_string("/proc/stat")
+        .map_err(|_| ())?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<f64>().ok())
+        .ok_or(())
 }

@@ -383,7 +383,7 @@ pub(super) fn open_store(
 pub(super) const DAMAGE_CHOICES: &str = "Restore data_dir from a backup and start again; or start \
     anyway, giving up what is lost: `aiq-braze-sync run --accept-loss` once (or \
     AIQ_SYNC_ACCEPT_LOSS=1 in the service's environment), which logs each loss, counts it in \
-    aiq_queue_lost_total, and starts.";
+    aiq_braze_sync_queue_lost_total, and starts.";
 
 /// Settles the ledger at open: refuses damage unless `accept_loss`, and starts the ledger
 /// from what it said (for files still there) or, after accepting a loss, from what is there.

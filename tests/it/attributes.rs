@@ -263,7 +263,7 @@ async fn unchanged_attribute_values_are_skipped_and_counted() {
     );
     let metrics = env.metrics().await;
     assert!(
-        metrics.contains("aiq_records_skipped_unchanged_total{kind=\"attribute\"} 3"),
+        metrics.contains("aiq_braze_sync_records_skipped_unchanged_total{kind=\"attribute\"} 3"),
         "{metrics}"
     );
 }

@@ -183,7 +183,7 @@ async fn a_deleted_event_segment_is_refused_and_accept_loss_starts_counting_it()
         .unwrap();
     let lost: u64 = metrics
         .lines()
-        .find_map(|l| l.strip_prefix("aiq_queue_lost_total "))
+        .find_map(|l| l.strip_prefix("aiq_braze_sync_queue_lost_total "))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no queue_lost_total in {metrics}"));
     assert!(lost > 0, "{metrics}");

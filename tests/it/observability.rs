@@ -111,29 +111,42 @@ async fn metrics_count_a_known_workload() {
         ("purchase", 2.0, 2.0),
     ] {
         assert_eq!(
-            get(&format!("aiq_records_accepted_total{{kind=\"{kind}\"}}")),
+            get(&format!(
+                "aiq_braze_sync_records_accepted_total{{kind=\"{kind}\"}}"
+            )),
             accepted,
             "{kind}"
         );
         assert_eq!(
-            get(&format!("aiq_records_delivered_total{{kind=\"{kind}\"}}")),
+            get(&format!(
+                "aiq_braze_sync_records_delivered_total{{kind=\"{kind}\"}}"
+            )),
             delivered,
             "{kind}"
         );
     }
-    assert_eq!(get("aiq_records_dead_total{kind=\"event\"}"), 1.0);
     assert_eq!(
-        get("aiq_records_skipped_unchanged_total{kind=\"attribute\"}"),
+        get("aiq_braze_sync_records_dead_total{kind=\"event\"}"),
+        1.0
+    );
+    assert_eq!(
+        get("aiq_braze_sync_records_skipped_unchanged_total{kind=\"attribute\"}"),
         4.0
     );
-    assert_eq!(get("aiq_queue_pending{lane=\"events\"}"), 0.0);
-    assert_eq!(get("aiq_queue_pending{lane=\"attributes\"}"), 0.0);
-    assert_eq!(get("aiq_queue_dead"), 1.0);
-    assert!(get("aiq_queue_disk_bytes") > 0.0);
-    assert_eq!(get("aiq_delivery_state{state=\"delivering\"}"), 1.0);
-    assert_eq!(get("aiq_delivery_state{state=\"paused\"}"), 0.0);
-    assert!(get("aiq_braze_requests_total{outcome=\"rate_limited\"}") >= 1.0);
-    assert!(get("aiq_records_retried_total") >= 1.0);
+    assert_eq!(get("aiq_braze_sync_queue_pending{lane=\"events\"}"), 0.0);
+    assert_eq!(
+        get("aiq_braze_sync_queue_pending{lane=\"attributes\"}"),
+        0.0
+    );
+    assert_eq!(get("aiq_braze_sync_queue_dead"), 1.0);
+    assert!(get("aiq_braze_sync_queue_disk_bytes") > 0.0);
+    assert_eq!(
+        get("aiq_braze_sync_delivery_state{state=\"delivering\"}"),
+        1.0
+    );
+    assert_eq!(get("aiq_braze_sync_delivery_state{state=\"paused\"}"), 0.0);
+    assert!(get("aiq_braze_sync_braze_requests_total{outcome=\"rate_limited\"}") >= 1.0);
+    assert!(get("aiq_braze_sync_records_retried_total") >= 1.0);
     // Every request Braze answered is in the latency histogram, and in one outcome.
     let requests: f64 = [
         "accepted",
@@ -143,14 +156,61 @@ async fn metrics_count_a_known_workload() {
         "misconfigured",
     ]
     .iter()
-    .map(|o| get(&format!("aiq_braze_requests_total{{outcome=\"{o}\"}}")))
+    .map(|o| {
+        get(&format!(
+            "aiq_braze_sync_braze_requests_total{{outcome=\"{o}\"}}"
+        ))
+    })
     .sum();
     assert_eq!(requests, fake.requests().len() as f64, "{text}");
-    assert_eq!(get("aiq_braze_request_duration_seconds_count"), requests);
-    assert!(get("aiq_braze_request_duration_seconds_sum") > 0.0);
     assert_eq!(
-        get("aiq_braze_request_duration_seconds_bucket{le=\"+Inf\"}"),
+        get("aiq_braze_sync_braze_request_duration_seconds_count"),
         requests
+    );
+    assert!(get("aiq_braze_sync_braze_request_duration_seconds_sum") > 0.0);
+    assert_eq!(
+        get("aiq_braze_sync_braze_request_duration_seconds_bucket{le=\"+Inf\"}"),
+        requests
+    );
+    // The version, and the process as every Prometheus client names it.
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        get(&format!(
+            "aiq_braze_sync_build_info{{version=\"{version}\"}}"
+        )),
+        1.0
+    );
+    assert!(get("process_resident_memory_bytes") > 1e6, "{text}");
+    assert!(get("process_open_fds") > 3.0);
+    assert!(get("process_max_fds") >= get("process_open_fds"));
+    assert!(get("process_cpu_seconds_total") > 0.0);
+    let started = get("process_start_time_seconds");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        started > now - 3600.0 && started <= now + 1.0,
+        "{started} vs {now}"
+    );
+}
+
+/// The oldest pending age has sub-second resolution: a record half a second old does not
+/// read as 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_oldest_pending_age_is_shown_to_the_millisecond() {
+    let env = Env::start().await;
+    env.fake.set_behaviour(Behaviour::FailStatus {
+        status: 503,
+        until: Instant::now() + Duration::from_secs(60),
+    });
+    assert_eq!(env.post("/v1/events", array(&[event(1)])).await.0, 202);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (m, text) = scrape(&env).await;
+    let age = m["aiq_braze_sync_queue_oldest_pending_age_seconds"];
+    assert!(
+        (0.5..30.0).contains(&age) && age.fract() != 0.0,
+        "{age}: {text}"
     );
 }
 

@@ -35,16 +35,20 @@ async fn against_a_slow_braze_more_requests_go_in_flight_and_nothing_is_lost() {
     let mut metrics = String::new();
     for _ in 0..50 {
         metrics = env.metrics().await;
-        if metric(&metrics, "aiq_delivery_in_flight") == 0.0 {
+        if metric(&metrics, "aiq_braze_sync_delivery_in_flight") == 0.0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let limit = metric(&metrics, "aiq_delivery_concurrency_limit");
+    let limit = metric(&metrics, "aiq_braze_sync_delivery_concurrency_limit");
     eprintln!("30,000 events in {took:?} at 150 ms a request; limit now {limit}");
     // It started at 8; a fixed 8 would have needed 400 / 8 × 150 ms = 7.5 s at best.
     assert!(limit > 8.0, "{metrics}");
-    assert_eq!(metric(&metrics, "aiq_delivery_in_flight"), 0.0, "{metrics}");
+    assert_eq!(
+        metric(&metrics, "aiq_braze_sync_delivery_in_flight"),
+        0.0,
+        "{metrics}"
+    );
     // Each event exactly once.
     let counts = event_counts(&env.fake);
     assert_eq!(counts.len(), 30_000);
