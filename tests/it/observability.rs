@@ -262,23 +262,34 @@ async fn healthz_says_alive_and_readyz_gives_its_reason_when_not_ready() {
     assert_eq!((status, &ready["ready"]), (200, &json!(true)));
 }
 
-/// Log lines: JSON objects with `--log-format json`; under journald, text without a
-/// timestamp of its own.
+/// Log lines: JSON objects with `--log-format json`; under journald (`JOURNAL_STREAM` set),
+/// every line starts with its syslog priority (`<4>` a warning, `<6>` information), the prefix
+/// journald keeps as the entry's priority, and text lines carry no timestamp of their own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn log_lines_are_json_for_shippers_and_unstamped_under_journald() {
+async fn log_lines_are_json_for_shippers_and_carry_their_priority_under_journald() {
+    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let fake = fake_braze::FakeBraze::start(API_KEY).await.unwrap();
+    // A key file others can read: the daemon starts, with a warning.
+    let key_file = dir.path().join("braze.key");
+    std::fs::write(&key_file, API_KEY).unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
     let config = dir.path().join("config.toml");
     std::fs::write(
         &config,
         format!(
-            "data_dir = {:?}\n[braze]\nendpoint = {:?}\napi_key = {API_KEY:?}\n[ingest]\nlisten = \"127.0.0.1:0\"\n",
+            "data_dir = {:?}\n[braze]\nendpoint = {:?}\napi_key_file = {:?}\n[ingest]\nlisten = \"127.0.0.1:0\"\n",
             dir.path().join("data"),
-            fake.url()
+            fake.url(),
+            key_file,
         ),
     )
     .unwrap();
-    for (args, journald) in [(vec!["--log-format", "json"], false), (vec![], true)] {
+    for (args, journald) in [
+        (vec!["--log-format", "json"], false),
+        (vec![], true),
+        (vec!["--log-format", "json"], true),
+    ] {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_aiq-braze-sync"));
         cmd.arg("--config")
             .arg(&config)
@@ -286,6 +297,7 @@ async fn log_lines_are_json_for_shippers_and_unstamped_under_journald() {
             .arg("run")
             .env_remove("NOTIFY_SOCKET")
             .env_remove("JOURNAL_STREAM")
+            .env_remove("CREDENTIALS_DIRECTORY")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         if journald {
@@ -308,19 +320,47 @@ async fn log_lines_are_json_for_shippers_and_unstamped_under_journald() {
         assert!(out.status.success());
         let stderr = String::from_utf8_lossy(&out.stderr);
         let lines: Vec<&str> = stderr.lines().collect();
-        assert!(lines.len() >= 2, "{stderr}");
+        assert!(lines.len() >= 3, "{stderr}");
+        let json = !args.is_empty();
+        let mut priorities = Vec::new();
         for line in lines {
-            if journald {
-                assert!(
-                    line.trim_start().starts_with("INFO") || line.trim_start().starts_with("WARN"),
-                    "a stamped or odd line under journald: {line}"
-                );
+            let rest = if journald {
+                let (priority, rest) = line
+                    .strip_prefix('<')
+                    .and_then(|l| l.split_once('>'))
+                    .unwrap_or_else(|| panic!("no priority prefix under journald: {line}"));
+                priorities.push(priority.to_string());
+                let level = match priority {
+                    "4" => "WARN",
+                    "6" => "INFO",
+                    other => panic!("priority {other} for a line of this run: {line}"),
+                };
+                assert!(rest.contains(level), "priority {priority} on: {line}");
+                rest
             } else {
+                line
+            };
+            if json {
                 let v: Value =
-                    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+                    serde_json::from_str(rest).unwrap_or_else(|e| panic!("not JSON ({e}): {rest}"));
                 assert!(v["timestamp"].is_string() && v["level"].is_string(), "{v}");
                 assert!(v["fields"]["message"].is_string(), "{v}");
+            } else {
+                assert!(
+                    rest.trim_start().starts_with("INFO") || rest.trim_start().starts_with("WARN"),
+                    "a stamped or odd line under journald: {line}"
+                );
             }
+        }
+        if journald {
+            assert!(
+                priorities.contains(&"4".to_string()),
+                "no warning in: {stderr}"
+            );
+            assert!(
+                priorities.contains(&"6".to_string()),
+                "no information in: {stderr}"
+            );
         }
         assert!(stderr.contains("aiq-braze-sync ready"), "{stderr}");
         assert!(!stderr.contains(API_KEY), "the API key was logged");
