@@ -17,6 +17,7 @@ mod faults;
 mod hostile;
 mod import;
 mod model;
+mod monitoring;
 mod newcomer;
 mod object_limit;
 mod observability;
