@@ -736,31 +736,40 @@ async fn healthz() -> Response {
     Json(json!({"alive": true})).into_response()
 }
 
-async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+/// Why the daemon should not get traffic now, if it should not: a cause (for the metric)
+/// and the reason `/readyz` gives.
+fn not_ready(state: &AppState) -> Option<(&'static str, String)> {
     if state.shutdown.stopping() {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"ready": false, "reason": "stopping"})),
-        )
-            .into_response();
+        return Some(("stopping", "stopping".into()));
     }
     if let Some((since, why)) = state.queue.storage_failure() {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"ready": false, "reason": format!(
+        return Some((
+            "storage",
+            format!(
                 "storage failing for {} s (ingest refused, nothing acknowledged lost): {why}",
                 since.elapsed().as_secs()
-            )})),
-        )
-            .into_response();
+            ),
+        ));
     }
     match state.delivery.gate.health() {
-        Health::Paused { reason, .. } => (
+        Health::Paused { reason, .. } => Some((
+            "paused",
+            format!("delivery paused: Braze refuses the key or endpoint: {reason}"),
+        )),
+        _ => None,
+    }
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    match not_ready(&state) {
+        Some((_, reason)) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"ready": false, "reason": format!("delivery paused: Braze refuses the key or endpoint: {reason}")})),
+            Json(json!({"ready": false, "reason": reason})),
         )
             .into_response(),
-        health => Json(json!({"ready": true, "delivery": health})).into_response(),
+        None => {
+            Json(json!({"ready": true, "delivery": state.delivery.gate.health()})).into_response()
+        }
     }
 }
 
@@ -771,6 +780,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         queue.as_ref(),
         &state.delivery.stats(),
         &state.delivery.counters.latency,
+        not_ready(&state).map(|(cause, _)| cause),
     );
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
 }

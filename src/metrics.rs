@@ -57,10 +57,33 @@ fn gauge(n: u64) -> Gauge {
 
 /// Renders every metric. `queue` is `None` when the queue could not be read (it is being
 /// rebuilt); its metrics are then left out of this scrape rather than reported as zero.
-pub fn render(queue: Option<&Stats>, delivery: &DeliveryStats, latency: &Histogram) -> String {
+/// `not_ready` is the cause `/readyz` gives for a 503, if it gives one.
+pub fn render(
+    queue: Option<&Stats>,
+    delivery: &DeliveryStats,
+    latency: &Histogram,
+    not_ready: Option<&str>,
+) -> String {
     let mut root = Registry::default();
     register_process(&mut root);
     let r = root.sub_registry_with_prefix(PREFIX);
+    r.register(
+        "ready",
+        "1 when /readyz answers 200; 0 with the cause in not_ready_cause.",
+        gauge(u64::from(not_ready.is_none())),
+    );
+    r.register(
+        "not_ready_cause",
+        "1 for why /readyz answers 503: stopping, storage (writes to disk failing) or paused \
+         (Braze refuses the key or endpoint); absent when ready.",
+        {
+            let f = Family::<Labels, Gauge>::default();
+            if let Some(cause) = not_ready {
+                f.get_or_create(&vec![("cause", cause.to_string())]).set(1);
+            }
+            f
+        },
+    );
     r.register("build_info", "1, with the running version as a label.", {
         let f = Family::<Labels, Gauge>::default();
         f.get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_string())])
@@ -108,6 +131,17 @@ pub fn render(queue: Option<&Stats>, delivery: &DeliveryStats, latency: &Histogr
             "queue_dead",
             "Records in the dead-letter queue.",
             gauge(q.dead),
+        );
+        r.register_with_unit(
+            "queue_max_disk",
+            "The disk bound (queue.max_disk_bytes): past it ingest gets 503.",
+            Unit::Bytes,
+            gauge(q.max_disk_bytes),
+        );
+        r.register(
+            "queue_max_records",
+            "The bound on pending records (queue.max_records): past it ingest gets 503.",
+            gauge(q.max_records),
         );
         r.register_with_unit(
             "queue_disk",

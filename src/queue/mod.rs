@@ -338,6 +338,9 @@ pub struct Stats {
     pub dead: u64,
     pub oldest_pending_age_ms: Option<u64>,
     pub disk_bytes: u64,
+    /// The bounds (`queue.max_records`, `queue.max_disk_bytes`): past them ingest gets 503.
+    pub max_records: u64,
+    pub max_disk_bytes: u64,
     pub generation: u64,
     pub accepted_total: u64,
     pub coalesced_total: u64,
@@ -526,6 +529,8 @@ impl Queue {
             // Measured by `maintain` every second (and at open): stats and /metrics are
             // polled, and walking the directory on every call is I/O for nothing.
             disk_bytes: c.disk_bytes.load(Ordering::Relaxed),
+            max_records: self.settings.max_records,
+            max_disk_bytes: self.settings.max_disk_bytes,
             generation: store.generation,
             accepted_total: c.accepted.load(Ordering::Relaxed),
             coalesced_total: c.coalesced.load(Ordering::Relaxed),

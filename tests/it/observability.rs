@@ -140,6 +140,8 @@ async fn metrics_count_a_known_workload() {
     );
     assert_eq!(get("aiq_braze_sync_queue_dead"), 1.0);
     assert!(get("aiq_braze_sync_queue_disk_bytes") > 0.0);
+    assert!(get("aiq_braze_sync_queue_max_disk_bytes") > get("aiq_braze_sync_queue_disk_bytes"));
+    assert!(get("aiq_braze_sync_queue_max_records") > 0.0);
     assert_eq!(
         get("aiq_braze_sync_delivery_state{state=\"delivering\"}"),
         1.0
@@ -230,23 +232,32 @@ async fn healthz_says_alive_and_readyz_gives_its_reason_when_not_ready() {
     assert_eq!(status, 200);
     assert_eq!(ready["ready"], true);
     assert_eq!(ready["delivery"]["state"], "delivering");
+    let (m, text) = scrape(&env).await;
+    assert_eq!(m.get("aiq_braze_sync_ready"), Some(&1.0), "{text}");
+    assert!(!text.contains("not_ready_cause{"), "{text}");
 
-    // Braze refuses the key: not ready, and it says why.
+    // Braze refuses the key: not ready, and it says why, in /readyz and in /metrics.
     env.fake.set_behaviour(Behaviour::FailStatus {
         status: 401,
         until: Instant::now() + Duration::from_secs(2),
     });
     assert_eq!(env.post("/v1/events", array(&[event(1)])).await.0, 202);
     let mut seen = None;
+    let mut metric_seen = false;
     let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(10) {
+    while start.elapsed() < Duration::from_secs(10) && (seen.is_none() || !metric_seen) {
         let (status, body) = get("/readyz").await;
-        if status == 503 {
+        if status == 503 && seen.is_none() {
             seen = Some(body);
-            break;
+        }
+        let (m, _) = scrape(&env).await;
+        if m.get("aiq_braze_sync_not_ready_cause{cause=\"paused\"}") == Some(&1.0) {
+            assert_eq!(m.get("aiq_braze_sync_ready"), Some(&0.0));
+            metric_seen = true;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert!(metric_seen, "the metrics never said paused");
     let body = seen.expect("readyz never said not ready");
     assert_eq!(body["ready"], false);
     let reason = body["reason"].as_str().unwrap();
