@@ -205,9 +205,13 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
         events_runtime.handle(),
     );
 
+    let history = Arc::new(crate::status::History::default());
     let maintenance = {
         let queue = Arc::clone(&queue);
         let delivery = Arc::clone(&delivery);
+        let history = Arc::clone(&history);
+        let sample_every =
+            (crate::status::SAMPLE_EVERY.as_millis() / SEGMENTS_EVERY.as_millis()) as u64;
         let slot = config.delivery.workers;
         let stop = shutdown.upkeep().clone();
         tokio::spawn(async move {
@@ -215,6 +219,12 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
                 tokio::select! {
                     _ = tokio::time::sleep(SEGMENTS_EVERY) => {}
                     _ = stop.cancelled() => break,
+                }
+                // `/status`'s hour of samples: one at start, then one every `SAMPLE_EVERY`.
+                if tick == 1 || tick % sample_every == 0 {
+                    if let Ok(stats) = queue.stats() {
+                        history.record(&stats, &delivery.stats());
+                    }
                 }
                 let q = Arc::clone(&queue);
                 let _busy = delivery.activity.busy(slot);
@@ -247,6 +257,7 @@ pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Run
         queue: Arc::clone(&queue) as Arc<dyn Backend>,
         delivery: Arc::clone(&delivery),
         token: std::sync::RwLock::new(config.ingest.token.clone()),
+        history,
         snapshots: crate::snapshot::Snapshots::open(
             &config.data_dir,
             Arc::clone(&queue) as Arc<dyn Backend>,

@@ -34,6 +34,8 @@ pub struct AppState {
     pub queue: Arc<dyn Backend>,
     pub delivery: Arc<Delivery>,
     pub snapshots: Arc<crate::snapshot::Snapshots>,
+    /// The last hour of samples `/status` draws.
+    pub history: Arc<crate::status::History>,
     /// Required on every ingest and admin call when set. Health and metrics stay open: they
     /// carry no customer data and probes rarely carry credentials.
     pub token: std::sync::RwLock<Option<Secret>>,
@@ -105,6 +107,7 @@ pub fn router(state: Arc<AppState>, guard: crate::http_guard::Guard) -> Router {
 /// (`admin_router`) the socket file's permissions are the credential.
 fn admin_routes() -> Router<Arc<AppState>> {
     Router::new()
+        .route("/status", get(status_page))
         .route("/v1/admin/queue/stats", get(admin_stats))
         .route("/v1/admin/queue/peek", get(admin_peek))
         .route("/v1/admin/queue/dead", get(admin_dead))
@@ -148,6 +151,14 @@ async fn require_token(
 ) -> Response {
     if authorize(&state, request.headers()).is_ok() {
         return next.run(request).await;
+    }
+    if request.uri().path() == "/status" {
+        let mut r = ApiError::Unauthorized.into_response();
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"aiq-braze-sync\", charset=\"UTF-8\""),
+        );
+        return r;
     }
     if request.uri().path().starts_with("/users/") {
         return (
@@ -275,18 +286,29 @@ async fn read_body(
     request_body::read(headers, body, &state.body_limits, &state.body_budget).await
 }
 
+/// The token a request presents: `Authorization: Bearer TOKEN`, or, for a browser,
+/// `Authorization: Basic` with the token as the password (any user name).
+fn presented_token(headers: &HeaderMap) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    if let Some(token) = value.strip_prefix("Bearer ") {
+        return Some(token.as_bytes().to_vec());
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(value.strip_prefix("Basic ")?.trim())
+        .ok()?;
+    let colon = decoded.iter().position(|b| *b == b':')?;
+    Some(decoded[colon + 1..].to_vec())
+}
+
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let token = state.token.read().expect("token lock poisoned");
     let Some(token) = token.as_ref() else {
         return Ok(());
     };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+    let given = presented_token(headers).unwrap_or_default();
     // Constant time in the contents; only the length can be learned, which is not the secret.
-    if bool::from(given.as_bytes().ct_eq(token.expose().as_bytes())) {
+    if bool::from(given.as_slice().ct_eq(token.expose().as_bytes())) {
         Ok(())
     } else {
         Err(ApiError::Unauthorized)
@@ -771,6 +793,40 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
             Json(json!({"ready": true, "delivery": state.delivery.gate.health()})).into_response()
         }
     }
+}
+
+/// The operator's page (`status.rs`). It shows personal data (dead letters with their
+/// objects), so it is an admin route: the admin socket, or the token over TCP, which a
+/// browser can send as the password of HTTP Basic authentication.
+async fn status_page(State(state): State<Arc<AppState>>) -> Response {
+    let queue = state.queue.stats().ok();
+    let delivery = state.delivery.stats();
+    let dead = state
+        .queue
+        .latest_dead(crate::status::DEAD_SHOWN)
+        .map(|d| crate::delivery::with_objects(d, &state.delivery.policy))
+        .unwrap_or_default();
+    let reason = not_ready(&state).map(|(_, reason)| reason);
+    let page = crate::status::render(&crate::status::View {
+        queue: queue.as_ref(),
+        delivery: &delivery,
+        not_ready: reason.as_deref(),
+        history: state.history.samples(),
+        dead: &dead,
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            // Nothing the page needs comes from elsewhere, and nothing else may frame it.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'none'",
+            ),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        page,
+    )
+        .into_response()
 }
 
 /// Prometheus text format, written out from the queue's and delivery's own counters.

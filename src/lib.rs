@@ -35,6 +35,8 @@
 //! - [`relay`]: the Braze-compatible `/users/track` body, checked as Braze checks it and
 //!   split into records.
 //! - [`metrics`]: `/metrics` in the Prometheus exposition format.
+//! - [`status`]: `/status`, one page for an operator's browser, and the hour of samples it
+//!   draws.
 //! - [`http`]: the ingest, health, metrics and admin endpoints, and the accept loop with
 //!   its connection cap.
 //! - [`http_guard`]: what a browser may not do: cross-origin posts, foreign `Host`s.
@@ -79,4 +81,5 @@ pub mod request_body;
 pub mod service;
 pub mod shutdown;
 pub mod snapshot;
+pub mod status;
 pub mod target;

@@ -161,9 +161,28 @@ impl Queue {
 
     /// The oldest `limit` dead-lettered records, with Braze's reasons.
     pub fn dead(&self, limit: usize) -> Result<Vec<RecordView>, QueueError> {
+        self.dead_in_order(limit, false)
+    }
+
+    /// The newest `limit` dead letters (by acceptance), newest first.
+    pub fn latest_dead(&self, limit: usize) -> Result<Vec<RecordView>, QueueError> {
+        self.dead_in_order(limit, true)
+    }
+
+    fn dead_in_order(
+        &self,
+        limit: usize,
+        newest_first: bool,
+    ) -> Result<Vec<RecordView>, QueueError> {
         let store = self.store.read().expect("queue store lock poisoned");
         let mut out = Vec::new();
-        for item in store.tree.scan_prefix([DEAD]).take(limit) {
+        let scan = store.tree.scan_prefix([DEAD]);
+        let items: Box<dyn Iterator<Item = _>> = if newest_first {
+            Box::new(scan.rev())
+        } else {
+            Box::new(scan)
+        };
+        for item in items.take(limit) {
             let (key, value) = item?;
             let id = seq_of(&key).unwrap_or(0);
             let v = match decode_dead(&value) {

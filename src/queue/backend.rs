@@ -78,6 +78,9 @@ pub trait Backend: Send + Sync {
     /// The oldest `limit` dead letters, with Braze's reasons.
     fn dead(&self, limit: usize) -> Result<Vec<RecordView>, QueueError>;
 
+    /// The newest `limit` dead letters, newest first.
+    fn latest_dead(&self, limit: usize) -> Result<Vec<RecordView>, QueueError>;
+
     /// Puts dead letters back at the end of their lane; an update older than one accepted
     /// since for the same attribute is dropped as superseded instead.
     fn retry_dead<'a>(
@@ -151,6 +154,10 @@ impl Backend for Queue {
 
     fn dead(&self, limit: usize) -> Result<Vec<RecordView>, QueueError> {
         Queue::dead(self, limit)
+    }
+
+    fn latest_dead(&self, limit: usize) -> Result<Vec<RecordView>, QueueError> {
+        Queue::latest_dead(self, limit)
     }
 
     fn retry_dead<'a>(

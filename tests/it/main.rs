@@ -31,4 +31,5 @@ mod readme;
 mod reconcile;
 mod relay;
 mod snapshot;
+mod status;
 mod systemd;
