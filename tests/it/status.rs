@@ -145,7 +145,8 @@ async fn the_status_page_shows_what_metrics_say_in_a_real_browser() {
     assert!(dom.contains("id=\"ready\""), "{dom}");
     assert!(dom.contains("data-ready=\"true\""), "{dom}");
 
-    // Every figure the page shows equals its metric (nothing moves: the queue is drained).
+    // Every figure the page shows equals its metric: the queue is drained, so nothing moves,
+    // but for the disk, which is measured every second while sled writes behind.
     let metrics = samples(&env.metrics().await);
     let shown = figures(&dom);
     assert!(shown.len() >= 12, "{shown:?}");
@@ -153,7 +154,14 @@ async fn the_status_page_shows_what_metrics_say_in_a_real_browser() {
         let metric = metrics
             .get(name)
             .unwrap_or_else(|| panic!("the page shows {name}, which /metrics lacks"));
-        assert_eq!(value, metric, "{name}: page {value}, /metrics {metric}");
+        if name == "aiq_braze_sync_queue_disk_bytes" {
+            assert!(
+                *value > 0.0 && *metric > 0.0,
+                "{name}: page {value}, /metrics {metric}"
+            );
+        } else {
+            assert_eq!(value, metric, "{name}: page {value}, /metrics {metric}");
+        }
     }
     assert_eq!(
         shown
