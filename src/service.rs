@@ -191,7 +191,8 @@ pub fn reload(running: &Running, path: &Path, current: &mut Config, log_level: &
     let unguarded = new.ingest.token.is_none() && !crate::config::is_loopback_ip(bound.ip());
     if unguarded {
         tracing::error!(%bound,
-            "reload: ingest.token kept: the daemon is still bound to {bound}, which is not loopback,              and ingest there needs a token; change ingest.listen and restart to drop it");
+            "reload: ingest.token kept: the daemon is still bound to {bound}, which is not \
+             loopback, and ingest there needs a token; change ingest.listen and restart to drop it");
         new.ingest.token = current.ingest.token.clone();
     }
     if token_of(&new) != token_of(current) {
@@ -211,32 +212,106 @@ pub fn reload(running: &Running, path: &Path, current: &mut Config, log_level: &
             need_restart.push(name.to_string());
         }
     };
-    differs("data_dir", new.data_dir != current.data_dir);
-    differs(
-        "braze.endpoint",
-        new.braze.endpoint != current.braze.endpoint,
-    );
+    // Every other key: read at start only. Listed one by one, so that a key added to the
+    // config without a place here is caught by the reload test, not ignored in silence.
+    let (n, c) = (&new, &*current);
+    differs("data_dir", n.data_dir != c.data_dir);
+    differs("braze.endpoint", n.braze.endpoint != c.braze.endpoint);
     differs(
         "braze.request_timeout_ms",
-        new.braze.request_timeout != current.braze.request_timeout,
+        n.braze.request_timeout != c.braze.request_timeout,
     );
-    differs("ingest.listen", new.ingest.listen != current.ingest.listen);
+    differs(
+        "braze.max_objects_per_request",
+        n.braze.max_objects_per_request != c.braze.max_objects_per_request,
+    );
+    differs(
+        "braze.per_array_limit",
+        n.braze.per_array_limit != c.braze.per_array_limit,
+    );
+    differs(
+        "braze.max_request_bytes",
+        n.braze.max_request_bytes != c.braze.max_request_bytes,
+    );
+    differs("ingest.listen", n.ingest.listen != c.ingest.listen);
+    differs(
+        "ingest.max_body_bytes",
+        n.ingest.max_body_bytes != c.ingest.max_body_bytes,
+    );
+    differs(
+        "ingest.header_timeout_ms",
+        n.ingest.header_timeout != c.ingest.header_timeout,
+    );
+    differs(
+        "ingest.upload_idle_timeout_ms",
+        n.ingest.upload_idle_timeout != c.ingest.upload_idle_timeout,
+    );
+    differs(
+        "ingest.min_body_rate",
+        n.ingest.min_body_rate != c.ingest.min_body_rate,
+    );
+    differs(
+        "ingest.body_grace_ms",
+        n.ingest.body_grace != c.ingest.body_grace,
+    );
+    differs(
+        "ingest.upload_timeout_ms",
+        n.ingest.upload_timeout != c.ingest.upload_timeout,
+    );
+    differs(
+        "ingest.max_connections",
+        n.ingest.max_connections != c.ingest.max_connections,
+    );
     differs(
         "ingest.export_passthrough",
-        new.ingest.export_passthrough != current.ingest.export_passthrough,
+        n.ingest.export_passthrough != c.ingest.export_passthrough,
     );
     differs(
-        "delivery.workers",
-        new.delivery.workers != current.delivery.workers,
+        "ingest.allowed_origins",
+        n.ingest.allowed_origins != c.ingest.allowed_origins,
+    );
+    differs(
+        "ingest.allowed_hosts",
+        n.ingest.allowed_hosts != c.ingest.allowed_hosts,
+    );
+    differs("delivery.workers", n.delivery.workers != c.delivery.workers);
+    differs(
+        "delivery.backoff_initial_ms",
+        n.delivery.backoff_initial != c.delivery.backoff_initial,
+    );
+    differs(
+        "delivery.backoff_max_ms",
+        n.delivery.backoff_max != c.delivery.backoff_max,
+    );
+    differs(
+        "delivery.shutdown_timeout_ms",
+        n.delivery.shutdown_timeout != c.delivery.shutdown_timeout,
     );
     differs(
         "delivery.skip_unchanged_for_s",
-        new.delivery.skip_unchanged_for != current.delivery.skip_unchanged_for,
+        n.delivery.skip_unchanged_for != c.delivery.skip_unchanged_for,
     );
     differs(
-        "identity / update_existing_only",
-        new.identity != current.identity
-            || new.update_existing_only != current.update_existing_only,
+        "queue.max_records",
+        n.queue.max_records != c.queue.max_records,
+    );
+    differs(
+        "queue.max_disk_bytes",
+        n.queue.max_disk_bytes != c.queue.max_disk_bytes,
+    );
+    differs(
+        "queue.min_free_disk_mb",
+        n.queue.min_free_bytes != c.queue.min_free_bytes,
+    );
+    differs("queue.cache_mb", n.queue.cache_bytes != c.queue.cache_bytes);
+    differs(
+        "queue.compact_min_mb",
+        n.queue.compact_min_bytes != c.queue.compact_min_bytes,
+    );
+    differs("identity.prefer", n.identity != c.identity);
+    differs(
+        "update_existing_only",
+        n.update_existing_only != c.update_existing_only,
     );
     if applied.is_empty() {
         tracing::info!(config = %path.display(), "reloaded: nothing that can change live has changed");

@@ -218,9 +218,10 @@ async fn sighup_reloads_what_can_change_live_and_says_what_it_reloaded() {
         dir.path(),
         &fake,
         port,
-        "max_requests_per_second = 5\n[log]\nlevel = \"debug\"\n",
+        "max_requests_per_second = 5\n[queue]\nmax_records = 5000000\n[log]\nlevel = \"debug\"\n",
     )
     .replace(TOKEN, new_token)
+    .replace("backoff_max_ms = 300", "backoff_max_ms = 400")
     .replace(
         &format!("127.0.0.1:{port}"),
         &format!("127.0.0.1:{}", port + 1),
@@ -242,7 +243,20 @@ async fn sighup_reloads_what_can_change_live_and_says_what_it_reloaded() {
     ] {
         assert!(reloaded.contains(what), "{reloaded}");
     }
-    assert!(log_text.contains("ingest.listen"), "{log_text}");
+    // What cannot change live is named, every key of it: the listen address, and keys read
+    // once at start (the backoff ceiling, the queue's bound).
+    let restart = log_text
+        .lines()
+        .find(|l| l.contains("only after a restart"))
+        .unwrap_or_else(|| panic!("no restart line: {log_text}"));
+    for what in [
+        "ingest.listen",
+        "delivery.backoff_max_ms",
+        "queue.max_records",
+    ] {
+        assert!(restart.contains(what), "{restart}");
+    }
+    assert!(!restart.contains("log.level"), "{restart}");
     assert!(!log_text.contains(new_token), "a secret was logged");
     // The datagrams may land a moment after the log line.
     let said = |heard: &Heard| -> Vec<String> {
