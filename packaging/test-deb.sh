@@ -198,8 +198,8 @@ set -e
 [ "$rc" -eq 2 ] && grep -q 'braze.endpoint' <<<"$out" || fail "check exited $rc: $out"
 echo "$out"
 
-# No standalone fake Braze to point `check` at (fake-braze is a library): `demo` runs the
-# installed binary's whole pipeline against its in-process one, on loopback.
+# `demo` runs the installed binary's whole pipeline against its in-process fake Braze, on
+# loopback.
 echo "== aiq-braze-sync demo"
 out=$(TMPDIR=$work aiq-braze-sync demo --data data --outage-secs 0 2>&1) || fail "demo: $out"
 grep -q 'dead letters    0' <<<"$out" || fail "demo: $out"
@@ -216,6 +216,28 @@ out=$($as_root aiq-braze-sync check 2>&1)
 rc=$?
 set -e
 [ "$rc" -eq 3 ] || fail "check exited $rc, not 3: $out"
+
+# And against a Braze stand-in, the workspace's fake-braze run as a process of its own: the
+# installed binary's `check` proves endpoint, key and both permissions (exit 0). The
+# endpoint goes back to the closed port afterwards, which the steps below expect.
+echo "== check against a fake Braze, as installed (exit 0)"
+cargo build -q --locked -p fake-braze --bin fake-braze
+fake_url_file=$work/fake-braze.url
+"${CARGO_TARGET_DIR:-target}/debug/fake-braze" --key test-deb-not-a-real-key >"$fake_url_file" &
+fake_pid=$!
+for _ in $(seq 100); do [ -s "$fake_url_file" ] && break; sleep 0.1; done
+fake_url=$(head -n 1 "$fake_url_file")
+[ -n "$fake_url" ] || fail "fake-braze printed no URL"
+$as_root sed -i "s|^endpoint = .*|endpoint = \"$fake_url\"|" "$CONF"
+set +e
+out=$($as_root aiq-braze-sync check 2>&1)
+rc=$?
+set -e
+kill "$fake_pid" 2>/dev/null || true
+wait "$fake_pid" 2>/dev/null || true
+[ "$rc" -eq 0 ] || fail "check against the fake Braze exited $rc, not 0: $out"
+tail -n 3 <<<"$out"
+$as_root sed -i 's|^endpoint = .*|endpoint = "http://127.0.0.1:9"|' "$CONF"
 
 # Something in the queue for remove and purge to keep: the sample memberships, queued into
 # the stopped daemon's database in $STATE.
