@@ -13,7 +13,8 @@
 //!   answer);
 //! - **multiplicative decrease** on a 429, a 5xx, a timeout or a network error (halved), and
 //!   when latency rises past twice the best seen (by a tenth), at most once per round trip;
-//! - it only grows while it is used: an idle queue does not inflate it.
+//! - it only grows while it is used: an idle queue does not inflate it, and neither do
+//!   requests the gate held back for the rate (`Slot::paced`).
 //!
 //! The limit never drops under `FLOOR` (or the cap, if lower). Event workers take `reserved`
 //! slots beside it (`Delivery::event_worker`): they count as in flight and their answers can
@@ -71,6 +72,8 @@ pub struct Slot<'a> {
     limit_then: f64,
     done: bool,
     reserved: bool,
+    /// How long the gate held this request back for the rate (`Slot::paced`).
+    paced: Duration,
 }
 
 impl Limiter {
@@ -120,6 +123,7 @@ impl Limiter {
             limit_then: s.limit.floor(),
             done: false,
             reserved: true,
+            paced: Duration::ZERO,
         }
     }
 
@@ -140,6 +144,7 @@ impl Limiter {
                         limit_then: s.limit.floor(),
                         done: false,
                         reserved: false,
+                        paced: Duration::ZERO,
                     });
                 }
             }
@@ -152,8 +157,12 @@ impl Limiter {
 
     fn settle(&self, slot: &Slot<'_>, signal: Signal) {
         let mut s = self.lock();
-        let busy =
-            !slot.reserved && slot.taken_with.max(s.in_flight) as f64 >= slot.limit_then / 2.0;
+        // Held at the gate for longer than half its answer took: the rate binds, and more in
+        // flight would only queue there.
+        let paced = matches!(signal, Signal::Answered(latency) if slot.paced > latency / 2);
+        let busy = !slot.reserved
+            && !paced
+            && slot.taken_with.max(s.in_flight) as f64 >= slot.limit_then / 2.0;
         if slot.reserved {
             s.reserved -= 1;
         } else {
@@ -203,6 +212,14 @@ impl Limiter {
 }
 
 impl Slot<'_> {
+    /// Notes how long the gate made this request wait for its turn under the rate. If that
+    /// is more than half of Braze's answer time, the answer does not raise the limit: the rate
+    /// binds, and more requests in flight would only queue at the gate (where an event worker
+    /// that leased first would wait behind them all).
+    pub fn paced(&mut self, waited: Duration) {
+        self.paced = waited;
+    }
+
     /// Gives the slot back with what the answer said.
     pub fn finish(mut self, signal: Signal) {
         self.done = true;
@@ -307,6 +324,35 @@ mod tests {
         l.reserved().finish(Signal::PushedBack);
         assert_eq!(l.limit(), START as usize / 2);
         drop(full);
+    }
+
+    #[tokio::test]
+    async fn answers_held_at_the_gate_for_the_rate_do_not_raise_the_limit() {
+        let l = Limiter::new(256);
+        let stop = stop();
+        let answered = Signal::Answered(Duration::from_millis(200));
+        // Each waited 150 ms for its turn: the rate binds, the limit stays.
+        for _ in 0..3 {
+            let mut slots = Vec::new();
+            for _ in 0..l.limit() {
+                slots.push(l.acquire(&stop).await.unwrap());
+            }
+            for mut s in slots {
+                s.paced(Duration::from_millis(150));
+                s.finish(answered);
+            }
+        }
+        assert_eq!(l.limit(), START as usize);
+        // A short wait (a burst of turns) does not count as the rate binding.
+        let mut slots = Vec::new();
+        for _ in 0..l.limit() {
+            slots.push(l.acquire(&stop).await.unwrap());
+        }
+        for mut s in slots {
+            s.paced(Duration::from_millis(20));
+            s.finish(answered);
+        }
+        assert!(l.limit() > START as usize);
     }
 
     #[tokio::test]

@@ -190,12 +190,14 @@ impl Delivery {
     async fn worker(&self, id: usize, stop: CancellationToken) {
         tracing::debug!(worker = id, "delivery worker started");
         loop {
-            let Some(slot) = self.limiter.acquire(&stop).await else {
+            let Some(mut slot) = self.limiter.acquire(&stop).await else {
                 break;
             };
+            let asked = std::time::Instant::now();
             let Some(permit) = self.gate.acquire(&stop).await else {
                 break;
             };
+            slot.paced(asked.elapsed());
             // At most three quarters of the limit (and at least one less) may carry
             // attribute updates alone, so general workers carry events too however big the
             // backfill.
