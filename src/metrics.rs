@@ -188,24 +188,12 @@ pub fn render(
         "Records handed back to the queue to be sent again after a failed request.",
         counter(delivery.records_retried),
     );
-    let transient = delivery
-        .requests_failed
-        .saturating_sub(delivery.requests_rate_limited + delivery.requests_misconfigured);
     r.register(
         "braze_requests",
         "Requests to Braze's /users/track by outcome: accepted (2xx), refused (400/413, the \
          batch is split), rate_limited (429), failed (5xx, timeouts, network), \
          misconfigured (401/403/404).",
-        counter_family(
-            "outcome",
-            [
-                ("accepted", delivery.requests_accepted),
-                ("refused", delivery.requests_refused),
-                ("rate_limited", delivery.requests_rate_limited),
-                ("failed", transient),
-                ("misconfigured", delivery.requests_misconfigured),
-            ],
-        ),
+        counter_family("outcome", delivery.requests_by_outcome()),
     );
     r.register_with_unit(
         "braze_request_duration",

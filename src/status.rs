@@ -316,26 +316,14 @@ pub fn render(v: &View<'_>) -> String {
     // Braze's answers, and what was delivered.
     let d = v.delivery;
     h.push_str("<div class=grid><section><h2>Braze's answers since start</h2><table><tr><th>class</th><th>meaning</th><th class=n>requests</th></tr>");
-    for (outcome, meaning, n) in [
-        ("accepted", "2xx", d.requests_accepted),
-        ("refused", "400 / 413: records refused", d.requests_refused),
-        (
-            "rate_limited",
-            "429: waited as told",
-            d.requests_rate_limited,
-        ),
-        (
-            "failed",
-            "5xx, timeouts, network",
-            d.requests_failed
-                .saturating_sub(d.requests_rate_limited + d.requests_misconfigured),
-        ),
-        (
-            "misconfigured",
-            "401 / 403 / 404: key or endpoint",
-            d.requests_misconfigured,
-        ),
-    ] {
+    for (outcome, n) in d.requests_by_outcome() {
+        let meaning = match outcome {
+            "accepted" => "2xx",
+            "refused" => "400 / 413: records refused",
+            "rate_limited" => "429: waited as told",
+            "failed" => "5xx, timeouts, network",
+            _ => "401 / 403 / 404: key or endpoint",
+        };
         let _ = write!(
             h,
             "<tr><td>{outcome}</td><td class=muted>{meaning}</td><td class=n data-metric=\"aiq_braze_sync_braze_requests_total{{outcome=&quot;{outcome}&quot;}}\" data-value=\"{n}\">{}</td></tr>",

@@ -141,6 +141,23 @@ pub struct Delivery {
     pub activity: activity::Activity,
 }
 
+impl DeliveryStats {
+    /// Requests by what Braze answered, as `/metrics` and `/status` show them: accepted,
+    /// refused, rate_limited, failed (transient failures other than 429) and misconfigured.
+    pub fn requests_by_outcome(&self) -> [(&'static str, u64); 5] {
+        let transient = self
+            .requests_failed
+            .saturating_sub(self.requests_rate_limited + self.requests_misconfigured);
+        [
+            ("accepted", self.requests_accepted),
+            ("refused", self.requests_refused),
+            ("rate_limited", self.requests_rate_limited),
+            ("failed", transient),
+            ("misconfigured", self.requests_misconfigured),
+        ]
+    }
+}
+
 impl Delivery {
     pub fn stats(&self) -> DeliveryStats {
         let c = &self.counters;
